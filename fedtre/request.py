@@ -1,0 +1,35 @@
+"""A query request as node and coordinator both see it, validated field by field."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from fedtre.errors import QueryRefused, Refusal
+
+QUERY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    query_id: str
+    project_id: str
+    sql: str
+    epsilon: float
+    caller: str
+
+    def check_fields(self) -> None:
+        """Refuse malformed identifiers before anything else looks at the request."""
+        if not isinstance(self.query_id, str) or not QUERY_ID.match(self.query_id):
+            raise QueryRefused(
+                Refusal.INVALID_REQUEST,
+                "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
+            )
+        if not isinstance(self.project_id, str) or not PROJECT_ID.match(self.project_id):
+            raise QueryRefused(
+                Refusal.INVALID_REQUEST,
+                "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
+            )
+        if not isinstance(self.sql, str):
+            raise QueryRefused(Refusal.INVALID_REQUEST, "The query text is missing.")

@@ -1,0 +1,140 @@
+"""Compile a validated ``QueryPlan`` into parameterised DuckDB SQL, and run it exactly.
+
+Identifiers come only from the catalog (validated at start-up to ``[a-z][a-z0-9_]*``), numbers
+in the SQL text only from the catalog's integer bounds and caps; every value the researcher
+wrote travels as a bound parameter. The exact aggregates never leave this module except
+into ``node.release``, which adds OpenDP noise before anything is returned.
+
+Contribution bounding: the loader stores ``_rank``, a fixed pseudo-random order of each person's
+rows in a view (1, 2, ...). A query reads only rows with ``_rank <= max_rows_per_person``, so no
+person can contribute more rows than the catalog allows, at no cost at query time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from fedtre.catalog import Catalog, Value, View
+from fedtre.plan import (
+    AggregateKind,
+    And,
+    Cohort,
+    Compare,
+    InList,
+    Not,
+    Or,
+    Predicate,
+    QueryPlan,
+)
+
+RANK_COLUMN = "_rank"
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One exact column the SQL computes: ``count``, ``count_persons`` or ``sum`` of a column."""
+
+    kind: str
+    column: str | None = None
+
+
+@dataclass(frozen=True)
+class CompiledQuery:
+    sql: str
+    params: tuple[Value, ...]
+    view: View
+    group_by: tuple[str, ...]
+    cells: tuple[tuple[Value, ...], ...]
+    statistics: tuple[Statistic, ...]
+
+
+def statistics_for(plan: QueryPlan) -> list[list[Statistic]]:
+    """The exact statistics behind each aggregate, in plan order (AVG = sum and count)."""
+    out: list[list[Statistic]] = []
+    for agg in plan.aggregates:
+        match agg.kind:
+            case AggregateKind.COUNT:
+                out.append([Statistic("count")])
+            case AggregateKind.COUNT_PERSONS:
+                out.append([Statistic("count_persons")])
+            case AggregateKind.SUM:
+                out.append([Statistic("sum", agg.column)])
+            case AggregateKind.AVG:
+                out.append([Statistic("sum", agg.column), Statistic("count")])
+    return out
+
+
+def compile_plan(plan: QueryPlan, catalog: Catalog) -> CompiledQuery:
+    view = catalog.views[plan.view]
+    stats = [s for group in statistics_for(plan) for s in group]
+    params: list[Value] = []
+    select = [f't."{g}"' for g in plan.group_by]
+    select += [_statistic_sql(s, view) for s in stats]
+    where = [f"t.{RANK_COLUMN} <= {int(view.max_rows_per_person)}"]
+    if plan.where is not None:
+        where.append(_predicate_sql(plan.where, "t", catalog, params, depth=0))
+    sql = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE {" AND ".join(where)}'
+    if plan.group_by:
+        sql += " GROUP BY " + ", ".join(f't."{g}"' for g in plan.group_by)
+    domains = [view.columns[g].group_domain or () for g in plan.group_by]
+    cells = tuple(itertools.product(*domains)) if plan.group_by else ((),)
+    return CompiledQuery(sql, tuple(params), view, plan.group_by, cells, tuple(stats))
+
+
+def _statistic_sql(stat: Statistic, view: View) -> str:
+    if stat.kind == "count":
+        return "COUNT(*)"
+    if stat.kind == "count_persons":
+        # A view with one row per person (enforced by the loader) counts persons as rows.
+        return "COUNT(*)" if view.max_rows_per_person == 1 else "COUNT(DISTINCT t.person_id)"
+    assert stat.column is not None
+    col = view.columns[stat.column]
+    lo, hi = int(col.lower or 0), int(col.upper or 0)
+    return f'CAST(COALESCE(SUM(LEAST(GREATEST(t."{col.name}", {lo}), {hi})), 0) AS BIGINT)'
+
+
+def _predicate_sql(
+    pred: Predicate, alias: str, catalog: Catalog, params: list[Value], depth: int
+) -> str:
+    match pred:
+        case Compare(column, op, value):
+            params.append(value)
+            return f'{alias}."{column}" {op.value} ?'
+        case InList(column, values, negated):
+            params.extend(values)
+            marks = ", ".join("?" for _ in values)
+            return f'{alias}."{column}" {"NOT IN" if negated else "IN"} ({marks})'
+        case And(items):
+            return "(" + " AND ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items) + ")"
+        case Or(items):
+            return "(" + " OR ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items) + ")"
+        case Not(item):
+            return f"(NOT {_predicate_sql(item, alias, catalog, params, depth)})"
+        case Cohort(view_name, where, negated):
+            sub = catalog.views[view_name]
+            inner_alias = f"c{depth + 1}"
+            sql = f'SELECT {inner_alias}.person_id FROM "{sub.name}" AS {inner_alias}'
+            if where is not None:
+                sql += " WHERE " + _predicate_sql(where, inner_alias, catalog, params, depth + 1)
+            return f'{alias}.person_id {"NOT IN" if negated else "IN"} ({sql})'
+    raise TypeError(f"not a predicate: {type(pred).__name__}")
+
+
+def run_exact(con, compiled: CompiledQuery) -> list[list[int]]:
+    """Run the compiled SQL; one list of exact values per statistic, one value per cell.
+
+    Every cell of the group domains is present (zero where no rows), in the catalog's order;
+    rows whose group values fall outside the public domain are not counted in any cell.
+    """
+    index = {cell: i for i, cell in enumerate(compiled.cells)}
+    columns = [[0] * len(compiled.cells) for _ in compiled.statistics]
+    k = len(compiled.group_by)
+    for row in con.execute(compiled.sql, list(compiled.params)).fetchall():
+        i = index.get(tuple(row[:k]))
+        if i is None:
+            continue
+        for j, value in enumerate(row[k:]):
+            columns[j][i] = int(value or 0)
+    return columns
+

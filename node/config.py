@@ -1,0 +1,163 @@
+"""A node's own configuration: where its data and state live, and the projects it serves.
+
+Validated once at start-up; unknown keys are refused so that a typo never silently weakens
+policy. Until signed approvals land (governance issue), projects and their budgets are declared
+here by the trust itself, and the node is authoritative for them.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from fedtre.catalog import Catalog, Tier, load_catalog
+from fedtre.dp import MAX_EPSILON, epsilon_to_units
+from fedtre.errors import ConfigError, QueryRefused
+from fedtre.request import PROJECT_ID
+
+NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class ProjectPolicy:
+    project_id: str
+    title: str
+    total_units: int
+    max_units_per_query: int
+    views: frozenset[str]
+    max_tier: Tier
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    database: Path
+    state_dir: Path
+    catalog: Catalog
+    node_total_units: int
+    projects: Mapping[str, ProjectPolicy]
+    duckdb_threads: int
+    duckdb_memory_limit: str
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.sqlite"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
+
+def load_node_config(path: Path | str) -> NodeConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read node config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_node_config(data, base_dir=path.parent, source=str(path))
+
+
+def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> NodeConfig:
+    allowed = {
+        "node_id",
+        "database",
+        "state_dir",
+        "catalog",
+        "node_epsilon_ceiling",
+        "projects",
+        "duckdb_threads",
+        "duckdb_memory_limit",
+    }
+    required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
+    _keys(data, source, required, allowed)
+    node_id = data["node_id"]
+    if not isinstance(node_id, str) or not NODE_ID.match(node_id):
+        raise ConfigError(f"{source}: node_id must be lower-case letters, digits and '-'")
+    catalog_path = data.get("catalog")
+    catalog = load_catalog(None if catalog_path is None else _path(catalog_path, base_dir, source))
+    ceiling = _epsilon(data["node_epsilon_ceiling"], f"{source}: node_epsilon_ceiling", 1e6)
+    projects_raw = data["projects"]
+    if not isinstance(projects_raw, dict):
+        raise ConfigError(f"{source}: 'projects' must be a table of projects")
+    projects = {
+        pid: _project(pid, spec, catalog, f"{source}: projects.{pid}")
+        for pid, spec in projects_raw.items()
+    }
+    threads = data.get("duckdb_threads", 2)
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
+        raise ConfigError(f"{source}: duckdb_threads must be a whole number from 1 to 256")
+    memory = data.get("duckdb_memory_limit", "4GB")
+    if not isinstance(memory, str) or not re.fullmatch(r"\d{1,6}(\.\d+)?\s?[KMGT]i?B", memory):
+        raise ConfigError(f"{source}: duckdb_memory_limit must look like '4GB'")
+    return NodeConfig(
+        node_id=node_id,
+        database=_path(data["database"], base_dir, source),
+        state_dir=_path(data["state_dir"], base_dir, source),
+        catalog=catalog,
+        node_total_units=ceiling,
+        projects=MappingProxyType(projects),
+        duckdb_threads=threads,
+        duckdb_memory_limit=memory,
+    )
+
+
+def _project(pid: str, spec: Any, catalog: Catalog, where: str) -> ProjectPolicy:
+    if not PROJECT_ID.match(pid):
+        raise ConfigError(f"{where}: project ids are lower-case letters, digits, '_' and '-'")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a table")
+    required = {"total_epsilon", "max_epsilon_per_query", "views", "max_tier"}
+    _keys(spec, where, required, required | {"title"})
+    total = _epsilon(spec["total_epsilon"], f"{where}.total_epsilon", 1e6)
+    per_query = _epsilon(spec["max_epsilon_per_query"], f"{where}.max_epsilon_per_query")
+    if per_query > total:
+        raise ConfigError(f"{where}: max_epsilon_per_query is above total_epsilon")
+    views = spec["views"]
+    if not isinstance(views, list) or not views or not all(isinstance(v, str) for v in views):
+        raise ConfigError(f"{where}.views: must be a non-empty list of view names")
+    unknown = sorted(set(views) - set(catalog.views))
+    if unknown:
+        raise ConfigError(f"{where}.views: not in the catalog: {', '.join(unknown)}")
+    try:
+        max_tier = Tier(spec["max_tier"])
+    except ValueError:
+        raise ConfigError(f"{where}.max_tier: must be one of general, mental_health, "
+                          "highly_sensitive") from None
+    title = spec.get("title", pid)
+    if not isinstance(title, str):
+        raise ConfigError(f"{where}.title: must be a string")
+    return ProjectPolicy(pid, title, total, per_query, frozenset(views), max_tier)
+
+
+def _epsilon(raw: Any, where: str, maximum: float = MAX_EPSILON) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw > maximum:
+        raise ConfigError(f"{where}: must be a positive number up to {maximum:g}")
+    try:
+        if raw <= MAX_EPSILON:
+            return epsilon_to_units(raw)
+        return round(raw * 1_000_000)
+    except QueryRefused as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+
+
+def _path(raw: Any, base_dir: Path, source: str) -> Path:
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(f"{source}: paths must be non-empty strings")
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else (base_dir / p).resolve()
+
+
+def _keys(spec: Mapping[str, Any], where: str, required: set[str], allowed: set[str]) -> None:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    missing = sorted(required - set(spec))
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")

@@ -1,0 +1,21 @@
+"""Node-side exceptions. User-facing refusals come from ``fedtre.errors``."""
+
+from __future__ import annotations
+
+from fedtre.errors import ConfigError, InternalError
+
+
+class LoadError(ConfigError):
+    """The OMOP source cannot be loaded; the message tells trust IT what to fix."""
+
+
+class AuditUnavailable(InternalError):
+    """The audit log cannot be written: the node fails closed and releases nothing."""
+
+
+class LedgerUnavailable(InternalError):
+    """The budget ledger cannot be read or written: the node fails closed."""
+
+
+class DatabaseError(InternalError):
+    """The node's research database is missing, stale or failed while running a query."""
