@@ -165,7 +165,9 @@ def _parse_view(name: str, spec: Any, where: str) -> View:
     _identifier(name, where)
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a table")
-    _keys(spec, where, required={"max_rows_per_person", "tier", "columns"}, optional={"description"})
+    _keys(
+        spec, where, required={"max_rows_per_person", "tier", "columns"}, optional={"description"}
+    )
     cap = spec["max_rows_per_person"]
     if not isinstance(cap, int) or isinstance(cap, bool) or not 1 <= cap <= 1000:
         raise ConfigError(f"{where}: max_rows_per_person must be a whole number from 1 to 1000")
@@ -197,6 +199,7 @@ def _parse_column(name: str, spec: Any, where: str) -> Column:
         kinds = ", ".join(t.value for t in ColumnType)
         raise ConfigError(f"{where}.type: must be one of {kinds}") from None
     optional = {"description", "value_tiers"}
+    domain: tuple[Value, ...]
     if ctype is ColumnType.CATEGORY:
         _keys(spec, where, required={"type", "tier", "domain"}, optional=optional)
         domain = _domain(spec["domain"], f"{where}.domain")
@@ -204,20 +207,24 @@ def _parse_column(name: str, spec: Any, where: str) -> Column:
     elif ctype is ColumnType.INTEGER:
         _keys(spec, where, required={"type", "tier", "min", "max"}, optional={"description"})
         lower, upper = spec["min"], spec["max"]
-        for key, bound in (("min", lower), ("max", upper)):
+        for bound_name, bound in (("min", lower), ("max", upper)):
             if not isinstance(bound, int) or isinstance(bound, bool) or abs(bound) > 10**9:
-                raise ConfigError(f"{where}.{key}: must be a whole number within ±1,000,000,000")
+                raise ConfigError(
+                    f"{where}.{bound_name}: must be a whole number within ±1,000,000,000"
+                )
         if lower >= upper:
             raise ConfigError(f"{where}: min must be below max")
         domain = ()
     else:
         _keys(spec, where, required={"type", "tier"}, optional=optional)
         domain, lower, upper = (False, True), None, None
-    value_tiers = {}
+    value_tiers: dict[Value, Tier] = {}
     for value, tier in dict(spec.get("value_tiers", {})).items():
-        key: Value = value
-        if ctype is ColumnType.BOOLEAN:
-            key = {"true": True, "false": False}.get(value, value)
+        key: Value = (
+            {"true": True, "false": False}.get(value, value)
+            if ctype is ColumnType.BOOLEAN
+            else value
+        )
         if key not in domain:
             raise ConfigError(f"{where}.value_tiers: '{value}' is not in the column's domain")
         value_tiers[key] = _tier(tier, f"{where}.value_tiers.{value}")

@@ -20,6 +20,7 @@ Refusal messages quote only what the researcher wrote or what the catalog publis
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -51,7 +52,7 @@ MAX_IN_VALUES = 256
 MAX_PREDICATE_NODES = 200
 MAX_COHORT_DEPTH = 3
 
-_COMPARE = {
+_COMPARE: dict[type[exp.Expression], CompareOp] = {
     exp.EQ: CompareOp.EQ,
     exp.NEQ: CompareOp.NE,
     exp.LT: CompareOp.LT,
@@ -130,7 +131,7 @@ def _single_statement(sql: str) -> exp.Select:
     return statement
 
 
-def _has_comments(statements: Sequence[exp.Expression | None]) -> bool:
+def _has_comments(statements: Sequence[Any]) -> bool:
     return any(node.comments for s in statements if s is not None for node in s.walk())
 
 
@@ -166,8 +167,10 @@ class _Parser:
             else:
                 aggregates.append(self._aggregate(node, alias, view, len(aggregates)))
         if not aggregates:
-            raise _refuse("Select at least one aggregate: COUNT(*), COUNT(DISTINCT person_id), "
-                          "SUM(column) or AVG(column).")
+            raise _refuse(
+                "Select at least one aggregate: COUNT(*), COUNT(DISTINCT person_id), "
+                "SUM(column) or AVG(column)."
+            )
         if len(aggregates) > MAX_AGGREGATES:
             raise _refuse(f"At most {MAX_AGGREGATES} aggregates per query.", Refusal.TOO_LARGE)
         if sorted(selected_groups) != sorted(group_by) or len(set(selected_groups)) != len(
@@ -295,7 +298,7 @@ class _Parser:
         }
         kind = kinds.get(type(node))
         if kind is None:
-            if isinstance(node, exp.Func) or isinstance(node, exp.AggFunc):
+            if isinstance(node, exp.Func | exp.AggFunc):
                 raise _refuse(
                     f"Function {node.sql_name()} is not supported. Aggregates: COUNT(*), "
                     "COUNT(DISTINCT person_id), SUM(column), AVG(column)."
@@ -337,7 +340,9 @@ class _Parser:
             low = self._literal(node.args["low"], col)
             high = self._literal(node.args["high"], col)
             self._ordered(col, "BETWEEN")
-            return And((Compare(col.name, CompareOp.GE, low), Compare(col.name, CompareOp.LE, high)))
+            return And(
+                (Compare(col.name, CompareOp.GE, low), Compare(col.name, CompareOp.LE, high))
+            )
         op = _COMPARE.get(type(node))
         if op is not None:
             left, right = node.this, node.expression

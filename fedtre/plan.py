@@ -93,7 +93,8 @@ class QueryPlan:
             "view": self.view,
             "group_by": list(self.group_by),
             "aggregates": [
-                {"kind": a.kind.value, "alias": a.alias, "column": a.column} for a in self.aggregates
+                {"kind": a.kind.value, "alias": a.alias, "column": a.column}
+                for a in self.aggregates
             ],
             "where": _canonical_predicate(self.where),
         }

@@ -106,9 +106,17 @@ def _predicate_sql(
             marks = ", ".join("?" for _ in values)
             return f'{alias}."{column}" {"NOT IN" if negated else "IN"} ({marks})'
         case And(items):
-            return "(" + " AND ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items) + ")"
+            return (
+                "("
+                + " AND ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items)
+                + ")"
+            )
         case Or(items):
-            return "(" + " OR ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items) + ")"
+            return (
+                "("
+                + " OR ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items)
+                + ")"
+            )
         case Not(item):
             return f"(NOT {_predicate_sql(item, alias, catalog, params, depth)})"
         case Cohort(view_name, where, negated):
@@ -117,7 +125,7 @@ def _predicate_sql(
             sql = f'SELECT {inner_alias}.person_id FROM "{sub.name}" AS {inner_alias}'
             if where is not None:
                 sql += " WHERE " + _predicate_sql(where, inner_alias, catalog, params, depth + 1)
-            return f'{alias}.person_id {"NOT IN" if negated else "IN"} ({sql})'
+            return f"{alias}.person_id {'NOT IN' if negated else 'IN'} ({sql})"
     raise TypeError(f"not a predicate: {type(pred).__name__}")
 
 
@@ -137,4 +145,3 @@ def run_exact(con, compiled: CompiledQuery) -> list[list[int]]:
         for j, value in enumerate(row[k:]):
             columns[j][i] = int(value or 0)
     return columns
-

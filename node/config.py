@@ -128,8 +128,9 @@ def _project(pid: str, spec: Any, catalog: Catalog, where: str) -> ProjectPolicy
     try:
         max_tier = Tier(spec["max_tier"])
     except ValueError:
-        raise ConfigError(f"{where}.max_tier: must be one of general, mental_health, "
-                          "highly_sensitive") from None
+        raise ConfigError(
+            f"{where}.max_tier: must be one of general, mental_health, highly_sensitive"
+        ) from None
     title = spec.get("title", pid)
     if not isinstance(title, str):
         raise ConfigError(f"{where}.title: must be a string")

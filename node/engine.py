@@ -14,6 +14,7 @@ Order of work (each step refuses with a data-free reason before the next can run
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -121,7 +122,7 @@ class NodeEngine:
         return result
 
     def _audit_failure(self, request: QueryRequest, exc: InternalError) -> None:
-        try:
+        with contextlib.suppress(InternalError):  # the audit log itself may be what failed
             self.audit.write(
                 "query.failed",
                 query_id=str(request.query_id)[:128],
@@ -129,8 +130,6 @@ class NodeEngine:
                 caller=request.caller,
                 error=type(exc).__name__,
             )
-        except InternalError:
-            pass  # the audit log itself is what failed; the caller still gets the error
 
     def _answer(self, request: QueryRequest) -> tuple[NodeResult, bool]:
         request.check_fields()
@@ -191,7 +190,9 @@ class NodeEngine:
             request.query_id, request.project_id, fingerprint, units, result.to_json(), limits
         )
         if not created:
-            return self._replay(stored_release.fingerprint, stored_release.result, fingerprint), True
+            return self._replay(
+                stored_release.fingerprint, stored_release.result, fingerprint
+            ), True
         return result, False
 
     def _replay(self, stored_fingerprint: str, stored_result: str, fingerprint: str) -> NodeResult:

@@ -77,18 +77,24 @@ class Ledger:
 
     def spent(self, scope: str) -> int:
         try:
-            row = self._con().execute("SELECT units FROM spent WHERE scope = ?", (scope,)).fetchone()
+            row = (
+                self._con().execute("SELECT units FROM spent WHERE scope = ?", (scope,)).fetchone()
+            )
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
         return int(row[0]) if row else 0
 
     def lookup(self, query_id: str) -> StoredRelease | None:
         try:
-            row = self._con().execute(
-                "SELECT query_id, project_id, fingerprint, units, result, released_at "
-                "FROM releases WHERE query_id = ?",
-                (query_id,),
-            ).fetchone()
+            row = (
+                self._con()
+                .execute(
+                    "SELECT query_id, project_id, fingerprint, units, result, released_at "
+                    "FROM releases WHERE query_id = ?",
+                    (query_id,),
+                )
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
         return StoredRelease(*row) if row else None
@@ -118,7 +124,9 @@ class Ledger:
                     con.execute("ROLLBACK")
                     return existing, False
                 for scope, total in limits.items():
-                    con.execute("INSERT OR IGNORE INTO spent (scope, units) VALUES (?, 0)", (scope,))
+                    con.execute(
+                        "INSERT OR IGNORE INTO spent (scope, units) VALUES (?, 0)", (scope,)
+                    )
                     cur = con.execute(
                         "UPDATE spent SET units = units + ? WHERE scope = ? AND units + ? <= ?",
                         (units, scope, units, total),

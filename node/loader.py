@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -48,7 +49,11 @@ REQUIRED = {
 }
 OPTIONAL_TABLES = {
     "observation_period": ["person_id", "observation_period_end_date"],
-    "concept_ancestor": ["ancestor_concept_id", "descendant_concept_id", "min_levels_of_separation"],
+    "concept_ancestor": [
+        "ancestor_concept_id",
+        "descendant_concept_id",
+        "min_levels_of_separation",
+    ],
 }
 MENTAL_HEALTH_GROUPS = (
     "depression",
@@ -61,13 +66,34 @@ MENTAL_HEALTH_GROUPS = (
     "dementia",
 )
 SEX = {8532: "female", 8507: "male"}
-RACE = {8527: "white", 8515: "asian", 8516: "black", 8522: "mixed_other", 8657: "mixed_other",
-        8557: "mixed_other"}
+RACE = {
+    8527: "white",
+    8515: "asian",
+    8516: "black",
+    8522: "mixed_other",
+    8657: "mixed_other",
+    8557: "mixed_other",
+}
 HISPANIC = 38003563
-VISIT_TYPE = {9201: "inpatient", 262: "inpatient", 9202: "outpatient", 9203: "emergency",
-              581476: "community", 5083: "community", 38004193: "community"}
-AGE_BANDS = [(17, "0-17"), (24, "18-24"), (34, "25-34"), (44, "35-44"), (54, "45-54"),
-             (64, "55-64"), (74, "65-74"), (84, "75-84")]
+VISIT_TYPE = {
+    9201: "inpatient",
+    262: "inpatient",
+    9202: "outpatient",
+    9203: "emergency",
+    581476: "community",
+    5083: "community",
+    38004193: "community",
+}
+AGE_BANDS = [
+    (17, "0-17"),
+    (24, "18-24"),
+    (34, "25-34"),
+    (44, "35-44"),
+    (54, "45-54"),
+    (64, "55-64"),
+    (74, "65-74"),
+    (84, "75-84"),
+]
 
 
 @dataclass(frozen=True)
@@ -294,8 +320,10 @@ def _stage_mapping(con, groups: list[tuple[int, str, bool, int]], ancestors: boo
 
 
 def _reference_date(con, has_observation: bool) -> dt.date:
-    queries = ["SELECT max(TRY_CAST(visit_end_date AS DATE)) FROM src_visit_occurrence",
-               "SELECT max(TRY_CAST(condition_start_date AS DATE)) FROM src_condition_occurrence"]
+    queries = [
+        "SELECT max(TRY_CAST(visit_end_date AS DATE)) FROM src_visit_occurrence",
+        "SELECT max(TRY_CAST(condition_start_date AS DATE)) FROM src_condition_occurrence",
+    ]
     if has_observation:
         queries.insert(
             0,
@@ -337,10 +365,12 @@ def _stage_opt_out(con, opt_out: Path | None) -> int:
         )
     else:
         raise LoadError(f"{opt_out}: needs a 'person_id' or 'person_source_value' column")
-    return int(con.execute(
-        "SELECT count(DISTINCT o.person_id) FROM opt_out o "
-        "JOIN src_person p ON CAST(p.person_id AS BIGINT) = o.person_id"
-    ).fetchone()[0])
+    return int(
+        con.execute(
+            "SELECT count(DISTINCT o.person_id) FROM opt_out o "
+            "JOIN src_person p ON CAST(p.person_id AS BIGINT) = o.person_id"
+        ).fetchone()[0]
+    )
 
 
 def _case(column: str, mapping: dict[int, str], default: str) -> str:
@@ -355,7 +385,7 @@ def _rank(person: str, key: str) -> str:
     )
 
 
-def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str, object]:
+def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str, Any]:
     ref_sql = f"DATE {_sql_str(ref.isoformat())}"
     band = " ".join(f"WHEN age <= {hi} THEN {_sql_str(name)}" for hi, name in AGE_BANDS)
     say("building patients")
@@ -390,8 +420,9 @@ def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str
     )
     source_persons = _count(con, "src_person")
     persons = _count(con, "patients")
-    opted = _scalar(con, "SELECT count(*) FROM person_clean WHERE person_id IN "
-                         "(SELECT person_id FROM opt_out)")
+    opted = _scalar(
+        con, "SELECT count(*) FROM person_clean WHERE person_id IN (SELECT person_id FROM opt_out)"
+    )
     say(f"patients: {persons:,} rows")
 
     say("building visits")
@@ -434,8 +465,10 @@ def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str
     say(f"visits: {visits:,} rows")
 
     say("building conditions")
-    setting = "CASE WHEN v.visit_type = 'other' OR v.visit_type IS NULL THEN 'unknown' " \
-              "ELSE v.visit_type END"
+    setting = (
+        "CASE WHEN v.visit_type = 'other' OR v.visit_type IS NULL THEN 'unknown' "
+        "ELSE v.visit_type END"
+    )
     con.execute(
         f"""CREATE TABLE conditions AS
         SELECT c.person_id, COALESCE(g.grp, 'other') AS condition_group,

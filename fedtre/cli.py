@@ -1,0 +1,106 @@
+"""The ``fedtre`` command: one entry point, subcommands per role.
+
+This module is the composition root: it wires the node's (and later the coordinator's)
+subcommands in by module name, so neither side imports the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedtre import __version__
+from fedtre.catalog import load_catalog
+from fedtre.errors import ConfigError, FedtreError, InternalError, UserError
+
+ROLE_MODULES = ("node.cli",)
+
+EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_CONFIG = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtre",
+        description="fedtre: differentially private aggregate queries across NHS trusts.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedtre {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    catalog = sub.add_parser("catalog", help="check or show the federation catalog")
+    catalog_sub = catalog.add_subparsers(dest="catalog_command", required=True, metavar="ACTION")
+    check = catalog_sub.add_parser("check", help="validate a catalog file (default: built-in)")
+    check.add_argument("path", nargs="?", type=Path)
+    check.set_defaults(func=_catalog_check)
+
+    synth = sub.add_parser("synth", help="generate synthetic OMOP CDM data for tests and demos")
+    synth.add_argument("--persons", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    synth.add_argument("--person-id-offset", type=int, default=0)
+    synth.set_defaults(func=_synth)
+
+    for name in ROLE_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _catalog_check(args: argparse.Namespace) -> int:
+    catalog = load_catalog(args.path)
+    print(
+        f"catalog {catalog.version} is valid ({len(catalog.views)} views, sha256 "
+        f"{catalog.digest[:16]}…)"
+    )
+    for view in catalog.views.values():
+        print(
+            f"  {view.name}: {len(view.columns)} columns, tier {view.tier.value}, "
+            f"at most {view.max_rows_per_person} row(s) per person per query"
+        )
+    return EXIT_OK
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from fedtre.synthetic import generate
+
+    try:
+        summary = generate(
+            args.out,
+            args.persons,
+            seed=args.seed,
+            fmt=args.format,
+            progress=lambda msg: print(msg, file=sys.stderr),
+            person_id_offset=args.person_id_offset,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(
+        f"wrote {summary.persons:,} persons, {summary.condition_rows:,} conditions, "
+        f"{summary.visit_rows:,} visits to {summary.out_dir} in {summary.seconds:.1f} s"
+    )
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"refused ({exc.refusal.value}): {exc.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except InternalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except (ConfigError, FedtreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``fedtre node ...``: what trust IT runs on the node machine."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import json
+import sys
+import uuid
+from pathlib import Path
+
+from fedtre.catalog import load_catalog
+from fedtre.dp import units_to_epsilon
+from fedtre.errors import ConfigError
+from fedtre.render import render_json, render_table
+from fedtre.request import QueryRequest
+from node import demo
+from node.config import load_node_config
+from node.engine import NodeEngine
+from node.loader import load_omop
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    node = sub.add_parser("node", help="run and manage a trust node")
+    node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+
+    load = node_sub.add_parser(
+        "load", help="build the node database from an OMOP CDM extract (folder or DuckDB file)"
+    )
+    load.add_argument("--source", type=Path, required=True, help="OMOP folder or .duckdb file")
+    load.add_argument("--out", type=Path, help="node database to write")
+    load.add_argument("--config", type=Path, help="node config (its database and catalog)")
+    load.add_argument("--catalog", type=Path, help="catalog file (default: built-in)")
+    load.add_argument("--mapping", type=Path, help="condition group mapping CSV")
+    load.add_argument("--opt-out", type=Path, help="CSV of person_id or person_source_value")
+    load.add_argument("--reference-date", type=dt.date.fromisoformat, help="YYYY-MM-DD for ages")
+    load.set_defaults(func=_load)
+
+    query = node_sub.add_parser(
+        "query", help="answer a query locally (same checks, budget and audit as remote queries)"
+    )
+    query.add_argument("--config", type=Path, required=True)
+    query.add_argument("--project", required=True)
+    query.add_argument("--epsilon", type=float, required=True)
+    query.add_argument("--query-id", help="reuse an id to fetch the stored answer again")
+    query.add_argument("--format", choices=["table", "json"], default="table")
+    query.add_argument("sql")
+    query.set_defaults(func=_query)
+
+    budget = node_sub.add_parser("budget", help="show privacy budget spent and left per project")
+    budget.add_argument("--config", type=Path, required=True)
+    budget.add_argument("--format", choices=["table", "json"], default="table")
+    budget.set_defaults(func=_budget)
+
+    demo.register(node_sub)
+
+
+def _load(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        config = load_node_config(args.config)
+        catalog, out = config.catalog, args.out or config.database
+    else:
+        if args.out is None:
+            raise ConfigError("give --out (the node database to write) or --config")
+        catalog, out = load_catalog(args.catalog), args.out
+    report = load_omop(
+        args.source,
+        out,
+        catalog,
+        mapping=args.mapping,
+        reference_date=args.reference_date,
+        opt_out=args.opt_out,
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr),
+    )
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    engine = NodeEngine(load_node_config(args.config))
+    try:
+        request = QueryRequest(
+            query_id=args.query_id or f"local-{uuid.uuid4()}",
+            project_id=args.project,
+            sql=args.sql,
+            epsilon=args.epsilon,
+            caller=f"local:{getpass.getuser()}",
+        )
+        result = engine.answer(request)
+        left = engine.budget(args.project).remaining
+        if args.format == "json":
+            print(render_json(result, {"epsilon_remaining": left}))
+        else:
+            print(render_table(result))
+            print(f"query id {result.query_id}; ε left for project {args.project}: {left:g}")
+    finally:
+        engine.close()
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    engine = NodeEngine(load_node_config(args.config))
+    try:
+        rows = []
+        for pid, project in sorted(engine.config.projects.items()):
+            status = engine.budget(pid)
+            rows.append(
+                {
+                    "project": pid,
+                    "title": project.title,
+                    "epsilon_total": units_to_epsilon(status.total_units),
+                    "epsilon_spent": units_to_epsilon(status.spent_units),
+                    "epsilon_left": status.remaining,
+                }
+            )
+        node_spent = engine.ledger.spent("node")
+    finally:
+        engine.close()
+    if args.format == "json":
+        print(json.dumps({"projects": rows, "node_epsilon_spent": node_spent / 1e6}, indent=2))
+        return 0
+    print(f"{'project':<24} {'total ε':>9} {'spent ε':>9} {'left ε':>9}")
+    for r in rows:
+        print(
+            f"{r['project']:<24} {r['epsilon_total']:>9g} {r['epsilon_spent']:>9g} "
+            f"{r['epsilon_left']:>9g}"
+        )
+    print(f"node-wide ε spent: {units_to_epsilon(node_spent):g}")
+    return 0
