@@ -60,23 +60,33 @@ def _run_logged(cmd: list[str]) -> None:
         raise SmartNoiseError(f"command failed with exit code {proc.returncode}: {cmd}")
 
 
+def _write_gitignore(path: Path) -> None:
+    """Keep the virtualenv out of git with a ``.gitignore`` inside it (as Python 3.13 does)."""
+    gitignore = path / ".gitignore"
+    if path.is_dir() and not gitignore.exists():
+        gitignore.write_text("# created by benchmarks/smartnoise_env.py\n*\n")
+
+
 def ensure_venv(path: Path = DEFAULT_VENV, base_python: str | None = None) -> Path:
     """Create the SmartNoise virtualenv at ``path`` if needed and return its Python path.
 
     The virtualenv is created with ``python -m venv`` (using ``base_python``, by default the
     interpreter running this code) and the packages in :data:`REQUIREMENTS` are installed with
     pip. A marker file records a completed install, so an interrupted install is resumed on the
-    next call. Progress is printed to stderr.
+    next call, and a ``.gitignore`` inside the virtualenv keeps it out of git. Progress is
+    printed to stderr.
     """
     path = Path(path)
     python = _venv_python(path)
     marker = path / _MARKER
     if python.exists() and marker.exists():
+        _write_gitignore(path)
         return python
     start = time.perf_counter()
     if not python.exists():
         _log(f"creating virtualenv at {path}")
         _run_logged([base_python or sys.executable, "-m", "venv", str(path)])
+    _write_gitignore(path)
     _log("installing " + " ".join(REQUIREMENTS) + " (this takes a minute or two)")
     _run_logged([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
     _run_logged([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS])

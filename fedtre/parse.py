@@ -265,7 +265,8 @@ class _Parser:
         name = node.name.lower()
         if name == PERSON_ID:
             raise _refuse(
-                "person_id can only be used in COUNT(DISTINCT person_id) or in a cohort filter "
+                "The person_id column can only be used in COUNT(DISTINCT person_id) or in a cohort "
+                "filter "
                 "'person_id IN (SELECT person_id FROM <view> WHERE ...)'."
             )
         if name not in view.columns:

