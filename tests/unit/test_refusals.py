@@ -214,8 +214,8 @@ def test_out_of_scope_view_and_tier(node_config_factory):
             [
                 "SELECT COUNT(*) FROM conditions WHERE condition_group = 'self_harm'",
                 "SELECT condition_group, COUNT(*) FROM conditions GROUP BY condition_group",
-                "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id FROM conditions "
-                "WHERE condition_group IN ('depression', 'eating_disorder'))",
+                "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id "
+                "FROM conditions WHERE condition_group IN ('depression', 'eating_disorder'))",
             ]
         ):
             _assert_refused_without_spend(eng, request(sql, 0.1, query_id=f"t{i}"), "out_of_scope")
