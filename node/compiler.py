@@ -5,6 +5,10 @@ in the SQL text only from the catalog's integer bounds and caps; every value the
 wrote travels as a bound parameter. The exact aggregates never leave this module except
 into ``node.release``, which adds OpenDP noise before anything is returned.
 
+Clamping: SUM reads the loader's copy of the column clamped to the catalog bounds
+(``_clamped_<col>``), which the node re-checks when it opens the database; filters see the
+recorded value.
+
 Contribution bounding: the loader stores ``_rank``, a fixed pseudo-random order of each person's
 rows in a view (1, 2, ...). A query reads only rows with ``_rank <= max_rows_per_person``, so no
 person can contribute more rows than the catalog allows, at no cost at query time.
@@ -27,8 +31,7 @@ from fedtre.plan import (
     Predicate,
     QueryPlan,
 )
-
-RANK_COLUMN = "_rank"
+from node.database import RANK_COLUMN, clamped_column
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,8 @@ def _statistic_sql(stat: Statistic, view: View) -> str:
         # A view with one row per person (enforced by the loader) counts persons as rows.
         return "COUNT(*)" if view.max_rows_per_person == 1 else "COUNT(DISTINCT t.person_id)"
     assert stat.column is not None
-    col = view.columns[stat.column]
-    lo, hi = int(col.lower or 0), int(col.upper or 0)
-    return f'CAST(COALESCE(SUM(LEAST(GREATEST(t."{col.name}", {lo}), {hi})), 0) AS BIGINT)'
+    # The loader stores a copy clamped to the catalog bounds; the node checks it at start-up.
+    return f'SUM(t."{clamped_column(stat.column)}")'
 
 
 def _predicate_sql(

@@ -31,7 +31,7 @@ import duckdb
 
 from fedtre import __version__
 from fedtre.catalog import Catalog, ColumnType
-from node.database import META_TABLE
+from node.database import META_TABLE, clamped_column, stored_columns
 from node.errors import LoadError
 
 Progress = Callable[[str], None]
@@ -158,6 +158,7 @@ def load_omop(
         say(f"reference date for ages: {ref.isoformat()}")
         opted_out = _stage_opt_out(con, opt_out)
         report = _build_views(con, catalog, ref, say)
+        _add_clamped_columns(con, catalog, say)
         _validate(con, catalog)
         con.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
         meta = {
@@ -523,11 +524,33 @@ def _scalar(con, sql: str) -> int:
     return int(con.execute(sql).fetchone()[0])
 
 
+def _add_clamped_columns(con, catalog: Catalog, say: Progress) -> None:
+    """Store each numeric column clamped to its catalog bounds, for sums at query time.
+
+    Filters keep seeing the recorded value; sums read the clamped copy, so clamping costs
+    nothing per query. The node re-checks the bounds of every clamped copy when it opens the
+    database (``node.database``), so a wrong file can never widen the sensitivity.
+    """
+    for name, view in catalog.views.items():
+        numeric = [c for c in view.columns.values() if c.type is ColumnType.INTEGER]
+        if not numeric:
+            continue
+        extra = ", ".join(
+            f'LEAST(GREATEST("{c.name}", {int(c.lower or 0)}), {int(c.upper or 0)}) '
+            f'AS "{clamped_column(c.name)}"'
+            for c in numeric
+        )
+        con.execute(f'CREATE TABLE "_{name}_new" AS SELECT *, {extra} FROM "{name}"')
+        con.execute(f'DROP TABLE "{name}"')
+        con.execute(f'ALTER TABLE "_{name}_new" RENAME TO "{name}"')
+    say("numeric columns clamped to the catalog bounds for sums")
+
+
 def _validate(con, catalog: Catalog) -> None:
     """Every view has exactly the catalog's columns, and categories stay in their domains."""
     for name, view in catalog.views.items():
         cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
-        expected = {"person_id", "_rank", *view.columns}
+        expected = stored_columns(view)
         if cols != expected:
             raise LoadError(f"internal: view {name} has columns {sorted(cols)}")
         for col in view.columns.values():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from node.database import open_research_db
+from node.database import open_research_db, stored_columns
 
 ESCAPES = [
     "SELECT * FROM read_csv('/etc/passwd')",
@@ -39,6 +39,28 @@ def test_research_views_have_only_catalog_columns(node_db, catalog):
     try:
         for name, view in catalog.views.items():
             cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
-            assert cols == {"person_id", "_rank", *view.columns}
+            assert cols == stored_columns(view)
+            assert "person_id" in cols and "_rank" in cols and set(view.columns) <= cols
     finally:
         con.close()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ('UPDATE patients SET "_clamped_age" = 500 WHERE person_id = 1', "breaks its bounds"),
+        ("UPDATE conditions SET _rank = 0 WHERE person_id = 1", "breaks its bounds"),
+        ('ALTER TABLE visits DROP COLUMN "_clamped_length_of_stay"', "does not match"),
+        ("ALTER TABLE patients ADD COLUMN postcode VARCHAR", "does not match"),
+    ],
+)
+def test_database_breaking_invariants_is_refused(tmp_path, node_db, catalog, tamper, message):
+    from node.errors import DatabaseError
+
+    copy = tmp_path / "tampered.duckdb"
+    copy.write_bytes(node_db.read_bytes())
+    con = duckdb.connect(str(copy))
+    con.execute(tamper)
+    con.close()
+    with pytest.raises(DatabaseError, match=message):
+        open_research_db(copy, catalog)
