@@ -134,6 +134,8 @@ def main() -> int:
     parser.add_argument("--persons", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--epsilon", type=float, default=1.0)
+    parser.add_argument("--accuracy-releases", type=int, default=300)
+    parser.add_argument("--smartnoise-repeats", type=int, default=60)
     parser.add_argument("--no-smartnoise", action="store_true")
     args = parser.parse_args()
 
@@ -174,11 +176,13 @@ def main() -> int:
         accuracy_sql = case.get("accuracy", case["fedtre"])
         exact = run_exact(engine._db, compile_plan(parse_query(accuracy_sql, catalog), catalog))
         errors = []
-        for _ in range(max(args.repeats, 30)):
+        stds = []
+        for _ in range(args.accuracy_releases):
             r = engine.answer(
                 QueryRequest(str(uuid.uuid4()), "bench", accuracy_sql, args.epsilon, "b")
             )
             noisy = r.aggregates[0].statistics[0].values
+            stds.append(r.aggregates[0].statistics[0].noise_std)
             errors += [n - e for n, e in zip(noisy, exact[0], strict=True)]
         entry = {
             "name": case["name"],
@@ -189,6 +193,8 @@ def main() -> int:
             "ratio_full_vs_plain": ms(t_node) / ms(t_plain),
             "ratio_compute_vs_plain": ms(t_compute) / ms(t_plain),
             "fedtre_count_rmse": rmse(errors),
+            "fedtre_count_std_declared": stds[0],
+            "fedtre_accuracy_samples": len(errors),
         }
         if case.get("table") and not args.no_smartnoise:
             entry.update(smartnoise(db, case, args, Path(tmp), exact[0]))
@@ -225,7 +231,7 @@ def smartnoise(db: Path, case: dict, args: argparse.Namespace, tmp: Path, exact:
         table,
         metadata,
         [{"name": case["name"], "sql": case["smartnoise"], "epsilon": args.epsilon}],
-        args.repeats,
+        args.smartnoise_repeats,
     )
     if "error" in reply:
         return {"smartnoise_error": reply["error"]}
@@ -240,6 +246,7 @@ def smartnoise(db: Path, case: dict, args: argparse.Namespace, tmp: Path, exact:
     return {
         "smartnoise_ms": ms(res["seconds"]),
         "smartnoise_count_rmse": rmse(errors),
+        "smartnoise_accuracy_samples": len(errors),
         "smartnoise_epsilon_spent": res.get("epsilon_spent_per_run"),
         "smartnoise_version": reply.get("smartnoise_version"),
     }

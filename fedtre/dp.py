@@ -45,6 +45,18 @@ def split_units(total: int, parts: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
+def split_units_weighted(total: int, weights: list[float]) -> list[int]:
+    """Split a budget into integer shares proportional to ``weights``, adding up exactly."""
+    if not weights or total < len(weights) or any(w <= 0 for w in weights):
+        raise QueryRefused(
+            Refusal.INVALID_EPSILON, "ε is too small to share between the requested aggregates."
+        )
+    scale = total / sum(weights)
+    shares = [max(1, math.floor(w * scale)) for w in weights]
+    shares[shares.index(max(shares))] += total - sum(shares)
+    return shares
+
+
 def discrete_laplace_std(scale: float) -> float:
     """Standard deviation of the discrete Laplace with the given scale."""
     alpha = math.exp(-1.0 / scale)

@@ -4,12 +4,17 @@ Records are structured (``json.dumps`` escapes newlines and control characters),
 caller sends can forge a second entry. Records carry identifiers, the query text the researcher
 wrote, refusal reasons and ε: never a row value or an aggregate. If the log cannot be written the
 node fails closed: ``AuditUnavailable`` stops the request before anything is released.
+Reconciling with the ledger: every ``query.released`` and ``query.replayed`` line names the
+units its answer was charged (``charged_epsilon_units``); ``epsilon_units`` is what that request
+spent (0 for a replay). Per query id, the charged units equal the ledger's debit, even when the
+release's own line was lost to a crash after the ledger commit.
 Tamper evidence (hash chain and signed checkpoints) comes with the auditing work.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from datetime import UTC, datetime
@@ -39,7 +44,9 @@ class AuditLog:
             "event": event,
             **{k: _bounded(v) for k, v in fields.items()},
         }
-        line = (json.dumps(record, ensure_ascii=True, sort_keys=True) + "\n").encode()
+        line = (
+            json.dumps(record, ensure_ascii=True, sort_keys=True, allow_nan=False) + "\n"
+        ).encode()
         with self._lock:
             try:
                 written = os.write(self._fd, line)
@@ -57,6 +64,8 @@ class AuditLog:
 def _bounded(value: Any) -> Any:
     if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
         return value[:MAX_FIELD_CHARS] + "…[truncated]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # strict JSON has no NaN or Infinity
     return value
 
 

@@ -7,6 +7,7 @@ here by the trust itself, and the node is authoritative for them.
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -138,7 +139,12 @@ def _project(pid: str, spec: Any, catalog: Catalog, where: str) -> ProjectPolicy
 
 
 def _epsilon(raw: Any, where: str, maximum: float = MAX_EPSILON) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw > maximum:
+    if (
+        isinstance(raw, bool)
+        or not isinstance(raw, int | float)
+        or not math.isfinite(raw)
+        or raw > maximum
+    ):
         raise ConfigError(f"{where}: must be a positive number up to {maximum:g}")
     try:
         if raw <= MAX_EPSILON:

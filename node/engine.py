@@ -112,12 +112,17 @@ class NodeEngine:
         except InternalError as exc:
             self._audit_failure(request, exc)
             raise
+        # A replay spends nothing now; it names the units charged when the answer was first
+        # stored, so the audit log reconciles with the ledger even if that release's own audit
+        # line was never written.
         self.audit.write(
             "query.replayed" if replayed else "query.released",
             query_id=request.query_id,
             project=request.project_id,
             caller=request.caller,
             epsilon_units=0 if replayed else result.epsilon_units,
+            charged_epsilon_units=result.epsilon_units,
+            released_at=result.released_at,
         )
         return result
 
@@ -155,6 +160,9 @@ class NodeEngine:
         }
         for scope, total in limits.items():
             if self.ledger.spent(scope) + units > total:
+                racing = self.ledger.lookup(request.query_id)
+                if racing is not None:  # the original of this retry committed meanwhile
+                    return self._replay(racing.fingerprint, racing.result, fingerprint), True
                 raise QueryRefused(
                     Refusal.BUDGET_EXHAUSTED,
                     "Not enough privacy budget is left for this query."

@@ -9,8 +9,11 @@ neighbours, after the compiler's contribution bounding:
 * ``count_persons``: a person is in at most ``min(cap, cells)`` cells, once each;
 * ``sum``: at most ``cap`` rows, each clamped to [lower, upper]: ``cap * max(|lower|, |upper|)``.
 
-The requested ε is split into integer units across the statistics (AVG = sum + count), and
-OpenDP's own privacy map checks every measurement against its share before it is used.
+The requested ε is split into equal integer shares across the aggregates; an AVG's share is
+split between its sum and its count to minimise the variance of their ratio, using only the
+catalog (sum sensitivity S, count sensitivity C, and the midpoint m of the bounds as a prior
+guess of the mean): ε_sum ∝ S^(2/3), ε_count ∝ (m·C)^(2/3). OpenDP's own privacy map checks
+every measurement against its share before it is used.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 import opendp.prelude as dp
 
 from fedtre.catalog import View
-from fedtre.dp import discrete_laplace_std, split_units, units_to_epsilon
+from fedtre.dp import discrete_laplace_std, split_units, split_units_weighted, units_to_epsilon
 from fedtre.errors import InternalError
 from fedtre.plan import QueryPlan
 from fedtre.result import ReleasedAggregate, ReleasedStatistic
@@ -77,6 +80,20 @@ def release_statistic(
     )
 
 
+def _shares(stats: list[Statistic], share: int, view: View, cells: int) -> list[int]:
+    if len(stats) == 1:
+        return [share]
+    total, count = stats  # AVG
+    assert total.column is not None
+    col = view.columns[total.column]
+    midpoint = max(1.0, (abs(col.lower or 0) + abs(col.upper or 0)) / 2)
+    weights = [
+        sensitivity(total, view, cells) ** (2 / 3),
+        (midpoint * sensitivity(count, view, cells)) ** (2 / 3),
+    ]
+    return split_units_weighted(share, weights)
+
+
 def release(
     plan: QueryPlan, view: View, cells: int, exact: list[list[int]], epsilon_units: int
 ) -> tuple[ReleasedAggregate, ...]:
@@ -87,7 +104,7 @@ def release(
     position = 0
     for agg, stats, share in zip(plan.aggregates, per_aggregate, agg_shares, strict=True):
         released: list[ReleasedStatistic] = []
-        for stat, stat_share in zip(stats, split_units(share, len(stats)), strict=True):
+        for stat, stat_share in zip(stats, _shares(stats, share, view, cells), strict=True):
             l1 = sensitivity(stat, view, cells)
             released.append(release_statistic(stat.kind, exact[position], l1, stat_share))
             position += 1

@@ -119,3 +119,13 @@ def test_invalid_node_config_refused(tmp_path: Path, node_db: Path, edit, messag
 def test_example_config_in_deploy_is_valid():
     config = load_node_config(Path(__file__).parents[2] / "deploy" / "node.example.toml")
     assert config.node_id == "trust-a"
+
+
+@pytest.mark.parametrize("key", ["node_epsilon_ceiling = 100.0", "total_epsilon = 5.0"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_epsilon_in_config_refused(tmp_path: Path, node_db: Path, key, value):
+    path = write_node_config(tmp_path, node_db)
+    name = key.split(" = ")[0]
+    path.write_text(path.read_text().replace(key, f"{name} = {value}"))
+    with pytest.raises(ConfigError, match=name):
+        load_node_config(path)
