@@ -63,6 +63,12 @@ _COMPARE: dict[type[exp.Expression], CompareOp] = {
 _SELECT_ARGS_ALLOWED = {"expressions", "from_", "from", "where", "group"}
 
 
+def _shown(text: str, limit: int = 40) -> str:
+    """Researcher text quoted in a refusal: printable and short."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _refuse(message: str, refusal: Refusal = Refusal.UNSUPPORTED_QUERY) -> QueryRefused:
     return QueryRefused(refusal, message)
 
@@ -215,13 +221,21 @@ class _Parser:
             raise _refuse("Name the view without a schema or database prefix.")
         if table.alias:
             raise _refuse("Table aliases are not supported.")
+        attached = [k for k, v in table.args.items() if k != "this" and v not in (None, [], False)]
+        if attached:
+            raise _refuse(
+                "FROM must name one view with nothing attached to it (no sampling, pivots, "
+                "hints or time travel)."
+            )
         return self._view(table.name)
 
     def _view(self, name: str) -> View:
         view = self.catalog.view(name.lower())
         if view is None:
             known = ", ".join(sorted(self.catalog.views))
-            raise _refuse(f"Unknown view '{name}'. Available views: {known}.", Refusal.UNKNOWN_VIEW)
+            raise _refuse(
+                f"Unknown view '{_shown(name)}'. Available views: {known}.", Refusal.UNKNOWN_VIEW
+            )
         return view
 
     def _group_by(self, select: exp.Select, view: View) -> tuple[str, ...]:
@@ -259,7 +273,9 @@ class _Parser:
         if node.args.get("db") or node.args.get("catalog"):
             raise _refuse("Column names cannot carry a schema prefix.")
         if node.table and node.table.lower() != view.name:
-            raise _refuse(f"Column prefix '{node.table}' does not name the view '{view.name}'.")
+            raise _refuse(
+                f"Column prefix '{_shown(node.table)}' does not name the view '{view.name}'."
+            )
         if isinstance(node.this, exp.Star):
             raise _refuse("SELECT * is not allowed: ask for aggregates.")
         name = node.name.lower()
@@ -272,7 +288,7 @@ class _Parser:
         if name not in view.columns:
             known = ", ".join(view.columns)
             raise _refuse(
-                f"Unknown column '{node.name}' in view '{view.name}'. Columns: {known}.",
+                f"Unknown column '{_shown(node.name)}' in view '{view.name}'. Columns: {known}.",
                 Refusal.UNKNOWN_COLUMN,
             )
         return name
@@ -300,8 +316,9 @@ class _Parser:
         kind = kinds.get(type(node))
         if kind is None:
             if isinstance(node, exp.Func | exp.AggFunc):
+                fname = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
                 raise _refuse(
-                    f"Function {node.sql_name()} is not supported. Aggregates: COUNT(*), "
+                    f"Function {_shown(fname)} is not supported. Aggregates: COUNT(*), "
                     "COUNT(DISTINCT person_id), SUM(column), AVG(column)."
                 )
             raise _refuse("Each selected item must be a group column or an aggregate.")
@@ -338,9 +355,11 @@ class _Parser:
             return self._in(node, view, depth, negated=False)
         if isinstance(node, exp.Between):
             col = self._predicate_column(node.this, view)
+            self._ordered(col, "BETWEEN")
             low = self._literal(node.args["low"], col)
             high = self._literal(node.args["high"], col)
-            self._ordered(col, "BETWEEN")
+            if node.args.get("symmetric"):
+                low, high = sorted((low, high))
             return And(
                 (Compare(col.name, CompareOp.GE, low), Compare(col.name, CompareOp.LE, high))
             )
@@ -440,9 +459,8 @@ class _Parser:
             if value in col.domain:
                 return value
             allowed = ", ".join(f"'{v}'" for v in col.domain)
-            shown = value if len(value) <= 40 and value.isprintable() else value[:40] + "…"
             raise _refuse(
-                f"'{shown}' is not a value of '{col.name}'. Values: {allowed}.",
+                f"'{_shown(value)}' is not a value of '{col.name}'. Values: {allowed}.",
                 Refusal.INVALID_VALUE,
             )
         raise _refuse(f"Compare '{col.name}' with a quoted value.", Refusal.INVALID_VALUE)
