@@ -42,9 +42,9 @@ def open_research_db(path: Path, catalog: Catalog, threads: int = 2, memory_limi
                 "enable_external_access": False,
                 "autoinstall_known_extensions": False,
                 "autoload_known_extensions": False,
+                "lock_configuration": True,
             },
         )
-        con.execute("SET lock_configuration = true")
         meta = dict(con.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
     except duckdb.Error as exc:
         raise DatabaseError(f"cannot open node database {path}: {exc}") from exc

@@ -64,3 +64,18 @@ def test_database_breaking_invariants_is_refused(tmp_path, node_db, catalog, tam
     con.close()
     with pytest.raises(DatabaseError, match=message):
         open_research_db(copy, catalog)
+
+
+def test_two_locked_connections_to_one_file_in_one_process(node_db, catalog):
+    first = open_research_db(node_db, catalog)
+    second = open_research_db(node_db, catalog)
+    try:
+        assert (
+            first.execute("SELECT count(*) FROM patients").fetchone()
+            == second.execute("SELECT count(*) FROM patients").fetchone()
+        )
+        with pytest.raises(duckdb.Error):
+            second.execute("SET lock_configuration = false")
+    finally:
+        first.close()
+        second.close()
