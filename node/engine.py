@@ -34,7 +34,7 @@ from node.compiler import compile_plan, run_exact
 from node.config import NodeConfig, ProjectPolicy
 from node.database import open_research_db
 from node.errors import DatabaseError
-from node.ledger import NODE_SCOPE, Ledger, project_scope
+from node.ledger import NODE_SCOPE, Ledger, budget_refusal, project_scope
 from node.release import release
 
 
@@ -109,7 +109,7 @@ class NodeEngine:
                 reason=exc.message,
             )
             raise
-        except InternalError as exc:
+        except Exception as exc:  # internal errors and bugs: audited, nothing released
             self._audit_failure(request, exc)
             raise
         # A replay spends nothing now; it names the units charged when the answer was first
@@ -126,7 +126,7 @@ class NodeEngine:
         )
         return result
 
-    def _audit_failure(self, request: QueryRequest, exc: InternalError) -> None:
+    def _audit_failure(self, request: QueryRequest, exc: Exception) -> None:
         with contextlib.suppress(InternalError):  # the audit log itself may be what failed
             self.audit.write(
                 "query.failed",
@@ -163,12 +163,7 @@ class NodeEngine:
                 racing = self.ledger.lookup(request.query_id)
                 if racing is not None:  # the original of this retry committed meanwhile
                     return self._replay(racing.fingerprint, racing.result, fingerprint), True
-                raise QueryRefused(
-                    Refusal.BUDGET_EXHAUSTED,
-                    "Not enough privacy budget is left for this query."
-                    if scope != NODE_SCOPE
-                    else "This trust's overall privacy budget is used up.",
-                )
+                raise budget_refusal(scope)
 
         compiled = compile_plan(plan, self.catalog)
         try:
@@ -195,7 +190,13 @@ class NodeEngine:
             released_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
         stored_release, created = self.ledger.commit_release(
-            request.query_id, request.project_id, fingerprint, units, result.to_json(), limits
+            request.query_id,
+            request.project_id,
+            fingerprint,
+            units,
+            result.to_json(),
+            result.released_at,
+            limits,
         )
         if not created:
             return self._replay(

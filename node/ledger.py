@@ -16,7 +16,6 @@ import sqlite3
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from fedtre.errors import QueryRefused, Refusal
@@ -42,6 +41,15 @@ CREATE TABLE IF NOT EXISTS releases (
 
 def project_scope(project_id: str) -> str:
     return f"project:{project_id}"
+
+
+def budget_refusal(scope: str) -> QueryRefused:
+    return QueryRefused(
+        Refusal.BUDGET_EXHAUSTED,
+        "This trust's overall privacy budget is used up."
+        if scope == NODE_SCOPE
+        else "Not enough privacy budget is left for this query.",
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class Ledger:
         fingerprint: str,
         units: int,
         result: str,
+        released_at: str,
         limits: Mapping[str, int],
     ) -> tuple[StoredRelease, bool]:
         """Debit every scope in ``limits`` (scope -> total units allowed) and store the result.
@@ -115,7 +124,6 @@ class Ledger:
         Raises ``QueryRefused(BUDGET_EXHAUSTED)`` if any scope would exceed its total.
         """
         con = self._con()
-        released_at = datetime.now(UTC).isoformat(timespec="milliseconds")
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
@@ -133,12 +141,7 @@ class Ledger:
                     )
                     if cur.rowcount != 1:
                         con.execute("ROLLBACK")
-                        raise QueryRefused(
-                            Refusal.BUDGET_EXHAUSTED,
-                            "Not enough privacy budget is left for this query."
-                            if scope != NODE_SCOPE
-                            else "This trust's overall privacy budget is used up.",
-                        )
+                        raise budget_refusal(scope)
                 con.execute(
                     "INSERT INTO releases (query_id, project_id, fingerprint, units, result, "
                     "released_at) VALUES (?, ?, ?, ?, ?, ?)",

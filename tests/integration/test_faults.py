@@ -1,0 +1,61 @@
+"""Faults inside the node fail closed: nothing released, nothing debited, outcome audited."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from node.audit import read_audit
+from node.errors import LedgerUnavailable
+from node.ledger import NODE_SCOPE, project_scope
+from tests.conftest import request
+
+GOOD = "SELECT sex, COUNT(*) FROM patients GROUP BY sex"
+
+
+def _events(engine, query_id):
+    return [r["event"] for r in read_audit(engine.config.audit_path) if r.get("query_id") == query_id]
+
+
+def test_ledger_failing_at_commit_releases_nothing(engine, monkeypatch):
+    real_con = engine.ledger._con
+
+    class Failing:
+        def __init__(self, con):
+            self.con = con
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT INTO releases"):
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.con.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.con, name)
+
+    monkeypatch.setattr(engine.ledger, "_con", lambda: Failing(real_con()))
+    with pytest.raises(LedgerUnavailable):
+        engine.answer(request(GOOD, 0.1, query_id="disk-1"))
+    monkeypatch.setattr(engine.ledger, "_con", real_con)
+    assert engine.ledger.lookup("disk-1") is None
+    assert engine.ledger.spent(project_scope("study")) == 0
+    assert engine.ledger.spent(NODE_SCOPE) == 0
+    assert _events(engine, "disk-1") == ["query.received", "query.failed"]
+    # after the disk recovers the same id is answered once, and debited once
+    result = engine.answer(request(GOOD, 0.1, query_id="disk-1"))
+    assert result.epsilon_units == 100_000
+    assert engine.ledger.spent(project_scope("study")) == 100_000
+
+
+def test_unexpected_error_is_audited_and_nothing_released(engine, monkeypatch):
+    import node.engine as engine_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(engine_module, "release", broken)
+    with pytest.raises(RuntimeError):
+        engine.answer(request(GOOD, 0.1, query_id="bug-1"))
+    assert _events(engine, "bug-1") == ["query.received", "query.failed"]
+    assert engine.ledger.lookup("bug-1") is None
+    assert engine.ledger.spent(project_scope("study")) == 0
