@@ -283,7 +283,7 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
             schema, name = available[table]
             con.execute(f'CREATE TEMP VIEW src_{table} AS SELECT * FROM omop."{schema}"."{name}"')
             found.add(table)
-    for table in found:
+    for table in (t for t in tables if t in found):
         try:
             columns = {r[0].lower() for r in con.execute(f"DESCRIBE src_{table}").fetchall()}
         except duckdb.Error as exc:
