@@ -15,7 +15,9 @@ GOOD = "SELECT sex, COUNT(*) FROM patients GROUP BY sex"
 
 
 def _events(engine, query_id):
-    return [r["event"] for r in read_audit(engine.config.audit_path) if r.get("query_id") == query_id]
+    return [
+        r["event"] for r in read_audit(engine.config.audit_path) if r.get("query_id") == query_id
+    ]
 
 
 def test_ledger_failing_at_commit_releases_nothing(engine, monkeypatch):
