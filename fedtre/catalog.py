@@ -7,6 +7,7 @@ Anything unexpected in the file is refused at start-up with a message naming the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import tomllib
@@ -27,6 +28,7 @@ PERSON_ID = "person_id"
 Value = str | int | bool
 
 
+@functools.total_ordering
 class Tier(Enum):
     """Sensitivity tiers, lowest first. Mental-health data is never 'general'."""
 
@@ -37,21 +39,6 @@ class Tier(Enum):
     @property
     def rank(self) -> int:
         return _TIER_ORDER.index(self)
-
-    def __ge__(self, other: object) -> bool:
-        if not isinstance(other, Tier):
-            return NotImplemented
-        return self.rank >= other.rank
-
-    def __gt__(self, other: object) -> bool:
-        if not isinstance(other, Tier):
-            return NotImplemented
-        return self.rank > other.rank
-
-    def __le__(self, other: object) -> bool:
-        if not isinstance(other, Tier):
-            return NotImplemented
-        return self.rank <= other.rank
 
     def __lt__(self, other: object) -> bool:
         if not isinstance(other, Tier):

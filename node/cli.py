@@ -18,6 +18,7 @@ from fedtre.request import QueryRequest
 from node import demo
 from node.config import load_node_config
 from node.engine import NodeEngine
+from node.ledger import NODE_SCOPE
 from node.loader import load_omop
 
 
@@ -114,11 +115,15 @@ def _budget(args: argparse.Namespace) -> int:
                     "epsilon_left": status.remaining,
                 }
             )
-        node_spent = engine.ledger.spent("node")
+        node_spent = engine.ledger.spent(NODE_SCOPE)
     finally:
         engine.close()
     if args.format == "json":
-        print(json.dumps({"projects": rows, "node_epsilon_spent": node_spent / 1e6}, indent=2))
+        print(
+            json.dumps(
+                {"projects": rows, "node_epsilon_spent": units_to_epsilon(node_spent)}, indent=2
+            )
+        )
         return 0
     print(f"{'project':<24} {'total ε':>9} {'spent ε':>9} {'left ε':>9}")
     for r in rows:

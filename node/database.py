@@ -79,7 +79,3 @@ def _check_views(con, catalog: Catalog) -> None:
         bad = con.execute(f'SELECT count(*) FROM "{name}" WHERE {" OR ".join(checks)}').fetchone()
         if bad[0]:
             raise DatabaseError(f"node database view {name} breaks its bounds: reload it")
-
-
-def read_meta(con) -> dict[str, str]:
-    return dict(con.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())

@@ -12,6 +12,7 @@ from fedtre.catalog import Catalog, load_catalog
 from fedtre.request import QueryRequest
 from fedtre.synthetic import generate
 from node.config import NodeConfig, load_node_config
+from node.database import open_research_db
 from node.engine import NodeEngine
 from node.loader import load_omop
 
@@ -28,6 +29,22 @@ def omop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("omop")
     generate(out, FIXTURE_PERSONS, seed=11)
     return out
+
+
+@pytest.fixture(scope="session")
+def reference(node_db: Path, catalog: Catalog):
+    """The spec reference (tests/spec/reference.py) over the session's synthetic trust."""
+    from tests.spec.reference import Reference
+
+    return Reference.from_db(node_db, catalog)
+
+
+@pytest.fixture(scope="module")
+def research_con(node_db: Path, catalog: Catalog) -> Iterator[object]:
+    """A node connection, locked down exactly as the engine opens it."""
+    con = open_research_db(node_db, catalog)
+    yield con
+    con.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,14 @@ session's synthetic trust.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -633,30 +634,32 @@ def test_audit_log_on_a_full_device_stops_the_node_at_start(tmp_path, node_db):
     assert ledger.releases() == []
 
 
-def _fail_audit_after_commit(eng: NodeEngine, bad_fd: int) -> list[int]:
-    """Make the audit log unwritable right after the ledger commit (before query.released)."""
+@contextlib.contextmanager
+def _audit_fails_after_commit(eng: NodeEngine) -> Iterator[None]:
+    """Make the audit log unwritable right after the ledger commit (before query.released),
+    then restore it."""
+    bad = os.open("/dev/full", os.O_WRONLY)
     original_commit = eng.ledger.commit_release
     swapped: list[int] = []
 
     def commit(*args: Any, **kwargs: Any):
         out = original_commit(*args, **kwargs)
-        swapped.append(_swap_audit_fd(eng, bad_fd))
+        swapped.append(_swap_audit_fd(eng, bad))
         return out
 
     eng.ledger.commit_release = commit  # type: ignore[method-assign]
-    return swapped
+    try:
+        yield
+    finally:
+        del eng.ledger.commit_release
+        if swapped:
+            _swap_audit_fd(eng, swapped[0])
+        os.close(bad)
 
 
 def test_audit_failure_after_the_debit_releases_nothing(engine):
-    bad = os.open("/dev/full", os.O_WRONLY)
-    swapped = _fail_audit_after_commit(engine, bad)
-    try:
-        with pytest.raises(AuditUnavailable):
-            engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    finally:
-        del engine.ledger.commit_release
-        _swap_audit_fd(engine, swapped[0])
-        os.close(bad)
+    with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
+        engine.answer(request(GOOD, 0.1, query_id="late-fail"))
     # the caller got nothing; the ledger holds the debit and the answer together
     (stored,) = engine.ledger.releases()
     assert stored.query_id == "late-fail"
@@ -671,15 +674,8 @@ def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
     """After an audit outage at step 7 and a retry, the audit log should still show the ε that
     the ledger debited for the query; the retry is logged as a replay costing 0, and no
     ``query.released`` line ever carries the query's cost."""
-    bad = os.open("/dev/full", os.O_WRONLY)
-    swapped = _fail_audit_after_commit(engine, bad)
-    try:
-        with pytest.raises(AuditUnavailable):
-            engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    finally:
-        del engine.ledger.commit_release
-        _swap_audit_fd(engine, swapped[0])
-        os.close(bad)
+    with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
+        engine.answer(request(GOOD, 0.1, query_id="late-fail"))
     engine.answer(request(GOOD, 0.1, query_id="late-fail"))
     log = read_audit(engine.config.audit_path)
     # Reconciliation rule: per query id, the units charged are named on every released or

@@ -1,32 +1,14 @@
-"""Fixtures for the spec tests: the reference over the session's synthetic trust, and a runner."""
+"""Fixtures for the spec tests: a runner for exact (pre-noise) answers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from fedtre.catalog import Catalog
 from fedtre.parse import parse_query
 from node.compiler import compile_plan, run_exact
-from node.database import open_research_db
-from tests.spec.reference import Reference
-
-
-@pytest.fixture(scope="session")
-def reference(node_db: Path, catalog: Catalog) -> Reference:
-    return Reference.from_db(node_db, catalog)
-
-
-# Module scope, not session: DuckDB refuses a second in-process connection to a file that is open
-# with the node's locked configuration, so a connection held for the whole session would break
-# later test modules that open the node database themselves.
-@pytest.fixture(scope="module")
-def research_con(node_db: Path, catalog: Catalog) -> Iterator[object]:
-    con = open_research_db(node_db, catalog)
-    yield con
-    con.close()
 
 
 @pytest.fixture(scope="module")
