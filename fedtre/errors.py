@@ -56,3 +56,7 @@ class ConfigError(FedtreError):
 
 class InternalError(FedtreError):
     """A failure inside fedtre (storage, audit, a bug). Never shown in detail to researchers."""
+
+
+class AuditUnavailable(InternalError):
+    """The audit log cannot be written: the service fails closed and releases nothing."""

@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 
 import duckdb
 
+from fedtre.audit import AuditLog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import InternalError, QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query, query_tier
 from fedtre.plan import QueryPlan, cohort_views
 from fedtre.request import QueryRequest
 from fedtre.result import NodeResult
-from node.audit import AuditLog
 from node.compiler import compile_plan, run_exact
 from node.config import NodeConfig, ProjectPolicy
 from node.database import open_research_db

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from fedtre.errors import ConfigError, InternalError
+from fedtre.errors import AuditUnavailable, ConfigError, InternalError
+
+__all__ = ["AuditUnavailable", "DatabaseError", "LedgerUnavailable", "LoadError"]
 
 
 class LoadError(ConfigError):
     """The OMOP source cannot be loaded; the message tells trust IT what to fix."""
-
-
-class AuditUnavailable(InternalError):
-    """The audit log cannot be written: the node fails closed and releases nothing."""
 
 
 class LedgerUnavailable(InternalError):

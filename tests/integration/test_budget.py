@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
+from fedtre.audit import read_audit
 from fedtre.errors import UserError
 from fedtre.request import QueryRequest
 from fedtre.result import NodeResult
-from node.audit import read_audit
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.errors import AuditUnavailable

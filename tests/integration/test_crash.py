@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from fedtre.audit import read_audit
 from fedtre.result import NodeResult
-from node.audit import read_audit
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.ledger import NODE_SCOPE, Ledger, project_scope

@@ -10,9 +10,9 @@ import math
 
 import pytest
 
+from fedtre.audit import read_audit
 from fedtre.errors import UserError
 from fedtre.request import QueryRequest
-from node.audit import read_audit
 from node.ledger import NODE_SCOPE, project_scope
 from tests.conftest import request
 

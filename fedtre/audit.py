@@ -1,4 +1,4 @@
-"""The node's audit log: one JSON object per line, written and fsynced before the node acts.
+"""An audit log (node or coordinator): one JSON object per line, written and fsynced before acting.
 
 Records are structured (``json.dumps`` escapes newlines and control characters), so nothing a
 caller sends can forge a second entry. Records carry identifiers, the query text the researcher
@@ -21,15 +21,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from node.errors import AuditUnavailable
+from fedtre.errors import AuditUnavailable
 
 MAX_FIELD_CHARS = 10_000
 
 
 class AuditLog:
-    def __init__(self, path: Path, node_id: str) -> None:
+    def __init__(self, path: Path, actor: str, role: str = "node") -> None:
         self.path = path
-        self.node_id = node_id
+        self.actor = actor
+        self.role = role
         self._lock = threading.Lock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ class AuditLog:
     def write(self, event: str, **fields: Any) -> None:
         record = {
             "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-            "node": self.node_id,
+            self.role: self.actor,
             "event": event,
             **{k: _bounded(v) for k, v in fields.items()},
         }

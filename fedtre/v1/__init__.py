@@ -1,0 +1,1 @@
+"""Generated wire contract, version 1."""
