@@ -16,7 +16,13 @@ from fedtre import __version__
 from fedtre.catalog import load_catalog
 from fedtre.errors import ConfigError, FedtreError, InternalError, UserError
 
-ROLE_MODULES = ("node.cli",)
+ROLE_MODULES = (
+    "node.cli",
+    "coordinator.cli",
+    "fedtre.pki_cli",
+    "fedtre.query_cli",
+    "fedtre.demo",
+)
 
 EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_CONFIG = 0, 1, 2, 3
 

@@ -28,6 +28,8 @@ class Refusal(Enum):
     INVALID_EPSILON = "invalid_epsilon"
     BUDGET_EXHAUSTED = "budget_exhausted"
     QUERY_ID_CONFLICT = "query_id_conflict"
+    NOT_AUTHORISED = "not_authorised"
+    INCOMPLETE = "incomplete"
 
 
 class FedtreError(Exception):
@@ -56,6 +58,10 @@ class ConfigError(FedtreError):
 
 class InternalError(FedtreError):
     """A failure inside fedtre (storage, audit, a bug). Never shown in detail to researchers."""
+
+
+class WireError(InternalError):
+    """A message from another fedtre service does not fit the contract (a bug or a bad peer)."""
 
 
 class AuditUnavailable(InternalError):

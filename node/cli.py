@@ -54,6 +54,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--format", choices=["table", "json"], default="table")
     budget.set_defaults(func=_budget)
 
+    serve = node_sub.add_parser(
+        "serve", help="serve approved queries to the federation coordinator over mutual TLS"
+    )
+    serve.add_argument("--config", type=Path, required=True)
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DEVELOPMENT ONLY: plaintext, no caller authentication",
+    )
+    serve.add_argument("--ready-file", type=Path, help="write the bound address here when up")
+    serve.set_defaults(func=_serve)
+
     demo.register(node_sub)
 
 
@@ -75,6 +87,25 @@ def _load(args: argparse.Namespace) -> int:
         progress=lambda msg: print(f"  {msg}", file=sys.stderr),
     )
     print("\n".join(report.lines()))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedtre import logs
+    from fedtre.serving import run_until_signalled, write_ready_file
+    from node.server import create_server
+
+    logs.setup("node")
+    config = load_node_config(args.config)
+    if args.insecure:
+        print(
+            "WARNING: --insecure: plaintext and no caller authentication. Development only.",
+            file=sys.stderr,
+        )
+    running = create_server(config, insecure=args.insecure)
+    if args.ready_file is not None:
+        write_ready_file(args.ready_file, running.address)
+    run_until_signalled(running.server, running.health, running.engine.close)
     return 0
 
 

@@ -35,6 +35,18 @@ class ProjectPolicy:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """``[server]``: where ``fedtre node serve`` listens and whom it accepts."""
+
+    listen: str
+    coordinator: str  # the coordinator certificate name this node accepts, and only it
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+    max_workers: int
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     database: Path
@@ -44,6 +56,7 @@ class NodeConfig:
     projects: Mapping[str, ProjectPolicy]
     duckdb_threads: int
     duckdb_memory_limit: str
+    server: ServerSettings | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -75,6 +88,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "projects",
         "duckdb_threads",
         "duckdb_memory_limit",
+        "server",
     }
     required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
     _keys(data, source, required, allowed)
@@ -97,6 +111,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
     memory = data.get("duckdb_memory_limit", "4GB")
     if not isinstance(memory, str) or not re.fullmatch(r"\d{1,6}(\.\d+)?\s?[KMGT]i?B", memory):
         raise ConfigError(f"{source}: duckdb_memory_limit must look like '4GB'")
+    server = _server(data["server"], base_dir, f"{source}: server") if "server" in data else None
     return NodeConfig(
         node_id=node_id,
         database=_path(data["database"], base_dir, source),
@@ -106,6 +121,42 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         projects=MappingProxyType(projects),
         duckdb_threads=threads,
         duckdb_memory_limit=memory,
+        server=server,
+    )
+
+
+LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def parse_listen(raw: Any, where: str) -> str:
+    match = LISTEN.match(raw) if isinstance(raw, str) else None
+    if match is None or int(match.group(2)) > 65535:
+        raise ConfigError(f"{where}: must look like '127.0.0.1:50051' (port 0: any free port)")
+    return str(raw)
+
+
+def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a table")
+    allowed = {"listen", "coordinator", "ca", "cert", "key", "max_workers"}
+    _keys(spec, where, {"listen", "coordinator"}, allowed)
+    coordinator = spec["coordinator"]
+    if not isinstance(coordinator, str) or not NODE_ID.match(coordinator):
+        raise ConfigError(f"{where}.coordinator: the coordinator's certificate name, e.g. 'hub'")
+    tls = [spec.get(k) for k in ("ca", "cert", "key")]
+    if any(t is not None for t in tls) and not all(t is not None for t in tls):
+        raise ConfigError(f"{where}: give all of ca, cert and key, or none (development only)")
+    ca, cert, key = (None if t is None else _path(t, base_dir, where) for t in tls)
+    workers = spec.get("max_workers", 8)
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
+        raise ConfigError(f"{where}.max_workers: a whole number from 1 to 256")
+    return ServerSettings(
+        listen=parse_listen(spec["listen"], f"{where}.listen"),
+        coordinator=coordinator,
+        ca=ca,
+        cert=cert,
+        key=key,
+        max_workers=workers,
     )
 
 

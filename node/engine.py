@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -33,9 +34,15 @@ from fedtre.result import NodeResult
 from node.compiler import compile_plan, run_exact
 from node.config import NodeConfig, ProjectPolicy
 from node.database import open_research_db
-from node.errors import DatabaseError
+from node.errors import CallerGone, DatabaseError
 from node.ledger import NODE_SCOPE, Ledger, budget_refusal, project_scope
 from node.release import release
+
+
+@dataclass(frozen=True)
+class Answer:
+    result: NodeResult
+    replayed: bool  # the stored answer of an earlier request with this query id
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,13 @@ class NodeEngine:
         )
 
     def answer(self, request: QueryRequest) -> NodeResult:
+        return self.answer_detail(request).result
+
+    def answer_detail(
+        self, request: QueryRequest, cancelled: Callable[[], bool] | None = None
+    ) -> Answer:
+        """Answer a request; ``cancelled`` is asked just before the durable debit, so a caller
+        that has already given up (deadline passed) costs nothing."""
         self.audit.write(
             "query.received",
             query_id=str(request.query_id)[:128],
@@ -98,7 +112,7 @@ class NodeEngine:
             sql=request.sql if isinstance(request.sql, str) else None,
         )
         try:
-            result, replayed = self._answer(request)
+            result, replayed = self._answer(request, cancelled)
         except UserError as exc:
             self.audit.write(
                 "query.refused",
@@ -124,7 +138,26 @@ class NodeEngine:
             charged_epsilon_units=result.epsilon_units,
             released_at=result.released_at,
         )
-        return result
+        return Answer(result, replayed)
+
+    def describe(self, caller: str) -> tuple[str, ...]:
+        """Audited: the ids of the projects this trust serves."""
+        self.audit.write("node.described", caller=caller)
+        return tuple(sorted(self.config.projects))
+
+    def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
+        """A remote budget request: audited before it is answered, refusals included."""
+        self.audit.write("budget.requested", project=str(project_id)[:64], caller=caller)
+        try:
+            return self.budget(project_id)
+        except UserError as exc:
+            self.audit.write(
+                "budget.refused",
+                project=str(project_id)[:64],
+                caller=caller,
+                refusal=exc.refusal.value,
+            )
+            raise
 
     def _audit_failure(self, request: QueryRequest, exc: Exception) -> None:
         with contextlib.suppress(InternalError):  # the audit log itself may be what failed
@@ -136,7 +169,9 @@ class NodeEngine:
                 error=type(exc).__name__,
             )
 
-    def _answer(self, request: QueryRequest) -> tuple[NodeResult, bool]:
+    def _answer(
+        self, request: QueryRequest, cancelled: Callable[[], bool] | None
+    ) -> tuple[NodeResult, bool]:
         request.check_fields()
         project = self._project(request.project_id)
         units = epsilon_to_units(request.epsilon)
@@ -189,6 +224,8 @@ class NodeEngine:
             epsilon_units=units,
             released_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
+        if cancelled is not None and cancelled():
+            raise CallerGone("the caller gave up before the release; nothing was spent")
         stored_release, created = self.ledger.commit_release(
             request.query_id,
             request.project_id,

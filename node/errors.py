@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fedtre.errors import AuditUnavailable, ConfigError, InternalError
 
-__all__ = ["AuditUnavailable", "DatabaseError", "LedgerUnavailable", "LoadError"]
+__all__ = ["AuditUnavailable", "CallerGone", "DatabaseError", "LedgerUnavailable", "LoadError"]
 
 
 class LoadError(ConfigError):
@@ -17,3 +17,7 @@ class LedgerUnavailable(InternalError):
 
 class DatabaseError(InternalError):
     """The node's research database is missing, stale or failed while running a query."""
+
+
+class CallerGone(InternalError):
+    """The caller cancelled or its deadline passed before the debit: nothing is spent."""

@@ -1,0 +1,256 @@
+"""A federated answer as the researcher receives it: estimates with 95% intervals, suppressed
+marks, which trusts it covers, and ε spent and left. Readable as a table, CSV, JSON, an Arrow
+table or a pandas DataFrame. Everything here is post-processing of released noisy values."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fedtre.catalog import Value
+from fedtre.dp import units_to_epsilon
+from fedtre.serde import aggregate_kind_from_wire, cells_from_wire, refusal_from_wire
+from fedtre.v1 import coordinator_pb2 as cpb
+
+if TYPE_CHECKING:
+    import pandas
+    import pyarrow
+
+_STATE_NAMES = {
+    cpb.TRUST_STATE_ANSWERED: "answered",
+    cpb.TRUST_STATE_UNAVAILABLE: "unavailable",
+    cpb.TRUST_STATE_REFUSED: "refused",
+    cpb.TRUST_STATE_FAILED: "failed",
+}
+
+
+@dataclass(frozen=True)
+class TrustReport:
+    node_id: str
+    state: str  # answered / unavailable / refused / failed
+    reason: str
+    refusal: str | None
+    epsilon_spent: float
+    epsilon_left: float | None
+    replayed: bool
+    handling_ms: float
+
+
+@dataclass(frozen=True)
+class EstimateValue:
+    available: bool
+    suppressed: bool
+    value: float | None
+    low: float | None
+    high: float | None
+    display: str
+
+
+@dataclass(frozen=True)
+class EstimateColumn:
+    alias: str
+    kind: str
+    estimates: tuple[EstimateValue, ...]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query_id: str
+    project_id: str
+    view: str
+    released: bool
+    withheld_reason: str
+    group_by: tuple[str, ...]
+    cells: tuple[tuple[Value, ...], ...]
+    columns: tuple[EstimateColumn, ...]
+    trusts: tuple[TrustReport, ...]
+    covered_trusts: tuple[str, ...]
+    epsilon: float
+    notes: tuple[str, ...]
+
+    # -- machine-readable ------------------------------------------------------------------
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One dict per cell: group values, then per aggregate its estimate, interval bounds and
+        a suppressed flag. Suppressed or unavailable estimates are None."""
+        out = []
+        for i, cell in enumerate(self.cells):
+            row: dict[str, Any] = dict(zip(self.group_by, cell, strict=True))
+            for col in self.columns:
+                e = col.estimates[i]
+                row[col.alias] = e.value
+                row[f"{col.alias}_ci_low"] = e.low
+                row[f"{col.alias}_ci_high"] = e.high
+                row[f"{col.alias}_suppressed"] = e.suppressed
+            out.append(row)
+        return out
+
+    def to_arrow(self) -> pyarrow.Table:
+        import pyarrow as pa
+
+        rows = self.rows()
+        names = [*self.group_by]
+        for col in self.columns:
+            names += [col.alias, f"{col.alias}_ci_low", f"{col.alias}_ci_high"]
+            names.append(f"{col.alias}_suppressed")
+        table = pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names})
+        metadata = {
+            "query_id": self.query_id,
+            "project_id": self.project_id,
+            "covered_trusts": ",".join(self.covered_trusts),
+            "epsilon_per_trust": repr(self.epsilon),
+            "notes": " | ".join(self.notes),
+        }
+        return table.replace_schema_metadata(metadata)
+
+    def to_pandas(self) -> pandas.DataFrame:
+        frame = self.to_arrow().to_pandas()
+        frame.attrs.update(
+            query_id=self.query_id,
+            project_id=self.project_id,
+            covered_trusts=list(self.covered_trusts),
+            epsilon_per_trust=self.epsilon,
+            notes=list(self.notes),
+        )
+        return frame
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query_id": self.query_id,
+            "project_id": self.project_id,
+            "view": self.view,
+            "released": self.released,
+            "withheld_reason": self.withheld_reason or None,
+            "covered_trusts": list(self.covered_trusts),
+            "epsilon_per_trust": self.epsilon,
+            "rows": self.rows() if self.released else [],
+            "trusts": [t.__dict__ for t in self.trusts],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_csv(self) -> str:
+        buffer = io.StringIO()
+        rows = self.rows()
+        if rows:
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        return buffer.getvalue()
+
+    # -- for people ------------------------------------------------------------------------
+
+    def table(self) -> str:
+        lines: list[str] = []
+        if self.released:
+            lines += _grid(self)
+        else:
+            lines.append(f"No result released: {self.withheld_reason}")
+        lines.append("")
+        lines.append("Trusts:")
+        for t in self.trusts:
+            left = "" if t.epsilon_left is None else f"; ε left {t.epsilon_left:g}"
+            spent = f"ε spent {t.epsilon_spent:g}" if t.state == "answered" else "nothing spent"
+            replay = " (stored answer, no new spend)" if t.replayed else ""
+            why = f": {t.reason}" if t.reason and t.state != "answered" else ""
+            lines.append(f"  {t.node_id:<20} {t.state}{why}; {spent}{replay}{left}")
+        if self.released:
+            lines.append(f"Covers: {', '.join(self.covered_trusts)}")
+        for note in self.notes:
+            lines.append(f"Note: {note}")
+        lines.append(f"Query id: {self.query_id} (reuse it to fetch this answer again at no cost)")
+        return "\n".join(lines)
+
+
+def _grid(r: QueryResult) -> list[str]:
+    headers = [*r.group_by]
+    for col in r.columns:
+        headers += [col.alias, "95% interval"]
+    body = []
+    for i, cell in enumerate(r.cells):
+        line = [_text(v) for v in cell]
+        for col in r.columns:
+            e = col.estimates[i]
+            mean = col.kind == "avg"
+            line.append(e.display)
+            if e.low is not None and e.high is not None:
+                line.append(f"{_num(e.low, mean)} to {_num(e.high, mean)}")
+            else:
+                line.append("")
+        body.append(line)
+    widths = [max(len(h), *(len(row[j]) for row in body)) for j, h in enumerate(headers)]
+    keys = len(r.group_by)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    for row in body:
+        out.append(
+            "  ".join(
+                c.ljust(w) if j < keys else c.rjust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    return out
+
+
+def _num(value: float, mean: bool) -> str:
+    return f"{value:,.1f}" if mean else f"{value:,.0f}"
+
+
+def _text(v: Value) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def result_from_wire(msg: cpb.SubmitResponse) -> QueryResult:
+    cells = cells_from_wire(msg.cells, len(msg.group_by))
+    columns = tuple(
+        EstimateColumn(
+            alias=c.alias,
+            kind=aggregate_kind_from_wire(c.kind).value,
+            estimates=tuple(
+                EstimateValue(
+                    available=e.available,
+                    suppressed=e.suppressed,
+                    value=e.value if e.available and not e.suppressed else None,
+                    low=e.ci_low if e.available and not e.suppressed else None,
+                    high=e.ci_high if e.available and not e.suppressed else None,
+                    display=e.display,
+                )
+                for e in c.estimates
+            ),
+        )
+        for c in msg.columns
+    )
+    trusts = tuple(
+        TrustReport(
+            node_id=t.node_id,
+            state=_STATE_NAMES.get(t.state, "unknown"),
+            reason=t.reason,
+            refusal=(r.value if (r := refusal_from_wire(t.refusal)) else None),
+            epsilon_spent=units_to_epsilon(t.epsilon_units),
+            epsilon_left=units_to_epsilon(t.remaining_units) if t.has_budget else None,
+            replayed=t.replayed,
+            handling_ms=t.handling_ms,
+        )
+        for t in msg.trusts
+    )
+    return QueryResult(
+        query_id=msg.query_id,
+        project_id=msg.project_id,
+        view=msg.view,
+        released=msg.released,
+        withheld_reason=msg.withheld_reason,
+        group_by=tuple(msg.group_by),
+        cells=cells,
+        columns=columns,
+        trusts=trusts,
+        covered_trusts=tuple(msg.covered_trusts),
+        epsilon=msg.epsilon,
+        notes=tuple(msg.notes),
+    )

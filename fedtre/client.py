@@ -1,0 +1,172 @@
+"""The researcher's Python API and the transport behind ``fedtre query``.
+
+    from fedtre.client import Client
+    client = Client.from_profile("researcher.toml")     # or FEDTRE_PROFILE
+    result = client.query("mh-prevalence", "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex")
+    result.to_pandas()       # or .to_arrow(), .table(), .to_json(), .to_csv()
+
+A profile names the coordinator's address and certificate name and the researcher's own
+certificate (identity comes from it, never from anything the client says). A query is retried
+with the same query id when the coordinator cannot be reached, so a retry never spends twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedtre.answer import QueryResult, result_from_wire
+from fedtre.dp import units_to_epsilon
+from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
+from fedtre.serde import MAX_RESULT_BYTES
+from fedtre.status import failure_from
+from fedtre.tls import TlsFiles, channel_credentials, channel_options
+from fedtre.v1 import coordinator_pb2 as cpb
+from fedtre.v1 import coordinator_pb2_grpc
+
+PROFILE_ENV = "FEDTRE_PROFILE"
+
+
+class CoordinatorUnavailable(InternalError):
+    """The coordinator could not be reached (after retries)."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    coordinator: str  # host:port
+    coordinator_name: str  # the name on the coordinator's certificate
+    tls: TlsFiles | None  # None: plaintext, development only
+
+    @staticmethod
+    def load(path: Path | str | None = None) -> Profile:
+        raw = path or os.environ.get(PROFILE_ENV)
+        if not raw:
+            raise ConfigError(
+                f"no researcher profile: pass --profile FILE or set {PROFILE_ENV} "
+                "(a TOML file naming the coordinator and your certificate)"
+            )
+        path = Path(raw)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read profile {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        allowed = {"coordinator", "coordinator_name", "ca", "cert", "key", "insecure"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
+        if not isinstance(data.get("coordinator"), str):
+            raise ConfigError(f"{path}: 'coordinator' (host:port) is required")
+        if data.get("insecure") is True:
+            return Profile(data["coordinator"], str(data.get("coordinator_name", "")), None)
+        missing = [k for k in ("coordinator_name", "ca", "cert", "key") if k not in data]
+        if missing:
+            raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
+        base = path.parent
+
+        def resolve(key: str) -> Path:
+            p = Path(str(data[key])).expanduser()
+            return p if p.is_absolute() else (base / p).resolve()
+
+        return Profile(
+            coordinator=data["coordinator"],
+            coordinator_name=str(data["coordinator_name"]),
+            tls=TlsFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key")),
+        )
+
+
+class Client:
+    def __init__(self, profile: Profile, timeout: float = 120.0, retries: int = 2) -> None:
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 2 * MAX_RESULT_BYTES)]
+        if profile.tls is None:
+            self._channel = grpc.insecure_channel(profile.coordinator, options=options)
+        else:
+            self._channel = grpc.secure_channel(
+                profile.coordinator,
+                channel_credentials(profile.tls),
+                options=[*options, *channel_options(profile.coordinator_name)],
+            )
+        self._stub = coordinator_pb2_grpc.ResearcherServiceStub(self._channel)
+        self.timeout = timeout
+        self.retries = retries
+
+    @classmethod
+    def from_profile(cls, path: Path | str | None = None, **kwargs: Any) -> Client:
+        return cls(Profile.load(path), **kwargs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def query(
+        self, project: str, sql: str, epsilon: float | None = None, query_id: str | None = None
+    ) -> QueryResult:
+        """Run a query across the project's trusts. ``epsilon`` is spent at each trust
+        (default: the project's default). Raises ``QueryRefused`` with a plain reason."""
+        request = cpb.SubmitRequest(
+            query_id=query_id or f"q-{uuid.uuid4()}",
+            project_id=project,
+            sql=sql,
+            epsilon=0.0 if epsilon is None else epsilon,
+        )
+        return result_from_wire(self._call(self._stub.Submit, request))
+
+    def projects(self) -> list[dict[str, Any]]:
+        listing = self._call(self._stub.ListProjects, cpb.ListProjectsRequest())
+        return [
+            {
+                "project_id": p.project_id,
+                "title": p.title,
+                "trusts": list(p.trusts),
+                "max_epsilon_per_query": p.max_epsilon_per_query,
+                "allow_partial": p.allow_partial,
+                "suppress_below": p.suppress_below,
+                "round_to": p.round_to,
+            }
+            for p in listing.projects
+        ]
+
+    def budget(self, project: str) -> list[dict[str, Any]]:
+        reply = self._call(self._stub.Budget, cpb.BudgetRequest(project_id=project))
+        return [
+            {
+                "trust": t.node_id,
+                "epsilon_left": units_to_epsilon(t.remaining_units) if t.has_budget else None,
+                "status": "answered" if t.has_budget else "unavailable",
+                "reason": t.reason,
+            }
+            for t in reply.trusts
+        ]
+
+    def _call(self, method: Any, request: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                failure = failure_from(exc)
+                if failure.refusal is not None or failure.code in (
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise QueryRefused(
+                        failure.refusal or Refusal.NOT_AUTHORISED, failure.message
+                    ) from None
+                if not failure.unavailable or attempt == self.retries:
+                    raise CoordinatorUnavailable(
+                        f"the coordinator {failure.message} ({failure.code.name})"
+                    ) from None
+                time.sleep(0.5 * (attempt + 1))  # same query id: a retry never spends twice
+        raise AssertionError("unreachable")

@@ -1,0 +1,83 @@
+"""``fedtre query`` / ``fedtre projects`` / ``fedtre budget``: what a researcher runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedtre.client import PROFILE_ENV, Client
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    query = sub.add_parser("query", help="run an aggregate query across the project's trusts")
+    query.add_argument("--project", required=True)
+    query.add_argument(
+        "--epsilon", type=float, help="ε to spend at each trust (default: the project's default)"
+    )
+    query.add_argument("--query-id", help="reuse an id to fetch the same answer again at no cost")
+    query.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    _profile(query)
+    query.add_argument("sql")
+    query.set_defaults(func=_query)
+
+    projects = sub.add_parser("projects", help="list the projects open to you")
+    projects.add_argument("--format", choices=["table", "json"], default="table")
+    _profile(projects)
+    projects.set_defaults(func=_projects)
+
+    budget = sub.add_parser("budget", help="show a project's privacy budget left at each trust")
+    budget.add_argument("--project", required=True)
+    budget.add_argument("--format", choices=["table", "json"], default="table")
+    _profile(budget)
+    budget.set_defaults(func=_budget)
+
+
+def _profile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile", type=Path, help=f"researcher profile TOML (default: ${PROFILE_ENV})"
+    )
+
+
+def _query(args: argparse.Namespace) -> int:
+    with Client.from_profile(args.profile) as client:
+        result = client.query(args.project, args.sql, args.epsilon, args.query_id)
+    if args.format == "json":
+        print(result.to_json())
+    elif args.format == "csv":
+        print(result.to_csv(), end="")
+    else:
+        print(result.table())
+    return 0 if result.released else 4
+
+
+def _projects(args: argparse.Namespace) -> int:
+    with Client.from_profile(args.profile) as client:
+        projects = client.projects()
+    if args.format == "json":
+        print(json.dumps(projects, indent=2))
+        return 0
+    if not projects:
+        print("No projects are open to you.")
+    for p in projects:
+        print(
+            f"{p['project_id']}: {p['title']}\n  trusts: {', '.join(p['trusts'])}; "
+            f"max ε per query {p['max_epsilon_per_query']:g}; "
+            f"counts below {p['suppress_below']} shown as '< {p['suppress_below']}', "
+            f"rounded to {p['round_to']}; "
+            + ("partial results allowed" if p["allow_partial"] else "all trusts must answer")
+        )
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    with Client.from_profile(args.profile) as client:
+        rows = client.budget(args.project)
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        left = "unknown" if r["epsilon_left"] is None else f"{r['epsilon_left']:g}"
+        why = f" ({r['reason']})" if r["reason"] else ""
+        print(f"{r['trust']:<20} ε left {left}{why}")
+    return 0

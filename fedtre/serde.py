@@ -1,0 +1,262 @@
+"""The one place where domain values and wire messages (``fedtre.v1``) meet.
+
+proto3 accepts empty, missing and unknown fields silently, so everything read from the wire is
+validated here, field by field, before any other code sees it:
+
+* requests a service receives are refused with ``QueryRefused(INVALID_REQUEST)`` (plain words);
+* answers a client receives from another fedtre service raise ``WireError`` (an internal error:
+  a bug or a misbehaving peer), never a half-read result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import cast
+
+from fedtre.catalog import Value
+from fedtre.errors import QueryRefused, Refusal, WireError
+from fedtre.plan import AggregateKind
+from fedtre.request import PROJECT_ID, QUERY_ID
+from fedtre.result import NodeResult, ReleasedAggregate, ReleasedStatistic
+from fedtre.v1 import common_pb2 as pb
+
+MAX_TEXT = 10_000  # SQL and other free text
+MAX_NAME = 128
+# Wire size limits, checked by gRPC before any handler runs (RESOURCE_EXHAUSTED above them).
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_RESULT_BYTES = 8 * 1024 * 1024
+
+_AGGREGATE_KINDS = {
+    AggregateKind.COUNT: pb.AGGREGATE_KIND_COUNT,
+    AggregateKind.COUNT_PERSONS: pb.AGGREGATE_KIND_COUNT_PERSONS,
+    AggregateKind.SUM: pb.AGGREGATE_KIND_SUM,
+    AggregateKind.AVG: pb.AGGREGATE_KIND_AVG,
+}
+_AGGREGATE_KINDS_BACK = {v: k for k, v in _AGGREGATE_KINDS.items()}
+_STATISTIC_KINDS = {
+    "count": pb.STATISTIC_KIND_COUNT,
+    "count_persons": pb.STATISTIC_KIND_COUNT_PERSONS,
+    "sum": pb.STATISTIC_KIND_SUM,
+}
+_STATISTIC_KINDS_BACK = {v: k for k, v in _STATISTIC_KINDS.items()}
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def refusal_to_wire(refusal: Refusal) -> pb.Refusal:
+    return cast(pb.Refusal, pb.Refusal.Value(f"REFUSAL_{refusal.name}"))
+
+
+def refusal_from_wire(value: int) -> Refusal | None:
+    try:
+        name = pb.Refusal.Name(value)
+    except ValueError:
+        return None
+    try:
+        return Refusal[name.removeprefix("REFUSAL_")]
+    except KeyError:
+        return None
+
+
+def refusal_from_name(name: str) -> Refusal | None:
+    try:
+        return Refusal(name)
+    except ValueError:
+        return None
+
+
+def aggregate_kind_to_wire(kind: AggregateKind) -> pb.AggregateKind:
+    return _AGGREGATE_KINDS[kind]
+
+
+def aggregate_kind_from_wire(value: int) -> AggregateKind:
+    try:
+        return _AGGREGATE_KINDS_BACK[value]  # type: ignore[index]
+    except KeyError:
+        raise WireError("unknown aggregate kind") from None
+
+
+# -- fields received by a service -------------------------------------------------------------
+
+
+def request_query_id(value: str) -> str:
+    if not QUERY_ID.match(value):
+        raise QueryRefused(
+            Refusal.INVALID_REQUEST,
+            "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
+        )
+    return value
+
+
+def request_project_id(value: str) -> str:
+    if not PROJECT_ID.match(value):
+        raise QueryRefused(
+            Refusal.INVALID_REQUEST,
+            "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
+        )
+    return value
+
+
+def request_sql(value: str) -> str:
+    if not value.strip():
+        raise QueryRefused(Refusal.INVALID_REQUEST, "The query text is missing.")
+    if len(value) > MAX_TEXT:
+        raise QueryRefused(Refusal.TOO_LARGE, f"The query is longer than {MAX_TEXT} characters.")
+    return value
+
+
+def request_name(value: str, what: str) -> str:
+    if len(value) > MAX_NAME or any(not ch.isprintable() for ch in value):
+        raise QueryRefused(Refusal.INVALID_REQUEST, f"The {what} is malformed.")
+    return value
+
+
+# -- values -----------------------------------------------------------------------------------
+
+
+def value_to_wire(value: Value) -> pb.Value:
+    if isinstance(value, bool):
+        return pb.Value(boolean=value)
+    if isinstance(value, int):
+        return pb.Value(integer=value)
+    return pb.Value(text=value)
+
+
+def value_from_wire(msg: pb.Value) -> Value:
+    which = msg.WhichOneof("kind")
+    if which == "text":
+        return str(msg.text)
+    if which == "integer":
+        return int(msg.integer)
+    if which == "boolean":
+        return bool(msg.boolean)
+    raise WireError("a cell value is empty")
+
+
+def cells_to_wire(cells: Sequence[Sequence[Value]]) -> list[pb.Cell]:
+    return [pb.Cell(values=[value_to_wire(v) for v in cell]) for cell in cells]
+
+
+def cells_from_wire(cells: Sequence[pb.Cell], width: int) -> tuple[tuple[Value, ...], ...]:
+    out = []
+    for cell in cells:
+        if len(cell.values) != width:
+            raise WireError("a cell has the wrong number of group values")
+        out.append(tuple(value_from_wire(v) for v in cell.values))
+    return tuple(out)
+
+
+# -- node results -----------------------------------------------------------------------------
+
+
+def result_to_wire(result: NodeResult) -> pb.NodeResult:
+    return pb.NodeResult(
+        query_id=result.query_id,
+        node_id=result.node_id,
+        project_id=result.project_id,
+        view=result.view,
+        catalog_version=result.catalog_version,
+        group_by=list(result.group_by),
+        cells=cells_to_wire(result.cells),
+        aggregates=[
+            pb.Aggregate(
+                alias=a.alias,
+                kind=aggregate_kind_to_wire(a.kind),
+                column=a.column or "",
+                has_bounds=a.lower is not None,
+                lower=a.lower or 0,
+                upper=a.upper or 0,
+                statistics=[
+                    pb.Statistic(
+                        kind=_STATISTIC_KINDS[s.kind],
+                        values=list(s.values),
+                        sensitivity=s.sensitivity,
+                        noise_scale=s.noise_scale,
+                        noise_std=s.noise_std,
+                        epsilon_units=s.epsilon_units,
+                        mechanism=s.mechanism,
+                    )
+                    for s in a.statistics
+                ],
+            )
+            for a in result.aggregates
+        ],
+        epsilon_units=result.epsilon_units,
+        released_at=result.released_at,
+    )
+
+
+def result_from_wire(msg: pb.NodeResult) -> NodeResult:
+    """Read a node's answer, refusing anything that does not fit the contract."""
+    for name in ("query_id", "node_id", "project_id", "view", "catalog_version", "released_at"):
+        value = getattr(msg, name)
+        if not value or len(value) > MAX_NAME:
+            raise WireError(f"node result field {name} is missing or too long")
+    if msg.epsilon_units <= 0:
+        raise WireError("node result has no ε")
+    cells = cells_from_wire(msg.cells, len(msg.group_by))
+    if not cells:
+        raise WireError("node result has no cells")
+    if not msg.aggregates:
+        raise WireError("node result has no aggregates")
+    aggregates = tuple(_aggregate_from_wire(a, len(cells)) for a in msg.aggregates)
+    if sum(s.epsilon_units for a in aggregates for s in a.statistics) != msg.epsilon_units:
+        raise WireError("node result's ε shares do not add up")
+    return NodeResult(
+        query_id=msg.query_id,
+        node_id=msg.node_id,
+        project_id=msg.project_id,
+        view=msg.view,
+        catalog_version=msg.catalog_version,
+        group_by=tuple(msg.group_by),
+        cells=cells,
+        aggregates=aggregates,
+        epsilon_units=int(msg.epsilon_units),
+        released_at=msg.released_at,
+    )
+
+
+def _aggregate_from_wire(msg: pb.Aggregate, n_cells: int) -> ReleasedAggregate:
+    kind = aggregate_kind_from_wire(msg.kind)
+    expected = 2 if kind is AggregateKind.AVG else 1
+    if len(msg.statistics) != expected:
+        raise WireError("an aggregate has the wrong number of statistics")
+    if not msg.alias:
+        raise WireError("an aggregate has no name")
+    needs_bounds = kind in (AggregateKind.SUM, AggregateKind.AVG)
+    if msg.has_bounds != needs_bounds or (needs_bounds and msg.lower > msg.upper):
+        raise WireError("an aggregate's bounds are missing or invalid")
+    stats = []
+    for s in msg.statistics:
+        stat_kind = _STATISTIC_KINDS_BACK.get(s.kind)
+        if stat_kind is None:
+            raise WireError("unknown statistic kind")
+        if len(s.values) != n_cells:
+            raise WireError("a statistic has the wrong number of values")
+        if not (math.isfinite(s.noise_scale) and s.noise_scale > 0):
+            raise WireError("a statistic has no valid noise scale")
+        if not (math.isfinite(s.noise_std) and s.noise_std > 0):
+            raise WireError("a statistic has no valid noise std")
+        if s.epsilon_units <= 0 or s.sensitivity <= 0 or not s.mechanism:
+            raise WireError("a statistic has no ε, sensitivity or mechanism")
+        stats.append(
+            ReleasedStatistic(
+                kind=stat_kind,
+                values=tuple(int(v) for v in s.values),
+                sensitivity=int(s.sensitivity),
+                noise_scale=float(s.noise_scale),
+                noise_std=float(s.noise_std),
+                epsilon_units=int(s.epsilon_units),
+                mechanism=s.mechanism,
+            )
+        )
+    return ReleasedAggregate(
+        alias=msg.alias,
+        kind=kind,
+        column=msg.column or None,
+        statistics=tuple(stats),
+        lower=int(msg.lower) if needs_bounds else None,
+        upper=int(msg.upper) if needs_bounds else None,
+    )

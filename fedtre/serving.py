@@ -1,0 +1,120 @@
+"""What node and coordinator servers share: building a gRPC server with TLS, size limits and the
+standard health service, and running it until SIGTERM/SIGINT with a graceful stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedtre import logs
+from fedtre.errors import ConfigError
+from fedtre.tls import CallerPolicy, TlsFiles, server_credentials
+
+log = logs.get("serving")
+
+
+class Health:
+    """The standard gRPC health service; ``""`` is the server as a whole."""
+
+    def __init__(self, services: tuple[str, ...]) -> None:
+        self.servicer = health.HealthServicer()
+        self.services = ("", *services)
+
+    def set(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self.services:
+            self.servicer.set(name, status)
+
+
+def build_server(
+    *,
+    address: str,
+    tls: TlsFiles | None,
+    policy: CallerPolicy | None,
+    max_workers: int,
+    max_receive_bytes: int,
+    max_send_bytes: int,
+    service_names: tuple[str, ...],
+    add_services: Callable[[grpc.Server], None],
+) -> tuple[grpc.Server, int, Health]:
+    """Build and start a server. ``tls=None`` is plaintext (development only)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=[policy] if policy is not None else [],
+        options=[
+            ("grpc.max_receive_message_length", max_receive_bytes),
+            ("grpc.max_send_message_length", max_send_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=max_workers * 16,
+    )
+    add_services(server)
+    checker = Health(service_names)
+    health_pb2_grpc.add_HealthServicer_to_server(checker.servicer, server)
+    try:
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(tls))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {address} (in use, or not an address of this host)")
+    server.start()
+    checker.set(True)
+    return server, port, checker
+
+
+def bound_address(listen: str, port: int) -> str:
+    host = listen.rsplit(":", 1)[0]
+    return f"{host}:{port}"
+
+
+def write_ready_file(path: Path, address: str) -> None:
+    """Tell a supervisor (tests, the demo) where we listen, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.replace(path)
+
+
+def read_ready_file(path: Path) -> str:
+    return str(json.loads(path.read_text())["address"])
+
+
+def run_until_signalled(
+    server: grpc.Server, checker: Health, on_stop: Callable[[], None], grace: float = 5.0
+) -> None:
+    """Serve until SIGTERM or SIGINT; then report NOT_SERVING, finish in-flight calls within
+    ``grace`` seconds, and run ``on_stop``."""
+    stop = threading.Event()
+
+    def _signal(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    previous = {s: signal.signal(s, _signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # Wake up regularly: a signal delivered to one of gRPC's threads only sets a flag that
+        # the main thread checks when it runs, so an untimed wait could sleep through SIGTERM.
+        while not stop.wait(0.2):
+            pass
+    finally:
+        checker.set(False)
+        server.stop(grace).wait()
+        on_stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        log.info("stopped")

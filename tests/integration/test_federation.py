@@ -1,0 +1,376 @@
+"""The federation end to end: real processes, loopback, ports from the OS, mutual TLS."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import grpc
+import pytest
+
+from fedtre.catalog import Catalog
+from fedtre.errors import Refusal, UserError
+from fedtre.pki import Role
+from fedtre.tls import TlsFiles, channel_credentials, channel_options
+from fedtre.v1 import coordinator_pb2 as cpb
+from fedtre.v1 import coordinator_pb2_grpc, node_pb2_grpc
+from fedtre.v1 import node_pb2 as npb
+from tests.integration.federation import (
+    PARTIAL,
+    PROJECT,
+    Federation,
+    make_databases,
+    make_pki,
+)
+
+BY_SEX = "SELECT sex, COUNT(*) AS n, AVG(age) AS mean_age FROM patients GROUP BY sex"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def databases(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> dict[str, Path]:
+    return make_databases(tmp_path_factory.mktemp("trusts"), catalog)
+
+
+@pytest.fixture(scope="module")
+def fed(
+    tmp_path_factory: pytest.TempPathFactory, pki: Path, databases: dict[str, Path]
+) -> Iterator[Federation]:
+    federation = Federation(tmp_path_factory.mktemp("fed"), pki, databases).start()
+    yield federation
+    codes = federation.stop()
+    assert all(code == 0 for code in codes.values()), f"unclean shutdown: {codes}"
+
+
+@pytest.fixture
+def faulty(tmp_path: Path, pki: Path, databases: dict[str, Path]) -> Iterator[Federation]:
+    """A federation of its own, for tests that kill or freeze a trust."""
+    federation = Federation(tmp_path, pki, _copies(tmp_path, databases), deadline=2.0).start()
+    yield federation
+    federation.stop()
+
+
+def _copies(tmp: Path, databases: dict[str, Path]) -> dict[str, Path]:
+    out = {}
+    for name, path in databases.items():
+        out[name] = tmp / f"{name}.duckdb"
+        out[name].write_bytes(path.read_bytes())
+    return out
+
+
+def _node_stub(fed: Federation, node: str, role: Role, name: str, pki: Path | None = None):  # type: ignore[no-untyped-def]
+    files = TlsFiles.in_pki_dir(pki or fed.pki, role, name)
+    channel = grpc.secure_channel(
+        fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
+    )
+    return channel, node_pb2_grpc.NodeServiceStub(channel)
+
+
+# -- a full query ---------------------------------------------------------------------------
+
+
+def test_full_query_covers_every_trust(fed: Federation) -> None:
+    before = {n: fed.spent_units(n) for n in fed.nodes}
+    with fed.client() as client:
+        result = client.query(PROJECT, BY_SEX, epsilon=0.5)
+    assert result.released
+    assert result.covered_trusts == ("trust-a", "trust-b", "trust-c")
+    assert [t.state for t in result.trusts] == ["answered"] * 3
+    assert [c[0] for c in result.cells] == ["female", "male", "unknown"]
+    for row in result.rows():
+        assert row["n_ci_low"] <= row["n"] <= row["n_ci_high"]
+    for t in result.trusts:
+        assert t.epsilon_spent == 0.5
+        assert t.epsilon_left == 50.0 - (fed.spent_units(t.node_id) / 1e6)
+    assert all(fed.spent_units(n) - before[n] == 500_000 for n in fed.nodes)
+    frame = result.to_pandas()
+    assert list(frame.columns[:3]) == ["sex", "n", "n_ci_low"]
+    assert frame.attrs["covered_trusts"] == ["trust-a", "trust-b", "trust-c"]
+
+
+def test_federated_count_is_near_the_pooled_truth(
+    fed: Federation, databases: dict[str, Path]
+) -> None:
+    with fed.client() as client:
+        result = client.query(PROJECT, "SELECT COUNT(*) AS n FROM patients", epsilon=1.0)
+    truth = 0
+    for path in databases.values():
+        with duckdb.connect(str(path), read_only=True) as con:
+            truth += con.execute("SELECT COUNT(*) FROM patients").fetchone()[0]
+    (row,) = result.rows()
+    # Noise std at ε=1 is about 1.4 per trust: far inside ±60 unless combining is wrong.
+    assert abs(row["n"] - truth) < 60
+    assert row["n_ci_low"] <= row["n"] <= row["n_ci_high"]
+
+
+def test_retry_of_a_query_id_replays_without_a_second_debit(fed: Federation) -> None:
+    with fed.client() as client:
+        first = client.query(PROJECT, BY_SEX, epsilon=0.2, query_id="retry-1")
+        spent = {n: fed.spent_units(n) for n in fed.nodes}
+        again = client.query(PROJECT, BY_SEX, epsilon=0.2, query_id="retry-1")
+    assert again.rows() == first.rows()
+    assert all(t.replayed for t in again.trusts)
+    assert {n: fed.spent_units(n) for n in fed.nodes} == spent
+
+
+def test_json_and_csv_outputs(fed: Federation) -> None:
+    import json
+
+    with fed.client() as client:
+        result = client.query(PROJECT, BY_SEX, epsilon=0.1)
+    doc = json.loads(result.to_json())
+    assert doc["released"] is True and len(doc["rows"]) == 3
+    lines = result.to_csv().splitlines()
+    assert lines[0].startswith("sex,n,n_ci_low,n_ci_high,n_suppressed,mean_age")
+    assert len(lines) == 4
+
+
+# -- refusals at the coordinator: nothing reaches any trust, nothing is spent ------------------
+
+
+@pytest.mark.parametrize(
+    ("project", "sql", "epsilon", "refusal"),
+    [
+        (PROJECT, "SELECT age, sex FROM patients", 0.1, Refusal.UNSUPPORTED_QUERY),
+        (PROJECT, "SELECT COUNT(*) FROM read_csv('/etc/passwd')", 0.1, None),
+        (PROJECT, BY_SEX, 5.0, Refusal.OUT_OF_SCOPE),
+        (PROJECT, BY_SEX, float("nan"), Refusal.INVALID_EPSILON),
+        (PROJECT, BY_SEX, -1.0, Refusal.INVALID_EPSILON),
+        ("no-such-project", BY_SEX, 0.1, Refusal.NOT_AUTHORISED),
+        ("BAD PROJECT", BY_SEX, 0.1, Refusal.INVALID_REQUEST),
+        (PROJECT, "", 0.1, None),
+    ],
+)
+def test_coordinator_refuses_before_fan_out(
+    fed: Federation, project: str, sql: str, epsilon: float, refusal: Refusal | None
+) -> None:
+    node_lines = {n: len(fed.audit(n)) for n in fed.nodes}
+    spent = {n: fed.spent_units(n) for n in fed.nodes}
+    with fed.client() as client, pytest.raises(UserError) as info:
+        client.query(project, sql, epsilon)
+    if refusal is not None:
+        assert info.value.refusal is refusal
+    assert info.value.message and "Traceback" not in info.value.message
+    assert {n: len(fed.audit(n)) for n in fed.nodes} == node_lines  # no trust was asked
+    assert {n: fed.spent_units(n) for n in fed.nodes} == spent
+    assert fed.audit("coordinator")[-1]["event"] == "query.refused"
+
+
+def test_researcher_not_on_the_project_is_refused(fed: Federation) -> None:
+    with fed.client("mallory") as client, pytest.raises(UserError) as info:
+        client.query(PROJECT, BY_SEX, 0.1)
+    assert info.value.refusal is Refusal.NOT_AUTHORISED
+    with fed.client("mallory") as client:
+        assert client.projects() == []
+
+
+def test_identity_in_metadata_is_ignored(fed: Federation) -> None:
+    """mallory claims to be alice in metadata; the certificate decides."""
+    assert fed.coordinator is not None
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "mallory")
+    with grpc.secure_channel(
+        fed.coordinator.address, channel_credentials(files), options=channel_options("hub")
+    ) as channel:
+        stub = coordinator_pb2_grpc.ResearcherServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Submit(
+                cpb.SubmitRequest(query_id="m-1", project_id=PROJECT, sql=BY_SEX, epsilon=0.1),
+                metadata=(("x-researcher", "alice"), ("user", "alice")),
+                timeout=10,
+            )
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_malformed_and_oversized_requests_are_refused(fed: Federation) -> None:
+    assert fed.coordinator is not None
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
+    with grpc.secure_channel(
+        fed.coordinator.address, channel_credentials(files), options=channel_options("hub")
+    ) as channel:
+        stub = coordinator_pb2_grpc.ResearcherServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.Submit(cpb.SubmitRequest(), timeout=10)
+        assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # no project id
+        with pytest.raises(grpc.RpcError) as big:
+            stub.Submit(
+                cpb.SubmitRequest(query_id="big", project_id=PROJECT, sql="x" * 100_000),
+                timeout=10,
+            )
+        assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        raw = channel.unary_unary("/fedtre.v1.ResearcherService/Submit")
+        with pytest.raises(grpc.RpcError) as garbage:
+            raw(b"\xff\xfe\x00garbage", timeout=10)
+        assert garbage.value.code() in (
+            grpc.StatusCode.INTERNAL,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNKNOWN,
+        )
+    with fed.client() as client:  # still serving
+        assert client.query(PROJECT, BY_SEX, 0.1).released
+
+
+# -- the node's own checks ------------------------------------------------------------------
+
+
+def test_a_node_refuses_what_it_has_not_approved_even_from_the_coordinator(
+    fed: Federation,
+) -> None:
+    """Anyone holding the coordinator's certificate still cannot spend outside the trust's
+    own approvals: unknown project, ε over the per-query cap."""
+    channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub")
+    spent = fed.spent_units("trust-a")
+    with channel:
+        cases = [
+            ("made-up-project", 100_000, Refusal.UNKNOWN_PROJECT),
+            (PROJECT, 2_000_000, Refusal.OUT_OF_SCOPE),
+            (PROJECT, 0, Refusal.INVALID_EPSILON),
+        ]
+        for i, (project, units, refusal) in enumerate(cases):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Answer(
+                    npb.AnswerRequest(
+                        query_id=f"direct-{i}", project_id=project, sql=BY_SEX, epsilon_units=units
+                    ),
+                    timeout=10,
+                )
+            metadata = dict(info.value.trailing_metadata() or ())
+            assert metadata.get("fedtre-refusal") == refusal.value, info.value.details()
+        with pytest.raises(grpc.RpcError) as empty:
+            stub.Answer(npb.AnswerRequest(), timeout=10)
+        assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert fed.spent_units("trust-a") == spent
+    events = [line["event"] for line in fed.audit("trust-a")[-8:]]
+    assert events.count("query.refused") >= 4  # each refusal audited
+
+
+def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> None:
+    lines = len(fed.audit("trust-a"))
+    for role, name in ((Role.RESEARCHER, "alice"), (Role.NODE, "trust-b")):
+        channel, stub = _node_stub(fed, "trust-a", role, name)
+        with channel, pytest.raises(grpc.RpcError) as info:
+            stub.Answer(
+                npb.AnswerRequest(
+                    query_id="x-1", project_id=PROJECT, sql=BY_SEX, epsilon_units=100_000
+                ),
+                timeout=10,
+            )
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert len(fed.audit("trust-a")) == lines  # the handler never ran
+
+
+@pytest.mark.parametrize("which", ["other-ca", "expired"])
+def test_bad_certificates_fail_the_handshake(fed: Federation, which: str) -> None:
+    lines = {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]}
+    with fed.client(pki=fed.pki / which, retries=0, timeout=5) as client:
+        with pytest.raises(Exception) as info:
+            client.query(PROJECT, BY_SEX, 0.1)
+        assert "UNAVAILABLE" in str(info.value)
+    channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub", pki=fed.pki / which)
+    with channel, pytest.raises(grpc.RpcError) as node_info:
+        stub.Describe(npb.DescribeRequest(), timeout=5)
+    assert node_info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]} == lines
+
+
+def test_missing_client_certificate_fails_the_handshake(fed: Federation) -> None:
+    ca = (fed.pki / "ca.pem").read_bytes()
+    for address, name in ((fed.nodes["trust-a"].address, "trust-a"),):
+        creds = grpc.ssl_channel_credentials(root_certificates=ca)
+        with grpc.secure_channel(address, creds, options=channel_options(name)) as channel:
+            stub = node_pb2_grpc.NodeServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Describe(npb.DescribeRequest(), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    with grpc.insecure_channel(fed.nodes["trust-a"].address) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as plain:
+            stub.Describe(npb.DescribeRequest(), timeout=5)
+    assert plain.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_health_service_reports_serving(fed: Federation) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel, _ = _node_stub(fed, "trust-b", Role.COORDINATOR, "hub")
+    with channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="fedtre.v1.NodeService"), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def _retry_until_released(client, query_id: str, epsilon: float = 0.3):  # type: ignore[no-untyped-def]
+    """What a researcher does after a partial answer: ask again with the same query id (the
+    coordinator's channel to a restarted trust reconnects within its 2 s backoff)."""
+    for _ in range(40):
+        result = client.query(PROJECT, BY_SEX, epsilon, query_id=query_id)
+        if result.released:
+            return result
+        time.sleep(0.25)
+    raise AssertionError("never released")
+
+
+def test_a_killed_node_is_marked_unavailable_and_not_debited(faulty: Federation) -> None:
+    with faulty.client() as client:
+        faulty.signal("trust-b", signal.SIGSTOP)  # hold it mid-way, then kill it
+        outcome: dict[str, object] = {}
+
+        def run() -> None:
+            start = time.monotonic()
+            outcome["result"] = client.query(PARTIAL, BY_SEX, 0.3, query_id="kill-1")
+            outcome["seconds"] = time.monotonic() - start
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(0.5)
+        faulty.signal("trust-b", signal.SIGKILL)
+        worker.join(timeout=30)
+        result = outcome["result"]
+        assert outcome["seconds"] < faulty.deadline + 1.5  # type: ignore[operator]
+        states = {t.node_id: t.state for t in result.trusts}  # type: ignore[attr-defined]
+        assert states == {"trust-a": "answered", "trust-b": "unavailable", "trust-c": "answered"}
+        assert result.released and result.covered_trusts == ("trust-a", "trust-c")  # type: ignore[attr-defined]
+        assert faulty.spent_units("trust-b", f"project:{PARTIAL}") == 0
+        # A project where every trust must answer withholds the partial result.
+        withheld = client.query(PROJECT, BY_SEX, 0.3, query_id="kill-2")
+        assert not withheld.released and "trust-b" in withheld.withheld_reason
+        assert withheld.rows() == [] or withheld.columns == ()
+        # The trust comes back; the retry completes with the stored answers of the others.
+        faulty.restart_node("trust-b")
+        spent_a = faulty.spent_units("trust-a")
+        again = _retry_until_released(client, "kill-2")
+        assert len(again.covered_trusts) == 3
+        assert faulty.spent_units("trust-a") == spent_a  # replayed, not debited again
+        assert faulty.spent_units("trust-b") == 300_000  # debited once, now
+
+
+def test_a_frozen_node_cannot_hold_the_query_past_the_deadline(faulty: Federation) -> None:
+    with faulty.client() as client:
+        assert client.query(PARTIAL, BY_SEX, 0.1).released  # connections are up
+        faulty.signal("trust-c", signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            result = client.query(PROJECT, BY_SEX, 0.25, query_id="freeze-1")
+            took = time.monotonic() - start
+        finally:
+            faulty.signal("trust-c", signal.SIGCONT)
+        assert took < faulty.deadline + 1.5
+        states = {t.node_id: t.state for t in result.trusts}
+        assert states["trust-c"] == "unavailable" and not result.released
+        assert "deadline" in next(t.reason for t in result.trusts if t.node_id == "trust-c")
+        # Woken up, the node finds its caller gone and spends nothing for that request.
+        time.sleep(1.0)
+        assert faulty.spent_units("trust-c") == 0
+        _retry_until_released(client, "freeze-1", epsilon=0.25)
+        assert faulty.spent_units("trust-c") == 250_000
