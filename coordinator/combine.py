@@ -256,10 +256,9 @@ def _notes(
 ) -> tuple[str, ...]:
     kinds = {a.kind for a in first.aggregates}
     notes = [
-        f"trusts covered ({len(covered)}): {', '.join(covered)}",
-        "each value is the sum of the trusts' differentially private estimates "
-        "(discrete Laplace noise added at each trust); means are the ratio of the summed "
-        "noisy sums to the summed noisy counts, kept within the column's bounds",
+        "values are sums over the covered trusts of differentially private estimates "
+        "(discrete Laplace noise at each trust); means are ratios of the summed noisy sums "
+        "to the summed noisy counts",
     ]
     if rules.suppress_below > 0 and kinds & {*_COUNTS, AggregateKind.AVG}:
         n = f"{rules.suppress_below:,}"

@@ -23,7 +23,13 @@ import math
 import opendp.prelude as dp
 
 from fedtre.catalog import View
-from fedtre.dp import discrete_laplace_std, split_units, split_units_weighted, units_to_epsilon
+from fedtre.dp import (
+    DISCRETE_LAPLACE,
+    discrete_laplace_std,
+    split_units,
+    split_units_weighted,
+    units_to_epsilon,
+)
 from fedtre.errors import InternalError
 from fedtre.plan import QueryPlan
 from fedtre.result import ReleasedAggregate, ReleasedStatistic
@@ -31,7 +37,7 @@ from node.compiler import Statistic, statistics_for
 
 dp.enable_features("contrib")
 
-MECHANISM = "opendp.discrete_laplace"
+MECHANISM = DISCRETE_LAPLACE
 _DOMAIN = dp.vector_domain(dp.atom_domain(T=dp.i64))
 _METRIC = dp.l1_distance(T=dp.i64)
 

@@ -257,7 +257,7 @@ def test_notes_say_what_was_applied():
     rules = OutputRules(suppress_below=10, round_to=5)
     notes = combine([_result("b", _count([1, 2, 3])), _result("a", _count([1, 2, 3]))], rules)
     text = "\n".join(notes.notes)
-    assert "a, b" in text
+    assert notes.covered == ("a", "b")
     assert "counts below 10 are shown as '< 10'" in text
     assert "rounded to the nearest 5" in text
     assert "intervals: 95%, exact and conservative for counts and sums" in text
