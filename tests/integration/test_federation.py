@@ -374,3 +374,56 @@ def test_a_frozen_node_cannot_hold_the_query_past_the_deadline(faulty: Federatio
         assert faulty.spent_units("trust-c") == 0
         _retry_until_released(client, "freeze-1", epsilon=0.25)
         assert faulty.spent_units("trust-c") == 250_000
+
+
+# -- the researcher's command line and the operators' logs ----------------------------------
+
+
+def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    assert fed.coordinator is not None
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
+    profile = tmp_path / "alice.toml"
+    profile.write_text(
+        f'coordinator = "{fed.coordinator.address}"\ncoordinator_name = "hub"\n'
+        f'ca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
+    )
+
+    def fedtre(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fedtre.cli", *args, "--profile", str(profile)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    table = fedtre("query", "--project", PROJECT, "--epsilon", "0.1", BY_SEX)
+    assert table.returncode == 0, table.stderr
+    assert "95% interval" in table.stdout and "trust-c" in table.stdout
+    doc = json.loads(fedtre("query", "--project", PROJECT, "--format", "json", BY_SEX).stdout)
+    assert doc["covered_trusts"] == ["trust-a", "trust-b", "trust-c"]
+    assert doc["epsilon_per_trust"] == 0.1  # the project's default
+    csv_out = fedtre("query", "--project", PROJECT, "--format", "csv", BY_SEX).stdout
+    assert csv_out.splitlines()[0].startswith("sex,n,")
+    refused = fedtre("query", "--project", PROJECT, "SELECT * FROM patients")
+    assert refused.returncode == 2 and "refused" in refused.stderr
+    projects = fedtre("projects", "--format", "json")
+    assert [p["project_id"] for p in json.loads(projects.stdout)] == [PARTIAL, PROJECT]
+    budget = json.loads(fedtre("budget", "--project", PROJECT, "--format", "json").stdout)
+    assert [b["trust"] for b in budget] == ["trust-a", "trust-b", "trust-c"]
+    assert all(0 < b["epsilon_left"] < 50 for b in budget)
+
+
+def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
+    from tests.integration.federation import log_lines
+
+    assert fed.coordinator is not None
+    events = log_lines(fed.coordinator)
+    assert any(e.get("event") == "serving" and e.get("service") == "coordinator" for e in events)
+    node_events = log_lines(fed.nodes["trust-a"])
+    assert any(e.get("event") == "serving" for e in node_events)
+    text = fed.nodes["trust-a"].log.read_text() + fed.coordinator.log.read_text()
+    assert "SELECT" not in text  # queries are in the audit log, not the operators' log

@@ -1,0 +1,676 @@
+"""Federation benchmark: the federation's own overhead, and throughput with concurrent researchers.
+
+    python -m benchmarks.federation [--trusts 3,5,20] [--queries 200] [--concurrency 16]
+                                    [--duration 10] [--persons 2000] [--py-spy DIR]
+
+For each trust count k this starts, on loopback, k real ``fedtre node serve`` processes and one
+``fedtre coordinator serve`` process over mutual TLS (a fresh test PKI, ports chosen by the OS,
+ready files), exactly as an operator would start them. Every trust serves a copy of one small
+synthetic database (``--persons``, cached under ``benchmarks/data/``) so that a node's own work
+is small and what is measured is the federation around it. The project's budget is large enough
+for every query (node ``total_epsilon`` and ``node_epsilon_ceiling`` 1e6).
+
+* sequential: after ``--warmup`` queries, ``--queries`` queries one after another through
+  ``fedtre.client.Client``, each with a fresh query id. Per query: end-to-end wall time at the
+  client (e2e), the slowest trust's own handling time (``handling_ms``, measured inside the node
+  around the engine call) and overhead = e2e - max over trusts of handling_ms. Also the CPU time
+  each process used per query (client, coordinator, all nodes), from /proc.
+* throughput: ``--concurrency`` researcher threads, each with its own certificate and its own
+  ``Client``, submit queries back to back for ``--duration`` seconds: queries/s and latency.
+* probes: a ListProjects round trip (researcher leg only: TLS, one audit fsync), and a bare
+  append+fsync on the disk holding the state directories.
+
+Prints a table and writes ``benchmarks/federation_latest.json``. Every process started is
+stopped (SIGTERM, then wait; SIGKILL after 20 s) also on errors and Ctrl-C. Not a test, not CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from fedtre.catalog import load_catalog  # noqa: E402
+from fedtre.client import Client, Profile  # noqa: E402
+from fedtre.pki import Role, init_ca, issue  # noqa: E402
+from fedtre.serving import read_ready_file  # noqa: E402
+from fedtre.synthetic import generate  # noqa: E402
+from fedtre.tls import TlsFiles  # noqa: E402
+from node.loader import load_omop  # noqa: E402
+
+PROJECT = "bench"
+COORDINATOR = "hub"
+SQL = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+START_TIMEOUT = 180.0
+STOP_TIMEOUT = 20.0
+TARGETS_MS = {5: 10.0, 20: 50.0}  # p50 overhead targets from the issue
+
+
+# -- data and PKI -----------------------------------------------------------------------------
+
+
+def prepare_database(persons: int) -> Path:
+    """One synthetic trust, generated and loaded once, cached like ``run.py`` does."""
+    data = HERE / "data" / f"federation-{persons}"
+    db = data / "node.duckdb"
+    if db.exists():
+        return db
+    print(f"generating and loading {persons:,} persons ...", file=sys.stderr)
+    generate(data / "omop", persons, seed=7)
+    load_omop(data / "omop", db, load_catalog())
+    return db
+
+
+def trust_names(k: int) -> list[str]:
+    return [f"trust-{i:02d}" for i in range(k)]
+
+
+def researcher_names(n: int) -> list[str]:
+    return [f"researcher-{i:02d}" for i in range(n)]
+
+
+def make_pki(directory: Path, trusts: Sequence[str], researchers: Sequence[str]) -> Path:
+    init_ca(directory)
+    issue(directory, Role.COORDINATOR, COORDINATOR)
+    for name in trusts:
+        issue(directory, Role.NODE, name)
+    for name in researchers:
+        issue(directory, Role.RESEARCHER, name)
+    return directory
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the benchmark itself dies (Linux only)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    home: Path
+    log: Path
+    address: str = ""
+
+
+@dataclass
+class Federation:
+    """k node processes and one coordinator process on loopback, mutual TLS."""
+
+    work: Path
+    pki: Path
+    databases: dict[str, Path]
+    researchers: list[str]
+    deadline_seconds: float = 30.0
+    duckdb_threads: int = 1
+    node_workers: int | None = None  # None: the node's default
+    coordinator_workers: int | None = None  # None: the coordinator's default
+    nodes: dict[str, Proc] = field(default_factory=dict)
+    coordinator: Proc | None = None
+
+    def start(self) -> Federation:
+        for name in self.databases:  # start every node first, then wait: they boot in parallel
+            home = self.work / name
+            self._write_node_config(name, home)
+            self.nodes[name] = self._spawn(name, ["node", "serve"], home)
+        for proc in self.nodes.values():
+            proc.address = self._wait_ready(proc)
+        home = self.work / "coordinator"
+        self._write_coordinator_config(home)
+        self.coordinator = self._spawn("coordinator", ["coordinator", "serve"], home)
+        self.coordinator.address = self._wait_ready(self.coordinator)
+        return self
+
+    def procs(self) -> list[Proc]:
+        return [*self.nodes.values(), *([self.coordinator] if self.coordinator else [])]
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM to every process we started, then wait for each (SIGKILL after a while)."""
+        codes: dict[str, int] = {}
+        for proc in self.procs():
+            if proc.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+        for proc in self.procs():
+            try:
+                codes[proc.name] = proc.popen.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                codes[proc.name] = proc.popen.wait()
+        return codes
+
+    def client(self, researcher: str) -> Client:
+        assert self.coordinator is not None
+        files = TlsFiles.in_pki_dir(self.pki, Role.RESEARCHER, researcher)
+        return Client(Profile(self.coordinator.address, COORDINATOR, files), retries=0)
+
+    def _write_node_config(self, name: str, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        tls = TlsFiles.in_pki_dir(self.pki, Role.NODE, name)
+        workers = "" if self.node_workers is None else f"max_workers = {self.node_workers}\n"
+        (home / "config.toml").write_text(
+            f'node_id = "{name}"\ndatabase = "{self.databases[name]}"\nstate_dir = "state"\n'
+            f"node_epsilon_ceiling = 1000000.0\nduckdb_threads = {self.duckdb_threads}\n\n"
+            f'[server]\nlisten = "127.0.0.1:0"\ncoordinator = "{COORDINATOR}"\n'
+            f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n{workers}\n'
+            f"[projects.{PROJECT}]\ntotal_epsilon = 1000000.0\nmax_epsilon_per_query = 1.0\n"
+            'views = ["patients", "conditions", "visits"]\nmax_tier = "highly_sensitive"\n'
+        )
+
+    def _write_coordinator_config(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        tls = TlsFiles.in_pki_dir(self.pki, Role.COORDINATOR, COORDINATOR)
+        workers = (
+            "" if self.coordinator_workers is None else f"max_workers = {self.coordinator_workers}\n"
+        )
+        nodes = "".join(f'[nodes.{n}]\naddress = "{p.address}"\n\n' for n, p in self.nodes.items())
+        researchers = ", ".join(f'"{r}"' for r in self.researchers)
+        (home / "config.toml").write_text(
+            f'coordinator_id = "{COORDINATOR}"\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
+            f"deadline_seconds = {self.deadline_seconds}\n{workers}\n"
+            f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n\n{nodes}'
+            f"[projects.{PROJECT}]\nresearchers = [{researchers}]\nmax_epsilon_per_query = 1.0\n"
+        )
+
+    def _spawn(self, name: str, command: list[str], home: Path) -> Proc:
+        log = self.work / f"{name}.log"
+        ready = home / "ready.json"
+        ready.unlink(missing_ok=True)
+        with log.open("ab") as out:
+            popen = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "fedtre.cli", *command),
+                    *("--config", str(home / "config.toml"), "--ready-file", str(ready)),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+            )
+        return Proc(name, popen, home, log)
+
+    def _wait_ready(self, proc: Proc) -> str:
+        ready = proc.home / "ready.json"
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if ready.exists():
+                return read_ready_file(ready)
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{proc.name} did not start within {START_TIMEOUT:.0f} s")
+
+
+# -- measurement helpers ----------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "mean": sum(values) / len(values) if values else float("nan"),
+        "max": max(values) if values else float("nan"),
+        "n": len(values),
+    }
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), from /proc (Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Sample:
+    e2e_ms: float
+    max_node_ms: float
+    min_node_ms: float
+    sum_node_ms: float
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.e2e_ms - self.max_node_ms
+
+
+def one_query(client: Client, sql: str, epsilon: float, trusts: int) -> Sample:
+    start = time.perf_counter()
+    result = client.query(PROJECT, sql, epsilon, query_id=f"bench-{uuid.uuid4()}")
+    e2e = (time.perf_counter() - start) * 1000.0
+    answered = [t for t in result.trusts if t.state == "answered"]
+    if not result.released or len(answered) != trusts or any(t.replayed for t in answered):
+        states = {t.node_id: t.state for t in result.trusts}
+        raise RuntimeError(f"query not fully answered: {result.withheld_reason or states}")
+    handling = [t.handling_ms for t in answered]
+    return Sample(e2e, max(handling), min(handling), sum(handling))
+
+
+class PySpy:
+    """Optional sampling profiles (py-spy ``raw`` collapsed stacks) of running processes."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, pids: dict[str, int], label: str) -> None:
+        if self.directory is None:
+            return
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name, pid in pids.items():
+            out = self.directory / f"{label}-{name}.txt"
+            self.procs.append(
+                subprocess.Popen(
+                    [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
+                    + ["--threads", "--idle", "--nonblocking", "--output", str(out)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)  # let py-spy attach before the measured queries
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+
+
+def sequential(
+    fed: Federation, client: Client, args: argparse.Namespace, k: int, spy: PySpy
+) -> dict[str, Any]:
+    pids = {p.name: p.popen.pid for p in fed.procs()}
+    spy.start({"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}, f"k{k}")
+    cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+    own0 = own_cpu_seconds()
+    wall0 = time.perf_counter()
+    samples: list[Sample] = []
+    failures: list[str] = []
+    for _ in range(args.queries):
+        try:
+            samples.append(one_query(client, args.sql, args.epsilon, k))
+        except Exception as exc:  # keep going; failures are reported, not timed
+            failures.append(f"{type(exc).__name__}: {exc}"[:300])
+    wall = time.perf_counter() - wall0
+    own = own_cpu_seconds() - own0
+    cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    spy.stop()
+    done = max(len(samples), 1)
+    node_cpu = [cpu[n] for n in trust_names(k)]
+    return {
+        "queries": args.queries,
+        "completed": len(samples),
+        "failures": len(failures),
+        "failure_examples": failures[:3],
+        "wall_s": wall,
+        "e2e_ms": summary([s.e2e_ms for s in samples]),
+        "max_node_handling_ms": summary([s.max_node_ms for s in samples]),
+        "min_node_handling_ms": summary([s.min_node_ms for s in samples]),
+        "sum_node_handling_ms": summary([s.sum_node_ms for s in samples]),
+        "overhead_ms": summary([s.overhead_ms for s in samples]),
+        "cpu_ms_per_query": {
+            "client": own * 1000 / done,
+            "coordinator": cpu["coordinator"] * 1000 / done,
+            "nodes_total": sum(node_cpu) * 1000 / done,
+            "node_mean": sum(node_cpu) * 1000 / done / k,
+        },
+    }
+
+
+def throughput(
+    fed: Federation, clients: list[Client], args: argparse.Namespace, k: int
+) -> dict[str, Any]:
+    n = len(clients)
+    records: list[list[Sample]] = [[] for _ in range(n)]
+    ends: list[float] = [0.0] * n
+    errors: list[list[str]] = [[] for _ in range(n)]
+    barrier = threading.Barrier(n + 1)
+    stop_at = [0.0]
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        while time.perf_counter() < stop_at[0]:
+            try:
+                records[i].append(one_query(clients[i], args.sql, args.epsilon, k))
+            except Exception as exc:  # counted; a failing federation must not spin silently
+                errors[i].append(f"{type(exc).__name__}: {exc}"[:300])
+                time.sleep(0.01)
+            ends[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    pids = {p.name: p.popen.pid for p in fed.procs()}
+    cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+    own0 = own_cpu_seconds()
+    start = time.perf_counter()
+    stop_at[0] = start + args.duration
+    try:
+        barrier.wait()
+        for t in threads:
+            t.join()
+    finally:
+        stop_at[0] = 0.0  # on an interrupt, workers stop after their current query
+    elapsed = max(ends) - start
+    own = own_cpu_seconds() - own0
+    cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    samples = [s for r in records for s in r]
+    errs = [e for r in errors for e in r]
+    done = max(len(samples), 1)
+    return {
+        "concurrency": n,
+        "duration_s": elapsed,
+        "completed": len(samples),
+        "failures": len(errs),
+        "failure_examples": errs[:3],
+        "queries_per_s": len(samples) / elapsed if elapsed > 0 else float("nan"),
+        "e2e_ms": summary([s.e2e_ms for s in samples]),
+        "max_node_handling_ms": summary([s.max_node_ms for s in samples]),
+        "overhead_ms": summary([s.overhead_ms for s in samples]),
+        "cpu_ms_per_query": {
+            "client": own * 1000 / done,
+            "coordinator": cpu["coordinator"] * 1000 / done,
+            "nodes_total": sum(cpu[t] for t in trust_names(k)) * 1000 / done,
+        },
+        "cpu_utilisation_cores": (own + sum(cpu.values())) / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def probe_list_projects(client: Client, repeats: int) -> dict[str, float]:
+    """A researcher-leg round trip: TLS call to the coordinator, one audit fsync, no fan-out."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        client.projects()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return summary(times)
+
+
+def probe_fsync(directory: Path, repeats: int = 200) -> dict[str, float]:
+    """Append one audit-sized line and fsync it, as ``fedtre.audit.AuditLog.write`` does."""
+    path = directory / "fsync-probe.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    times = []
+    try:
+        line = b"x" * 300 + b"\n"
+        for _ in range(repeats):
+            start = time.perf_counter()
+            os.write(fd, line)
+            os.fsync(fd)
+            times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return summary(times)
+
+
+# -- one setting ------------------------------------------------------------------------------
+
+
+def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[str, Any]:
+    base = Path(args.work) if args.work else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"fedtre-federation-{k}-", dir=base))
+    print(f"[{k} trusts] work dir {work}", file=sys.stderr)
+    try:
+        names = trust_names(k)
+        researchers = researcher_names(max(args.concurrency, 1))
+        pki = make_pki(work / "pki", names, researchers)
+        databases = {}
+        for name in names:
+            databases[name] = work / f"{name}.duckdb"
+            shutil.copyfile(db, databases[name])
+        fed = Federation(
+            work,
+            pki,
+            databases,
+            researchers,
+            deadline_seconds=args.deadline,
+            node_workers=args.node_workers,
+            coordinator_workers=args.coordinator_workers,
+        )
+        clients: list[Client] = []
+        try:
+            t0 = time.perf_counter()
+            fed.start()
+            startup = time.perf_counter() - t0
+            print(f"[{k} trusts] started in {startup:.1f} s", file=sys.stderr)
+            clients = [fed.client(r) for r in researchers]
+            for _ in range(args.warmup):
+                one_query(clients[0], args.sql, args.epsilon, k)
+            out: dict[str, Any] = {"trusts": k, "startup_s": startup}
+            out["sequential"] = sequential(fed, clients[0], args, k, spy)
+            print(f"[{k} trusts] sequential done", file=sys.stderr)
+            out["probe_list_projects_ms"] = probe_list_projects(clients[0], 50)
+            out["probe_fsync_ms"] = probe_fsync(work)
+            if args.duration > 0 and args.concurrency > 0:
+                for c in clients:  # connect every researcher before the clock starts
+                    one_query(c, args.sql, args.epsilon, k)
+                out["throughput"] = throughput(fed, clients, args, k)
+                print(f"[{k} trusts] throughput done", file=sys.stderr)
+            return out
+        finally:
+            for c in clients:
+                with contextlib.suppress(Exception):
+                    c.close()
+            codes = fed.stop()
+            bad = {n: c for n, c in codes.items() if c != 0}
+            if bad:
+                print(f"[{k} trusts] non-zero exit codes: {bad} (logs in {work})", file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def _pp(d: dict[str, float]) -> str:
+    return f"{d['p50']:.1f} ({d['p95']:.1f})"
+
+
+def target_verdict(k: int, overhead_p50: float) -> str:
+    target = TARGETS_MS.get(k)
+    if target is None:
+        return "–"
+    return f"≤ {target:g}: {'met' if overhead_p50 <= target else 'NOT met'}"
+
+
+def report_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"machine: {results['machine']}",
+        f"{results['persons_per_trust']:,} persons per trust; query: {results['sql']} at "
+        f"ε = {results['epsilon']} per trust; {results['queries']} sequential queries after "
+        f"{results['warmup']} warm-up",
+        "",
+        "Sequential (one researcher), ms, p50 (p95):",
+        "",
+        "| trusts | end-to-end | slowest node handling | overhead = e2e − slowest node | "
+        "target (p50) | CPU ms/query: client / coordinator / all nodes | failures |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in results["settings"]:
+        q = s["sequential"]
+        cpu = q["cpu_ms_per_query"]
+        lines.append(
+            f"| {s['trusts']} | {_pp(q['e2e_ms'])} | {_pp(q['max_node_handling_ms'])} | "
+            f"**{_pp(q['overhead_ms'])}** | {target_verdict(s['trusts'], q['overhead_ms']['p50'])}"
+            f" | {cpu['client']:.1f} / {cpu['coordinator']:.1f} / {cpu['nodes_total']:.1f} | "
+            f"{q['failures']} |"
+        )
+    if any("throughput" in s for s in results["settings"]):
+        lines += [
+            "",
+            f"Sustained, {results['concurrency']} concurrent researchers, "
+            f"{results['duration_s']:g} s, ms p50 (p95):",
+            "",
+            "| trusts | queries/s | end-to-end | slowest node handling | overhead | "
+            "CPU busy (cores of 2) | failures |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in results["settings"]:
+            t = s.get("throughput")
+            if not t:
+                continue
+            lines.append(
+                f"| {s['trusts']} | **{t['queries_per_s']:.1f}** | {_pp(t['e2e_ms'])} | "
+                f"{_pp(t['max_node_handling_ms'])} | {_pp(t['overhead_ms'])} | "
+                f"{t['cpu_utilisation_cores']:.2f} | {t['failures']} |"
+            )
+    lines += ["", "Probes, ms p50 (p95):", ""]
+    for s in results["settings"]:
+        lines.append(
+            f"- {s['trusts']} trusts: ListProjects round trip {_pp(s['probe_list_projects_ms'])}; "
+            f"append+fsync {_pp(s['probe_fsync_ms'])}; start-up {s['startup_s']:.1f} s"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import duckdb
+    import grpc
+
+    mem = ""
+    with contextlib.suppress(OSError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        mem = f", {pages / 2**30:.0f} GiB"
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores{mem}, Python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}, DuckDB {duckdb.__version__}"
+    )
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("a comma-separated list of positive whole numbers")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trusts", type=_int_list, default=[3, 5, 20], help="default 3,5,20")
+    parser.add_argument("--queries", type=int, default=200, help="sequential queries per setting")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--concurrency", type=int, default=16, help="concurrent researchers")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of sustained load")
+    parser.add_argument("--persons", type=int, default=2000, help="persons per trust")
+    parser.add_argument("--epsilon", type=float, default=0.01, help="ε per query per trust")
+    parser.add_argument("--sql", default=SQL)
+    parser.add_argument("--deadline", type=float, default=30.0, help="coordinator deadline (s)")
+    parser.add_argument("--node-workers", type=int, help="node [server] max_workers")
+    parser.add_argument("--coordinator-workers", type=int, help="coordinator max_workers")
+    parser.add_argument("--work", help="parent directory for per-run state (default: $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep work dirs (configs, logs)")
+    parser.add_argument(
+        "--py-spy",
+        type=Path,
+        help="record py-spy profiles of the coordinator and one node during the sequential "
+        "phase into this directory (perturbs the timings)",
+    )
+    parser.add_argument("--out", type=Path, default=HERE / "federation_latest.json")
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    previous: Callable[..., Any] | int | None = signal.signal(signal.SIGTERM, _terminate)
+    spy = PySpy(args.py_spy)
+    try:
+        db = prepare_database(args.persons)
+        results: dict[str, Any] = {
+            "benchmark": "federation",
+            "date": dt.date.today().isoformat(),
+            "command": "python -m benchmarks.federation " + " ".join(sys.argv[1:]),
+            "machine": machine(),
+            "persons_per_trust": args.persons,
+            "sql": args.sql,
+            "epsilon": args.epsilon,
+            "queries": args.queries,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+            "duration_s": args.duration,
+            "profiled_with_py_spy": args.py_spy is not None,
+            "targets_overhead_p50_ms": {str(k): v for k, v in TARGETS_MS.items()},
+            "settings": [],
+        }
+        for k in args.trusts:
+            results["settings"].append(run_setting(k, db, args, spy))
+            print(json.dumps(results["settings"][-1], indent=1), file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; every started process was stopped", file=sys.stderr)
+        return 130
+    finally:
+        spy.stop()
+        signal.signal(signal.SIGTERM, previous)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(report_table(results))
+    print(f"\nraw figures: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
