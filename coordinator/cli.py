@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from coordinator.config import load_coordinator_config
@@ -28,21 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import create_server
-    from fedtre import logs
-    from fedtre.serving import run_until_signalled, write_ready_file
+    from fedtre.serving import serve_command
 
-    logs.setup("coordinator")
     config = load_coordinator_config(args.config)
-    if args.insecure:
-        print(
-            "WARNING: --insecure: plaintext and no authentication. Development only.",
-            file=sys.stderr,
-        )
-    running = create_server(config, insecure=args.insecure)
-    if args.ready_file is not None:
-        write_ready_file(args.ready_file, running.address)
-    run_until_signalled(running.server, running.health, running.engine.close)
-    return 0
+    return serve_command(
+        "coordinator",
+        lambda: create_server(config, insecure=args.insecure),
+        args.insecure,
+        args.ready_file,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,9 @@ from fedtre.catalog import Catalog, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import QueryRefused
 from fedtre.request import PROJECT_ID
+from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,7 @@ class CoordinatorConfig:
 
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CoordinatorConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise CoordinatorConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, "coordinator config")
     return parse_coordinator_config(data, base_dir=path.parent, source=str(path))
 
 
@@ -80,12 +74,14 @@ def parse_coordinator_config(
 ) -> CoordinatorConfig:
     required = {"coordinator_id", "listen", "state_dir", "nodes", "projects"}
     optional = {"catalog", "deadline_seconds", "max_workers", "tls"}
-    _keys(data, source, required, required | optional)
+    check_keys(data, source, required, required | optional)
     cid = data["coordinator_id"]
     if not isinstance(cid, str) or not NAME.match(cid):
         raise CoordinatorConfigError(f"{source}: coordinator_id: lower-case letters, digits, '-'")
     catalog_path = data.get("catalog")
-    catalog = load_catalog(None if catalog_path is None else _path(catalog_path, base_dir, source))
+    catalog = load_catalog(
+        None if catalog_path is None else resolve_path(catalog_path, base_dir, source)
+    )
     deadline = _number(data.get("deadline_seconds", 30.0), f"{source}: deadline_seconds", 0.1, 600)
     workers = data.get("max_workers", 16)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
@@ -95,8 +91,10 @@ def parse_coordinator_config(
         tls = data["tls"]
         if not isinstance(tls, dict):
             raise CoordinatorConfigError(f"{source}: [tls] must be a table")
-        _keys(tls, f"{source}: tls", {"ca", "cert", "key"}, {"ca", "cert", "key"})
-        ca, cert, key = (_path(tls[k], base_dir, f"{source}: tls") for k in ("ca", "cert", "key"))
+        check_keys(tls, f"{source}: tls", {"ca", "cert", "key"}, {"ca", "cert", "key"})
+        ca, cert, key = (
+            resolve_path(tls[k], base_dir, f"{source}: tls") for k in ("ca", "cert", "key")
+        )
     nodes_raw = data["nodes"]
     if not isinstance(nodes_raw, dict) or not nodes_raw:
         raise CoordinatorConfigError(f"{source}: [nodes] must list at least one trust")
@@ -110,8 +108,8 @@ def parse_coordinator_config(
     }
     return CoordinatorConfig(
         coordinator_id=cid,
-        listen=_listen(data["listen"], f"{source}: listen"),
-        state_dir=_path(data["state_dir"], base_dir, source),
+        listen=parse_listen(data["listen"], f"{source}: listen"),
+        state_dir=resolve_path(data["state_dir"], base_dir, source),
         catalog=catalog,
         deadline_seconds=deadline,
         max_workers=workers,
@@ -128,8 +126,8 @@ def _node(nid: str, spec: Any, where: str) -> TrustEndpoint:
         raise CoordinatorConfigError(f"{where}: node ids are lower-case letters, digits and '-'")
     if not isinstance(spec, dict):
         raise CoordinatorConfigError(f"{where}: must be a table")
-    _keys(spec, where, {"address"}, {"address"})
-    return TrustEndpoint(nid, _listen(spec["address"], f"{where}.address"))
+    check_keys(spec, where, {"address"}, {"address"})
+    return TrustEndpoint(nid, parse_listen(spec["address"], f"{where}.address"))
 
 
 def _project(pid: str, spec: Any, nodes: Mapping[str, TrustEndpoint], where: str) -> Project:
@@ -139,7 +137,7 @@ def _project(pid: str, spec: Any, nodes: Mapping[str, TrustEndpoint], where: str
         raise CoordinatorConfigError(f"{where}: must be a table")
     required = {"researchers", "max_epsilon_per_query"}
     optional = {"title", "trusts", "default_epsilon", "allow_partial", "suppress_below", "round_to"}
-    _keys(spec, where, required, required | optional)
+    check_keys(spec, where, required, required | optional)
     researchers = spec["researchers"]
     if (
         not isinstance(researchers, list)
@@ -179,13 +177,6 @@ def _project(pid: str, spec: Any, nodes: Mapping[str, TrustEndpoint], where: str
     )
 
 
-def _listen(raw: Any, where: str) -> str:
-    match = LISTEN.match(raw) if isinstance(raw, str) else None
-    if match is None or int(match.group(2)) > 65535:
-        raise CoordinatorConfigError(f"{where}: must look like '127.0.0.1:50051'")
-    return str(raw)
-
-
 def _epsilon(raw: Any, where: str) -> int:
     try:
         return epsilon_to_units(_number(raw, where, 0, MAX_EPSILON))
@@ -208,19 +199,3 @@ def _whole(raw: Any, where: str, low: int, high: int) -> int:
     if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
         raise CoordinatorConfigError(f"{where}: a whole number from {low} to {high}")
     return raw
-
-
-def _path(raw: Any, base_dir: Path, where: str) -> Path:
-    if not isinstance(raw, str) or not raw:
-        raise CoordinatorConfigError(f"{where}: paths must be non-empty strings")
-    p = Path(raw).expanduser()
-    return p if p.is_absolute() else (base_dir / p).resolve()
-
-
-def _keys(spec: Mapping[str, Any], where: str, required: set[str], allowed: set[str]) -> None:
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise CoordinatorConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    missing = sorted(required - set(spec))
-    if missing:
-        raise CoordinatorConfigError(f"{where}: missing key(s) {', '.join(missing)}")

@@ -22,7 +22,7 @@ from fedtre.audit import AuditLog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query
-from fedtre.request import PROJECT_ID, QUERY_ID
+from fedtre.request import check_ids
 from fedtre.v1 import node_pb2 as npb
 
 NO_PROJECT = "No project with that id is open to you. Ask the project lead to add your name."
@@ -105,16 +105,7 @@ class CoordinatorEngine:
         return outcome
 
     def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int]:
-        if not QUERY_ID.match(query_id):
-            raise QueryRefused(
-                Refusal.INVALID_REQUEST,
-                "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
-            )
-        if not PROJECT_ID.match(sub.project_id):
-            raise QueryRefused(
-                Refusal.INVALID_REQUEST,
-                "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
-            )
+        check_ids(query_id, sub.project_id)
         project = self.project_for(researcher, sub.project_id)
         units = project.default_units if sub.epsilon == 0 else epsilon_to_units(sub.epsilon)
         if units > project.max_units_per_query:

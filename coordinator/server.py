@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import grpc
 
 from coordinator.config import CoordinatorConfig
@@ -14,7 +12,7 @@ from fedtre import logs
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
 from fedtre.serde import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
-from fedtre.serving import Health, bound_address, build_server
+from fedtre.serving import Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
 from fedtre.v1 import coordinator_pb2_grpc
 
@@ -23,18 +21,7 @@ SERVICE_NAME = "fedtre.v1.ResearcherService"
 INSECURE_RESEARCHER = "dev"
 
 
-@dataclass
-class RunningCoordinator:
-    server: grpc.Server
-    port: int
-    address: str
-    health: Health
-    engine: CoordinatorEngine
-
-    def stop(self, grace: float = 5.0) -> None:
-        self.health.set(False)
-        self.server.stop(grace).wait()
-        self.engine.close()
+RunningCoordinator = Running[CoordinatorEngine]
 
 
 def create_server(config: CoordinatorConfig, *, insecure: bool = False) -> RunningCoordinator:
@@ -72,7 +59,7 @@ def create_server(config: CoordinatorConfig, *, insecure: bool = False) -> Runni
         "serving",
         extra={"coordinator": config.coordinator_id, "address": address, "tls": not insecure},
     )
-    return RunningCoordinator(server, port, address, health, engine)
+    return Running(server, port, address, health, engine)
 
 
 def _researchers_only(peer: Peer) -> bool:

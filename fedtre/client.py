@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedtre.answer import QueryResult, result_from_wire
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
 from fedtre.serde import MAX_RESULT_BYTES
+from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
 from fedtre.status import failure_from
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
 from fedtre.v1 import coordinator_pb2 as cpb
@@ -53,33 +53,22 @@ class Profile:
                 "(a TOML file naming the coordinator and your certificate)"
             )
         path = Path(raw)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read profile {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = read_toml(path, "researcher profile")
         allowed = {"coordinator", "coordinator_name", "ca", "cert", "key", "insecure"}
-        unknown = sorted(set(data) - allowed)
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}")
-        if not isinstance(data.get("coordinator"), str):
-            raise ConfigError(f"{path}: 'coordinator' (host:port) is required")
         if data.get("insecure") is True:
-            return Profile(data["coordinator"], str(data.get("coordinator_name", "")), None)
-        missing = [k for k in ("coordinator_name", "ca", "cert", "key") if k not in data]
-        if missing:
-            raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
-        base = path.parent
-
-        def resolve(key: str) -> Path:
-            p = Path(str(data[key])).expanduser()
-            return p if p.is_absolute() else (base / p).resolve()
-
+            check_keys(data, str(path), {"coordinator"}, allowed)
+            address = parse_listen(data["coordinator"], f"{path}: coordinator")
+            return Profile(address, str(data.get("coordinator_name", "")), None)
+        check_keys(data, str(path), allowed - {"insecure"}, allowed)
+        where = str(path)
         return Profile(
-            coordinator=data["coordinator"],
+            coordinator=parse_listen(data["coordinator"], f"{path}: coordinator"),
             coordinator_name=str(data["coordinator_name"]),
-            tls=TlsFiles(ca=resolve("ca"), cert=resolve("cert"), key=resolve("key")),
+            tls=TlsFiles(
+                ca=resolve_path(data["ca"], path.parent, where),
+                cert=resolve_path(data["cert"], path.parent, where),
+                key=resolve_path(data["key"], path.parent, where),
+            ),
         )
 
 

@@ -21,15 +21,20 @@ class QueryRequest:
 
     def check_fields(self) -> None:
         """Refuse malformed identifiers before anything else looks at the request."""
-        if not isinstance(self.query_id, str) or not QUERY_ID.match(self.query_id):
-            raise QueryRefused(
-                Refusal.INVALID_REQUEST,
-                "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
-            )
-        if not isinstance(self.project_id, str) or not PROJECT_ID.match(self.project_id):
-            raise QueryRefused(
-                Refusal.INVALID_REQUEST,
-                "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
-            )
+        check_ids(self.query_id, self.project_id)
         if not isinstance(self.sql, str):
             raise QueryRefused(Refusal.INVALID_REQUEST, "The query text is missing.")
+
+
+def check_ids(query_id: object, project_id: object) -> None:
+    """Refuse a malformed query id or project id (node and coordinator alike)."""
+    if not isinstance(query_id, str) or not QUERY_ID.match(query_id):
+        raise QueryRefused(
+            Refusal.INVALID_REQUEST,
+            "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
+        )
+    if not isinstance(project_id, str) or not PROJECT_ID.match(project_id):
+        raise QueryRefused(
+            Refusal.INVALID_REQUEST,
+            "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
+        )

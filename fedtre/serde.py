@@ -3,7 +3,8 @@
 proto3 accepts empty, missing and unknown fields silently, so everything read from the wire is
 validated here, field by field, before any other code sees it:
 
-* requests a service receives are refused with ``QueryRefused(INVALID_REQUEST)`` (plain words);
+* request fields are checked by the engines (``fedtre.request``, ``parse_query``, ε limits)
+  after the request is audited, and refused with a plain reason;
 * answers a client receives from another fedtre service raise ``WireError`` (an internal error:
   a bug or a misbehaving peer), never a half-read result.
 """
@@ -15,9 +16,8 @@ from collections.abc import Sequence
 from typing import cast
 
 from fedtre.catalog import Value
-from fedtre.errors import QueryRefused, Refusal, WireError
+from fedtre.errors import Refusal, WireError
 from fedtre.plan import AggregateKind
-from fedtre.request import PROJECT_ID, QUERY_ID
 from fedtre.result import NodeResult, ReleasedAggregate, ReleasedStatistic
 from fedtre.v1 import common_pb2 as pb
 
@@ -76,41 +76,6 @@ def aggregate_kind_from_wire(value: int) -> AggregateKind:
         return _AGGREGATE_KINDS_BACK[value]  # type: ignore[index]
     except KeyError:
         raise WireError("unknown aggregate kind") from None
-
-
-# -- fields received by a service -------------------------------------------------------------
-
-
-def request_query_id(value: str) -> str:
-    if not QUERY_ID.match(value):
-        raise QueryRefused(
-            Refusal.INVALID_REQUEST,
-            "The query id must be 1-128 letters, digits, '.', '_', ':' or '-'.",
-        )
-    return value
-
-
-def request_project_id(value: str) -> str:
-    if not PROJECT_ID.match(value):
-        raise QueryRefused(
-            Refusal.INVALID_REQUEST,
-            "The project id must be 1-64 lower-case letters, digits, '_' or '-'.",
-        )
-    return value
-
-
-def request_sql(value: str) -> str:
-    if not value.strip():
-        raise QueryRefused(Refusal.INVALID_REQUEST, "The query text is missing.")
-    if len(value) > MAX_TEXT:
-        raise QueryRefused(Refusal.TOO_LARGE, f"The query is longer than {MAX_TEXT} characters.")
-    return value
-
-
-def request_name(value: str, what: str) -> str:
-    if len(value) > MAX_NAME or any(not ch.isprintable() for ch in value):
-        raise QueryRefused(Refusal.INVALID_REQUEST, f"The {what} is malformed.")
-    return value
 
 
 # -- values -----------------------------------------------------------------------------------

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,6 +40,46 @@ class Health:
         )
         for name in self.services:
             self.servicer.set(name, status)
+
+
+class Engine(Protocol):
+    def close(self) -> None: ...
+
+
+E = TypeVar("E", bound=Engine)
+
+
+@dataclass
+class Running(Generic[E]):
+    """A started server and the engine behind it."""
+
+    server: grpc.Server
+    port: int
+    address: str
+    health: Health
+    engine: E
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.set(False)
+        self.server.stop(grace).wait()
+        self.engine.close()
+
+
+def serve_command(
+    service: str, start: Callable[[], Running[E]], insecure: bool, ready_file: Path | None
+) -> int:
+    """What ``fedtre node serve`` and ``fedtre coordinator serve`` do once config is loaded."""
+    logs.setup(service)
+    if insecure:
+        print(
+            "WARNING: --insecure: plaintext and no caller authentication. Development only.",
+            file=sys.stderr,
+        )
+    running = start()
+    if ready_file is not None:
+        write_ready_file(ready_file, running.address)
+    run_until_signalled(running.server, running.health, running.engine.close)
+    return 0
 
 
 def build_server(

@@ -91,22 +91,16 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedtre import logs
-    from fedtre.serving import run_until_signalled, write_ready_file
+    from fedtre.serving import serve_command
     from node.server import create_server
 
-    logs.setup("node")
     config = load_node_config(args.config)
-    if args.insecure:
-        print(
-            "WARNING: --insecure: plaintext and no caller authentication. Development only.",
-            file=sys.stderr,
-        )
-    running = create_server(config, insecure=args.insecure)
-    if args.ready_file is not None:
-        write_ready_file(args.ready_file, running.address)
-    run_until_signalled(running.server, running.health, running.engine.close)
-    return 0
+    return serve_command(
+        "node",
+        lambda: create_server(config, insecure=args.insecure),
+        args.insecure,
+        args.ready_file,
+    )
 
 
 def _query(args: argparse.Namespace) -> int:

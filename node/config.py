@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from fedtre.catalog import Catalog, Tier, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import ConfigError, QueryRefused
 from fedtre.request import PROJECT_ID
+from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
 
 NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -69,12 +69,7 @@ class NodeConfig:
 
 def load_node_config(path: Path | str) -> NodeConfig:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read node config {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, "node config")
     return parse_node_config(data, base_dir=path.parent, source=str(path))
 
 
@@ -91,12 +86,14 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "server",
     }
     required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
-    _keys(data, source, required, allowed)
+    check_keys(data, source, required, allowed)
     node_id = data["node_id"]
     if not isinstance(node_id, str) or not NODE_ID.match(node_id):
         raise ConfigError(f"{source}: node_id must be lower-case letters, digits and '-'")
     catalog_path = data.get("catalog")
-    catalog = load_catalog(None if catalog_path is None else _path(catalog_path, base_dir, source))
+    catalog = load_catalog(
+        None if catalog_path is None else resolve_path(catalog_path, base_dir, source)
+    )
     ceiling = _epsilon(data["node_epsilon_ceiling"], f"{source}: node_epsilon_ceiling", 1e6)
     projects_raw = data["projects"]
     if not isinstance(projects_raw, dict):
@@ -114,8 +111,8 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
     server = _server(data["server"], base_dir, f"{source}: server") if "server" in data else None
     return NodeConfig(
         node_id=node_id,
-        database=_path(data["database"], base_dir, source),
-        state_dir=_path(data["state_dir"], base_dir, source),
+        database=resolve_path(data["database"], base_dir, source),
+        state_dir=resolve_path(data["state_dir"], base_dir, source),
         catalog=catalog,
         node_total_units=ceiling,
         projects=MappingProxyType(projects),
@@ -125,28 +122,18 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
     )
 
 
-LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
-
-
-def parse_listen(raw: Any, where: str) -> str:
-    match = LISTEN.match(raw) if isinstance(raw, str) else None
-    if match is None or int(match.group(2)) > 65535:
-        raise ConfigError(f"{where}: must look like '127.0.0.1:50051' (port 0: any free port)")
-    return str(raw)
-
-
 def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a table")
     allowed = {"listen", "coordinator", "ca", "cert", "key", "max_workers"}
-    _keys(spec, where, {"listen", "coordinator"}, allowed)
+    check_keys(spec, where, {"listen", "coordinator"}, allowed)
     coordinator = spec["coordinator"]
     if not isinstance(coordinator, str) or not NODE_ID.match(coordinator):
         raise ConfigError(f"{where}.coordinator: the coordinator's certificate name, e.g. 'hub'")
     tls = [spec.get(k) for k in ("ca", "cert", "key")]
     if any(t is not None for t in tls) and not all(t is not None for t in tls):
         raise ConfigError(f"{where}: give all of ca, cert and key, or none (development only)")
-    ca, cert, key = (None if t is None else _path(t, base_dir, where) for t in tls)
+    ca, cert, key = (None if t is None else resolve_path(t, base_dir, where) for t in tls)
     workers = spec.get("max_workers", 8)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         raise ConfigError(f"{where}.max_workers: a whole number from 1 to 256")
@@ -166,7 +153,7 @@ def _project(pid: str, spec: Any, catalog: Catalog, where: str) -> ProjectPolicy
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a table")
     required = {"total_epsilon", "max_epsilon_per_query", "views", "max_tier"}
-    _keys(spec, where, required, required | {"title"})
+    check_keys(spec, where, required, required | {"title"})
     total = _epsilon(spec["total_epsilon"], f"{where}.total_epsilon", 1e6)
     per_query = _epsilon(spec["max_epsilon_per_query"], f"{where}.max_epsilon_per_query")
     if per_query > total:
@@ -203,19 +190,3 @@ def _epsilon(raw: Any, where: str, maximum: float = MAX_EPSILON) -> int:
         return round(raw * 1_000_000)
     except QueryRefused as exc:
         raise ConfigError(f"{where}: {exc.message}") from None
-
-
-def _path(raw: Any, base_dir: Path, source: str) -> Path:
-    if not isinstance(raw, str) or not raw:
-        raise ConfigError(f"{source}: paths must be non-empty strings")
-    p = Path(raw).expanduser()
-    return p if p.is_absolute() else (base_dir / p).resolve()
-
-
-def _keys(spec: Mapping[str, Any], where: str, required: set[str], allowed: set[str]) -> None:
-    unknown = sorted(set(spec) - allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
-    missing = sorted(required - set(spec))
-    if missing:
-        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")

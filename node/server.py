@@ -9,7 +9,6 @@ node-initiated (outbound-only) connection mode can reuse it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,7 +17,7 @@ from fedtre import logs
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
 from fedtre.serde import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
-from fedtre.serving import Health, bound_address, build_server
+from fedtre.serving import Health, Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
 from fedtre.v1 import node_pb2_grpc
 from node.config import NodeConfig, ServerSettings
@@ -30,18 +29,7 @@ SERVICE_NAME = "fedtre.v1.NodeService"
 INSECURE_CALLER = "insecure-development-caller"
 
 
-@dataclass
-class RunningNode:
-    server: grpc.Server
-    port: int
-    address: str
-    health: Health
-    engine: NodeEngine
-
-    def stop(self, grace: float = 5.0) -> None:
-        self.health.set(False)
-        self.server.stop(grace).wait()
-        self.engine.close()
+RunningNode = Running[NodeEngine]
 
 
 def create_server(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
@@ -87,7 +75,7 @@ def create_server(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
         "serving",
         extra={"node": config.node_id, "address": address, "tls": not insecure},
     )
-    return RunningNode(server, port, address, health, engine)
+    return Running(server, port, address, health, engine)
 
 
 def _settings(config: NodeConfig, insecure: bool) -> ServerSettings:
