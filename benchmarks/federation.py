@@ -1,7 +1,11 @@
 """Federation benchmark: the federation's own overhead, and throughput with concurrent researchers.
 
-    python -m benchmarks.federation [--trusts 3,5,20] [--queries 200] [--concurrency 16]
-                                    [--duration 10] [--persons 2000] [--py-spy DIR]
+    python -m benchmarks.federation [--trusts 3,5,20] [--queries 200] [--rounds 3]
+                                    [--concurrency 16] [--duration 10] [--persons 2000]
+                                    [--py-spy DIR]
+
+(about 5 minutes with the defaults on a 2-core machine; ``python benchmarks/federation.py``
+works too.)
 
 For each trust count k this starts, on loopback, k real ``fedtre node serve`` processes and one
 ``fedtre coordinator serve`` process over mutual TLS (a fresh test PKI, ports chosen by the OS,
@@ -17,6 +21,11 @@ for every query (node ``total_epsilon`` and ``node_epsilon_ceiling`` 1e6).
   each process used per query (client, coordinator, all nodes), from /proc.
 * throughput: ``--concurrency`` researcher threads, each with its own certificate and its own
   ``Client``, submit queries back to back for ``--duration`` seconds: queries/s and latency.
+* rounds: every setting is run ``--rounds`` times with fresh processes (rounds outermost, so
+  drift in the machine's load hits every trust count alike); percentiles are also given over
+  the queries of all rounds pooled, and each phase records the CPU our processes used, the CPU
+  everything else on the machine used, and CPU stolen by the hypervisor, so that a noisy
+  neighbour shows in the figures instead of silently inflating them.
 * probes: a ListProjects round trip (researcher leg only: TLS, one audit fsync), and a bare
   append+fsync on the disk holding the state directories.
 
@@ -187,7 +196,9 @@ class Federation:
         home.mkdir(parents=True, exist_ok=True)
         tls = TlsFiles.in_pki_dir(self.pki, Role.COORDINATOR, COORDINATOR)
         workers = (
-            "" if self.coordinator_workers is None else f"max_workers = {self.coordinator_workers}\n"
+            ""
+            if self.coordinator_workers is None
+            else f"max_workers = {self.coordinator_workers}\n"
         )
         nodes = "".join(f'[nodes.{n}]\naddress = "{p.address}"\n\n' for n, p in self.nodes.items())
         researchers = ", ".join(f'"{r}"' for r in self.researchers)
@@ -212,7 +223,7 @@ class Federation:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=home,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         return Proc(name, popen, home, log)
 
@@ -262,6 +273,43 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat (Linux)."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return float("nan"), float("nan")
+    ticks = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4] - ticks[7]
+    return busy / os.sysconf("SC_CLK_TCK"), ticks[7] / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used during a phase by our processes, by everything else, and stolen by the host."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start_wall = time.perf_counter()
+        self.start = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        self.start_own = own_cpu_seconds()
+        self.start_machine = machine_cpu_seconds()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.start_wall
+        per = {n: process_cpu_seconds(p) - self.start[n] for n, p in self.pids.items()}
+        own = own_cpu_seconds() - self.start_own
+        (busy0, steal0), (busy1, steal1) = self.start_machine, machine_cpu_seconds()
+        busy, steal = busy1 - busy0, steal1 - steal0
+        ours = own + sum(per.values())
+        return {
+            "per_process_s": per,
+            "client_s": own,
+            "ours_cores": ours / wall,
+            "others_cores": max(busy - ours, 0.0) / wall,
+            "steal_cores": steal / wall,
+        }
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -307,8 +355,10 @@ class PySpy:
             out = self.directory / f"{label}-{name}.txt"
             self.procs.append(
                 subprocess.Popen(
-                    [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"]
-                    + ["--threads", "--idle", "--nonblocking", "--output", str(out)],
+                    [
+                        *(exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw"),
+                        *("--threads", "--idle", "--nonblocking", "--output", str(out)),
+                    ],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
@@ -329,14 +379,28 @@ class PySpy:
         self.procs.clear()
 
 
+def cpu_per_query(cpu: dict[str, Any], k: int, done: int) -> dict[str, float]:
+    per = cpu["per_process_s"]
+    nodes = sum(per[n] for n in trust_names(k))
+    return {
+        "client": cpu["client_s"] * 1000 / done,
+        "coordinator": per["coordinator"] * 1000 / done,
+        "nodes_total": nodes * 1000 / done,
+        "node_mean": nodes * 1000 / done / k,
+    }
+
+
+def machine_share(cpu: dict[str, Any]) -> dict[str, float]:
+    return {key: cpu[key] for key in ("ours_cores", "others_cores", "steal_cores")}
+
+
 def sequential(
     fed: Federation, client: Client, args: argparse.Namespace, k: int, spy: PySpy
 ) -> dict[str, Any]:
     pids = {p.name: p.popen.pid for p in fed.procs()}
-    spy.start({"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}, f"k{k}")
-    cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
-    own0 = own_cpu_seconds()
-    wall0 = time.perf_counter()
+    label = f"k{k}-r{args.round}"
+    spy.start({"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}, label)
+    meter = CpuMeter(pids)
     samples: list[Sample] = []
     failures: list[str] = []
     for _ in range(args.queries):
@@ -344,12 +408,9 @@ def sequential(
             samples.append(one_query(client, args.sql, args.epsilon, k))
         except Exception as exc:  # keep going; failures are reported, not timed
             failures.append(f"{type(exc).__name__}: {exc}"[:300])
-    wall = time.perf_counter() - wall0
-    own = own_cpu_seconds() - own0
-    cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    wall = time.perf_counter() - meter.start_wall
+    cpu = meter.stop()
     spy.stop()
-    done = max(len(samples), 1)
-    node_cpu = [cpu[n] for n in trust_names(k)]
     return {
         "queries": args.queries,
         "completed": len(samples),
@@ -361,17 +422,17 @@ def sequential(
         "min_node_handling_ms": summary([s.min_node_ms for s in samples]),
         "sum_node_handling_ms": summary([s.sum_node_ms for s in samples]),
         "overhead_ms": summary([s.overhead_ms for s in samples]),
-        "cpu_ms_per_query": {
-            "client": own * 1000 / done,
-            "coordinator": cpu["coordinator"] * 1000 / done,
-            "nodes_total": sum(node_cpu) * 1000 / done,
-            "node_mean": sum(node_cpu) * 1000 / done / k,
+        "cpu_ms_per_query": cpu_per_query(cpu, k, max(len(samples), 1)),
+        "machine_cpu": machine_share(cpu),
+        "samples": {
+            "e2e_ms": [round(s.e2e_ms, 3) for s in samples],
+            "max_node_handling_ms": [round(s.max_node_ms, 3) for s in samples],
         },
     }
 
 
 def throughput(
-    fed: Federation, clients: list[Client], args: argparse.Namespace, k: int
+    fed: Federation, clients: list[Client], args: argparse.Namespace, k: int, spy: PySpy
 ) -> dict[str, Any]:
     n = len(clients)
     records: list[list[Sample]] = [[] for _ in range(n)]
@@ -394,9 +455,10 @@ def throughput(
     for t in threads:
         t.start()
     pids = {p.name: p.popen.pid for p in fed.procs()}
-    cpu0 = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
-    own0 = own_cpu_seconds()
-    start = time.perf_counter()
+    profiled = {"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}
+    spy.start({**profiled, "client": os.getpid()}, f"k{k}-r{args.round}-load")
+    meter = CpuMeter(pids)
+    start = meter.start_wall
     stop_at[0] = start + args.duration
     try:
         barrier.wait()
@@ -405,8 +467,8 @@ def throughput(
     finally:
         stop_at[0] = 0.0  # on an interrupt, workers stop after their current query
     elapsed = max(ends) - start
-    own = own_cpu_seconds() - own0
-    cpu = {name: process_cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    cpu = meter.stop()
+    spy.stop()
     samples = [s for r in records for s in r]
     errs = [e for r in errors for e in r]
     done = max(len(samples), 1)
@@ -420,12 +482,8 @@ def throughput(
         "e2e_ms": summary([s.e2e_ms for s in samples]),
         "max_node_handling_ms": summary([s.max_node_ms for s in samples]),
         "overhead_ms": summary([s.overhead_ms for s in samples]),
-        "cpu_ms_per_query": {
-            "client": own * 1000 / done,
-            "coordinator": cpu["coordinator"] * 1000 / done,
-            "nodes_total": sum(cpu[t] for t in trust_names(k)) * 1000 / done,
-        },
-        "cpu_utilisation_cores": (own + sum(cpu.values())) / elapsed if elapsed > 0 else 0.0,
+        "cpu_ms_per_query": cpu_per_query(cpu, k, done),
+        "machine_cpu": machine_share(cpu),
     }
 
 
@@ -466,6 +524,8 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
         base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"fedtre-federation-{k}-", dir=base))
     print(f"[{k} trusts] work dir {work}", file=sys.stderr)
+    out: dict[str, Any] = {"trusts": k, "round": args.round}
+    keep = args.keep
     try:
         names = trust_names(k)
         researchers = researcher_names(max(args.concurrency, 1))
@@ -492,7 +552,7 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
             clients = [fed.client(r) for r in researchers]
             for _ in range(args.warmup):
                 one_query(clients[0], args.sql, args.epsilon, k)
-            out: dict[str, Any] = {"trusts": k, "startup_s": startup}
+            out["startup_s"] = startup
             out["sequential"] = sequential(fed, clients[0], args, k, spy)
             print(f"[{k} trusts] sequential done", file=sys.stderr)
             out["probe_list_projects_ms"] = probe_list_projects(clients[0], 50)
@@ -500,7 +560,7 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
             if args.duration > 0 and args.concurrency > 0:
                 for c in clients:  # connect every researcher before the clock starts
                     one_query(c, args.sql, args.epsilon, k)
-                out["throughput"] = throughput(fed, clients, args, k)
+                out["throughput"] = throughput(fed, clients, args, k, spy)
                 print(f"[{k} trusts] throughput done", file=sys.stderr)
             return out
         finally:
@@ -509,10 +569,12 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
                     c.close()
             codes = fed.stop()
             bad = {n: c for n, c in codes.items() if c != 0}
-            if bad:
+            out["nonzero_exit_codes"] = bad
+            if bad:  # keep the configs and logs for a look
+                keep = True
                 print(f"[{k} trusts] non-zero exit codes: {bad} (logs in {work})", file=sys.stderr)
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -521,6 +583,52 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
 
 def _pp(d: dict[str, float]) -> str:
     return f"{d['p50']:.1f} ({d['p95']:.1f})"
+
+
+def pooled(settings: list[dict[str, Any]], trusts: Sequence[int]) -> list[dict[str, Any]]:
+    """Per trust count: percentiles over the sequential queries of every round together."""
+    out = []
+    for k in trusts:
+        runs = [s for s in settings if s["trusts"] == k]
+        e2e = [v for s in runs for v in s["sequential"]["samples"]["e2e_ms"]]
+        node = [v for s in runs for v in s["sequential"]["samples"]["max_node_handling_ms"]]
+        overhead = [a - b for a, b in zip(e2e, node, strict=True)]
+        p50s = [s["sequential"]["overhead_ms"]["p50"] for s in runs]
+        target = TARGETS_MS.get(k)
+        out.append(
+            {
+                "trusts": k,
+                "rounds": len(runs),
+                "queries": len(e2e),
+                "e2e_ms": summary(e2e),
+                "max_node_handling_ms": summary(node),
+                "overhead_ms": summary(overhead),
+                "overhead_p50_per_round_ms": p50s,
+                "target_overhead_p50_ms": target,
+                "target_met": None if target is None else summary(overhead)["p50"] <= target,
+                "rounds_meeting_target": None
+                if target is None
+                else sum(1 for v in p50s if v <= target),
+                "queries_per_s_per_round": [
+                    s["throughput"]["queries_per_s"] for s in runs if "throughput" in s
+                ],
+            }
+        )
+    return out
+
+
+def _cpu(c: dict[str, float]) -> str:
+    return f"{c['client']:.1f} / {c['coordinator']:.1f} / {c['nodes_total']:.1f}"
+
+
+def _cores(c: dict[str, float]) -> str:
+    return f"{c['ours_cores']:.2f} / {c['others_cores']:.2f} / {c['steal_cores']:.2f}"
+
+
+def _label(setting: dict[str, Any], results: dict[str, Any]) -> str:
+    if results["rounds"] > 1:
+        return f"{setting['trusts']} (round {setting['round']})"
+    return str(setting["trusts"])
 
 
 def target_verdict(k: int, overhead_p50: float) -> str:
@@ -540,17 +648,17 @@ def report_table(results: dict[str, Any]) -> str:
         "Sequential (one researcher), ms, p50 (p95):",
         "",
         "| trusts | end-to-end | slowest node handling | overhead = e2e − slowest node | "
-        "target (p50) | CPU ms/query: client / coordinator / all nodes | failures |",
-        "|---|---|---|---|---|---|---|",
+        "target (p50) | CPU ms/query: client / coordinator / all nodes | cores: ours / others "
+        "/ stolen | failures |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in results["settings"]:
         q = s["sequential"]
         cpu = q["cpu_ms_per_query"]
         lines.append(
-            f"| {s['trusts']} | {_pp(q['e2e_ms'])} | {_pp(q['max_node_handling_ms'])} | "
+            f"| {_label(s, results)} | {_pp(q['e2e_ms'])} | {_pp(q['max_node_handling_ms'])} | "
             f"**{_pp(q['overhead_ms'])}** | {target_verdict(s['trusts'], q['overhead_ms']['p50'])}"
-            f" | {cpu['client']:.1f} / {cpu['coordinator']:.1f} / {cpu['nodes_total']:.1f} | "
-            f"{q['failures']} |"
+            f" | {_cpu(cpu)} | {_cores(q['machine_cpu'])} | {q['failures']} |"
         )
     if any("throughput" in s for s in results["settings"]):
         lines += [
@@ -559,23 +667,48 @@ def report_table(results: dict[str, Any]) -> str:
             f"{results['duration_s']:g} s, ms p50 (p95):",
             "",
             "| trusts | queries/s | end-to-end | slowest node handling | overhead | "
-            "CPU busy (cores of 2) | failures |",
-            "|---|---|---|---|---|---|---|",
+            "CPU ms/query: client / coordinator / all nodes | cores: ours / others / stolen | "
+            "failures |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in results["settings"]:
             t = s.get("throughput")
             if not t:
                 continue
             lines.append(
-                f"| {s['trusts']} | **{t['queries_per_s']:.1f}** | {_pp(t['e2e_ms'])} | "
+                f"| {_label(s, results)} | **{t['queries_per_s']:.1f}** | {_pp(t['e2e_ms'])} | "
                 f"{_pp(t['max_node_handling_ms'])} | {_pp(t['overhead_ms'])} | "
-                f"{t['cpu_utilisation_cores']:.2f} | {t['failures']} |"
+                f"{_cpu(t['cpu_ms_per_query'])} | {_cores(t['machine_cpu'])} | {t['failures']} |"
+            )
+    if results["rounds"] > 1:
+        lines += [
+            "",
+            f"All {results['rounds']} rounds pooled (sequential), ms p50 (p95):",
+            "",
+            "| trusts | queries | end-to-end | slowest node handling | overhead | "
+            "overhead p50 per round | target (p50) | queries/s per round |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for p in results["pooled"]:
+            verdict = target_verdict(p["trusts"], p["overhead_ms"]["p50"])
+            if p["rounds_meeting_target"] is not None:
+                verdict += f" ({p['rounds_meeting_target']} of {p['rounds']} rounds)"
+            lines.append(
+                f"| {p['trusts']} | {p['queries']} | {_pp(p['e2e_ms'])} | "
+                f"{_pp(p['max_node_handling_ms'])} | **{_pp(p['overhead_ms'])}** | "
+                + ", ".join(f"{v:.1f}" for v in p["overhead_p50_per_round_ms"])
+                + f" | {verdict} | "
+                + ", ".join(f"{v:.1f}" for v in p["queries_per_s_per_round"])
+                + " |"
             )
     lines += ["", "Probes, ms p50 (p95):", ""]
     for s in results["settings"]:
         lines.append(
-            f"- {s['trusts']} trusts: ListProjects round trip {_pp(s['probe_list_projects_ms'])}; "
-            f"append+fsync {_pp(s['probe_fsync_ms'])}; start-up {s['startup_s']:.1f} s"
+            f"- {s['trusts']} trusts"
+            + (f", round {s['round']}" if results["rounds"] > 1 else "")
+            + ": ListProjects round trip "
+            f"{_pp(s['probe_list_projects_ms'])}; append+fsync {_pp(s['probe_fsync_ms'])}; "
+            f"start-up {s['startup_s']:.1f} s"
         )
     return "\n".join(lines)
 
@@ -611,6 +744,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--trusts", type=_int_list, default=[3, 5, 20], help="default 3,5,20")
     parser.add_argument("--queries", type=int, default=200, help="sequential queries per setting")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repeat every setting (fresh processes) N times"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent researchers")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of sustained load")
     parser.add_argument("--persons", type=int, default=2000, help="persons per trust")
@@ -625,7 +761,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--py-spy",
         type=Path,
         help="record py-spy profiles of the coordinator and one node during the sequential "
-        "phase into this directory (perturbs the timings)",
+        "and the sustained phases into this directory (perturbs the timings)",
     )
     parser.add_argument("--out", type=Path, default=HERE / "federation_latest.json")
     return parser.parse_args(argv)
@@ -644,22 +780,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, Any] = {
             "benchmark": "federation",
             "date": dt.date.today().isoformat(),
-            "command": "python -m benchmarks.federation " + " ".join(sys.argv[1:]),
+            "command": " ".join(["python -m benchmarks.federation", *sys.argv[1:]]),
             "machine": machine(),
             "persons_per_trust": args.persons,
             "sql": args.sql,
             "epsilon": args.epsilon,
             "queries": args.queries,
             "warmup": args.warmup,
+            "rounds": args.rounds,
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "profiled_with_py_spy": args.py_spy is not None,
             "targets_overhead_p50_ms": {str(k): v for k, v in TARGETS_MS.items()},
             "settings": [],
         }
-        for k in args.trusts:
-            results["settings"].append(run_setting(k, db, args, spy))
-            print(json.dumps(results["settings"][-1], indent=1), file=sys.stderr)
+        for round_ in range(1, args.rounds + 1):  # rounds outermost: drift hits every k alike
+            args.round = round_
+            for k in args.trusts:
+                results["settings"].append(run_setting(k, db, args, spy))
+                brief = {key: v for key, v in results["settings"][-1].items()}
+                brief["sequential"] = {
+                    key: v for key, v in brief["sequential"].items() if key != "samples"
+                }
+                print(json.dumps(brief, indent=1), file=sys.stderr)
+        results["pooled"] = pooled(results["settings"], args.trusts)
     except KeyboardInterrupt:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130

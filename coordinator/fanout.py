@@ -1,14 +1,19 @@
 """Fan-out: one persistent mutual-TLS channel per trust; every call carries a deadline.
 
-Calls to all trusts are started at once (gRPC futures, no thread per trust) and collected when
-each finishes or its deadline passes, so the slowest or a frozen trust bounds the wait, never the
-sum. A trust's outcome is one of: answered, unavailable (down, unreachable, deadline), refused
-(its own checks said no, with its reason), failed (an internal error or a malformed answer).
+Calls to all trusts are started at once on a persistent thread pool (gRPC's own ``.future()``
+starts a new OS thread per idle channel per call: measurably slower at 20 trusts) and collected
+when each finishes or the query's deadline passes, so the slowest or a frozen trust bounds the
+wait, never the sum. The deadline is fixed when the query starts: time a call waits for a pool
+thread counts against it. A trust's outcome is one of: answered, unavailable (down,
+unreachable, deadline), refused (its own checks said no, with its reason), failed (an internal
+error or a malformed answer).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from concurrent import futures
 from dataclasses import dataclass
 from enum import Enum
 
@@ -69,54 +74,61 @@ class Trusts:
                     channel_credentials(tls),
                     options=[*_CHANNEL_OPTIONS, *channel_options(node_id)],
                 )
-            channel.subscribe(_ignore, try_to_connect=True)  # connect now, not at the first query
+            grpc.channel_ready_future(channel)  # connect now, not at the first query
             self._channels[node_id] = channel
             self._stubs[node_id] = node_pb2_grpc.NodeServiceStub(channel)
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=min(256, max(8, 4 * len(endpoints))), thread_name_prefix="fanout"
+        )
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for channel in self._channels.values():
-            channel.unsubscribe(_ignore)
             channel.close()
 
     def answer(
         self, node_ids: Sequence[str], request: npb.AnswerRequest, deadline_seconds: float
     ) -> list[TrustOutcome]:
+        deadline_at = time.monotonic() + deadline_seconds
         calls = {
-            nid: self._stubs[nid].Answer.future(request, timeout=deadline_seconds)
-            for nid in node_ids
+            nid: self._pool.submit(self._answer_one, nid, request, deadline_at) for nid in node_ids
         }
-        return [_collect(nid, call, request) for nid, call in calls.items()]
+        return [call.result() for call in calls.values()]
+
+    def _answer_one(
+        self, node_id: str, request: npb.AnswerRequest, deadline_at: float
+    ) -> TrustOutcome:
+        timeout = max(0.001, deadline_at - time.monotonic())
+        try:
+            response = self._stubs[node_id].Answer(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return _failed_call(node_id, exc)
+        return _answered(node_id, response, request)
 
     def budget(
         self, node_ids: Sequence[str], project_id: str, deadline_seconds: float
     ) -> list[TrustOutcome]:
         request = npb.NodeBudgetRequest(project_id=project_id)
+        deadline_at = time.monotonic() + deadline_seconds
         calls = {
-            nid: self._stubs[nid].Budget.future(request, timeout=deadline_seconds)
-            for nid in node_ids
+            nid: self._pool.submit(self._budget_one, nid, request, deadline_at) for nid in node_ids
         }
-        outcomes = []
-        for nid, call in calls.items():
-            try:
-                budget = call.result()
-            except grpc.RpcError as exc:
-                outcomes.append(_failed_call(nid, exc))
-                continue
-            outcomes.append(
-                TrustOutcome(nid, TrustState.ANSWERED, remaining_units=budget.remaining_units)
-            )
-        return outcomes
+        return [call.result() for call in calls.values()]
+
+    def _budget_one(
+        self, node_id: str, request: npb.NodeBudgetRequest, deadline_at: float
+    ) -> TrustOutcome:
+        timeout = max(0.001, deadline_at - time.monotonic())
+        try:
+            budget = self._stubs[node_id].Budget(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return _failed_call(node_id, exc)
+        return TrustOutcome(node_id, TrustState.ANSWERED, remaining_units=budget.remaining_units)
 
 
-def _ignore(state: grpc.ChannelConnectivity) -> None:
-    pass
-
-
-def _collect(node_id: str, call: grpc.Future, request: npb.AnswerRequest) -> TrustOutcome:
-    try:
-        response = call.result()
-    except grpc.RpcError as exc:
-        return _failed_call(node_id, exc)
+def _answered(
+    node_id: str, response: npb.AnswerResponse, request: npb.AnswerRequest
+) -> TrustOutcome:
     try:
         result = result_from_wire(response.result)
     except WireError:
