@@ -126,7 +126,7 @@ def combine(
         columns=columns,
         covered=covered,
         epsilon_units=first.epsilon_units,
-        notes=_notes(rules, confidence, covered, first),
+        notes=_notes(rules, confidence, first),
     )
 
 
@@ -251,9 +251,7 @@ def _suppressed(display: str, available: bool) -> CombinedEstimate:
     return CombinedEstimate(available, True, None, None, None, display)
 
 
-def _notes(
-    rules: OutputRules, confidence: float, covered: tuple[str, ...], first: NodeResult
-) -> tuple[str, ...]:
+def _notes(rules: OutputRules, confidence: float, first: NodeResult) -> tuple[str, ...]:
     kinds = {a.kind for a in first.aggregates}
     notes = [
         "values are sums over the covered trusts of differentially private estimates "

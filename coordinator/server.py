@@ -21,10 +21,9 @@ SERVICE_NAME = "fedtre.v1.ResearcherService"
 INSECURE_RESEARCHER = "dev"
 
 
-RunningCoordinator = Running[CoordinatorEngine]
-
-
-def create_server(config: CoordinatorConfig, *, insecure: bool = False) -> RunningCoordinator:
+def create_server(
+    config: CoordinatorConfig, *, insecure: bool = False
+) -> Running[CoordinatorEngine]:
     tls = None if insecure else _tls(config)
     engine = CoordinatorEngine(config, Trusts(config.nodes, tls))
     try:

@@ -29,10 +29,7 @@ SERVICE_NAME = "fedtre.v1.NodeService"
 INSECURE_CALLER = "insecure-development-caller"
 
 
-RunningNode = Running[NodeEngine]
-
-
-def create_server(config: NodeConfig, *, insecure: bool = False) -> RunningNode:
+def create_server(config: NodeConfig, *, insecure: bool = False) -> Running[NodeEngine]:
     """Open the engine and start serving; returns the bound port (``listen`` may use port 0)."""
     settings = _settings(config, insecure)
     engine = NodeEngine(config)
