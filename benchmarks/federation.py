@@ -64,7 +64,7 @@ if str(ROOT) not in sys.path:
 from fedtre.catalog import load_catalog  # noqa: E402
 from fedtre.client import Client, Profile  # noqa: E402
 from fedtre.pki import Role, init_ca, issue  # noqa: E402
-from fedtre.serving import read_ready_file  # noqa: E402
+from fedtre.serving import wait_for_address  # noqa: E402
 from fedtre.synthetic import generate  # noqa: E402
 from fedtre.tls import TlsFiles  # noqa: E402
 from node.loader import load_omop  # noqa: E402
@@ -228,15 +228,9 @@ class Federation:
         return Proc(name, popen, home, log)
 
     def _wait_ready(self, proc: Proc) -> str:
-        ready = proc.home / "ready.json"
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if ready.exists():
-                return read_ready_file(ready)
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{proc.name} did not start within {START_TIMEOUT:.0f} s")
+        return wait_for_address(
+            proc.popen, proc.home / "ready.json", proc.log, proc.name, START_TIMEOUT
+        )
 
 
 # -- measurement helpers ----------------------------------------------------------------------

@@ -6,19 +6,14 @@ import argparse
 from pathlib import Path
 
 from coordinator.config import load_coordinator_config
+from fedtre.serving import add_serve_arguments, serve_command
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     coordinator = sub.add_parser("coordinator", help="run the federation coordinator")
     c_sub = coordinator.add_subparsers(dest="coordinator_command", required=True, metavar="ACTION")
     serve = c_sub.add_parser("serve", help="serve researchers over mutual TLS")
-    serve.add_argument("--config", type=Path, required=True)
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="DEVELOPMENT ONLY: plaintext, every caller is researcher 'dev'",
-    )
-    serve.add_argument("--ready-file", type=Path, help="write the bound address here when up")
+    add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, every caller is researcher 'dev'")
     serve.set_defaults(func=_serve)
     check = c_sub.add_parser("check", help="validate a coordinator config file")
     check.add_argument("--config", type=Path, required=True)
@@ -27,7 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import create_server
-    from fedtre.serving import serve_command
 
     config = load_coordinator_config(args.config)
     return serve_command(

@@ -12,7 +12,7 @@ error or a malformed answer).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from enum import Enum
@@ -47,6 +47,9 @@ class TrustOutcome:
     remaining_units: int | None = None
     handling_ms: float = 0.0
 
+
+# One call to one trust: the stub, the trust's id and the time left until the query's deadline.
+Call = Callable[[node_pb2_grpc.NodeServiceStub, str, float], TrustOutcome]
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RESULT_BYTES),
@@ -89,41 +92,35 @@ class Trusts:
     def answer(
         self, node_ids: Sequence[str], request: npb.AnswerRequest, deadline_seconds: float
     ) -> list[TrustOutcome]:
-        deadline_at = time.monotonic() + deadline_seconds
-        calls = {
-            nid: self._pool.submit(self._answer_one, nid, request, deadline_at) for nid in node_ids
-        }
-        return [call.result() for call in calls.values()]
+        def call(stub: node_pb2_grpc.NodeServiceStub, nid: str, timeout: float) -> TrustOutcome:
+            return _answered(nid, stub.Answer(request, timeout=timeout), request)
 
-    def _answer_one(
-        self, node_id: str, request: npb.AnswerRequest, deadline_at: float
-    ) -> TrustOutcome:
-        timeout = max(0.001, deadline_at - time.monotonic())
-        try:
-            response = self._stubs[node_id].Answer(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            return _failed_call(node_id, exc)
-        return _answered(node_id, response, request)
+        return self._fan_out(node_ids, call, deadline_seconds)
 
     def budget(
         self, node_ids: Sequence[str], project_id: str, deadline_seconds: float
     ) -> list[TrustOutcome]:
         request = npb.NodeBudgetRequest(project_id=project_id)
-        deadline_at = time.monotonic() + deadline_seconds
-        calls = {
-            nid: self._pool.submit(self._budget_one, nid, request, deadline_at) for nid in node_ids
-        }
-        return [call.result() for call in calls.values()]
 
-    def _budget_one(
-        self, node_id: str, request: npb.NodeBudgetRequest, deadline_at: float
-    ) -> TrustOutcome:
+        def call(stub: node_pb2_grpc.NodeServiceStub, nid: str, timeout: float) -> TrustOutcome:
+            remaining = stub.Budget(request, timeout=timeout).remaining_units
+            return TrustOutcome(nid, TrustState.ANSWERED, remaining_units=remaining)
+
+        return self._fan_out(node_ids, call, deadline_seconds)
+
+    def _fan_out(
+        self, node_ids: Sequence[str], call: Call, deadline_seconds: float
+    ) -> list[TrustOutcome]:
+        deadline_at = time.monotonic() + deadline_seconds
+        pending = [self._pool.submit(self._one, nid, call, deadline_at) for nid in node_ids]
+        return [p.result() for p in pending]
+
+    def _one(self, node_id: str, call: Call, deadline_at: float) -> TrustOutcome:
         timeout = max(0.001, deadline_at - time.monotonic())
         try:
-            budget = self._stubs[node_id].Budget(request, timeout=timeout)
+            return call(self._stubs[node_id], node_id, timeout)
         except grpc.RpcError as exc:
             return _failed_call(node_id, exc)
-        return TrustOutcome(node_id, TrustState.ANSWERED, remaining_units=budget.remaining_units)
 
 
 def _answered(

@@ -68,7 +68,4 @@ def _researchers_only(peer: Peer) -> bool:
 def _tls(config: CoordinatorConfig) -> TlsFiles:
     if config.ca is None or config.cert is None or config.key is None:
         raise ConfigError("the config has no [tls] (ca, cert, key); plaintext only with --insecure")
-    for path in (config.ca, config.cert, config.key):
-        if not path.is_file():
-            raise ConfigError(f"TLS file not found: {path}")
     return TlsFiles(ca=config.ca, cert=config.cert, key=config.key)

@@ -25,7 +25,7 @@ from pathlib import Path
 from fedtre.client import Client, Profile
 from fedtre.errors import InternalError, UserError
 from fedtre.pki import Role, init_ca, issue
-from fedtre.serving import read_ready_file
+from fedtre.serving import wait_for_address
 from fedtre.synthetic import generate
 from fedtre.tls import TlsFiles
 
@@ -247,15 +247,7 @@ class Demo:
         return proc
 
     def _wait_ready(self, proc: Process, ready: Path) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if ready.exists():
-                return read_ready_file(ready)
-            if proc.popen.poll() is not None:
-                tail = proc.log.read_text(errors="replace")[-2000:]
-                raise InternalError(f"{proc.name} exited while starting:\n{tail}")
-            time.sleep(0.05)
-        raise InternalError(f"{proc.name} did not start within {START_TIMEOUT:.0f} s")
+        return wait_for_address(proc.popen, ready, proc.log, proc.name, START_TIMEOUT)
 
     # -- queries ---------------------------------------------------------------------------
 

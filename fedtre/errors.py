@@ -29,7 +29,6 @@ class Refusal(Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     QUERY_ID_CONFLICT = "query_id_conflict"
     NOT_AUTHORISED = "not_authorised"
-    INCOMPLETE = "incomplete"
 
 
 class FedtreError(Exception):

@@ -3,11 +3,14 @@ standard health service, and running it until SIGTERM/SIGINT with a graceful sto
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtre import logs
-from fedtre.errors import ConfigError
+from fedtre.errors import ConfigError, InternalError
 from fedtre.tls import CallerPolicy, TlsFiles, server_credentials
 
 log = logs.get("serving")
@@ -63,6 +66,13 @@ class Running(Generic[E]):
         self.health.set(False)
         self.server.stop(grace).wait()
         self.engine.close()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser, insecure_help: str) -> None:
+    """``--config``, ``--insecure`` and ``--ready-file``: the same for node and coordinator."""
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--insecure", action="store_true", help=insecure_help)
+    parser.add_argument("--ready-file", type=Path, help="write the bound address here when up")
 
 
 def serve_command(
@@ -135,6 +145,22 @@ def write_ready_file(path: Path, address: str) -> None:
 
 def read_ready_file(path: Path) -> str:
     return str(json.loads(path.read_text())["address"])
+
+
+def wait_for_address(
+    popen: subprocess.Popen[bytes], ready_file: Path, log: Path, name: str, timeout: float = 60.0
+) -> str:
+    """The address a ``serve`` process started with ``--ready-file`` listens on, once it is up.
+    Fails with the tail of its log if it exits first, or if it is not up within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready_file.exists():
+            return read_ready_file(ready_file)
+        if popen.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise InternalError(f"{name} exited while starting:\n{tail}")
+        time.sleep(0.05)
+    raise InternalError(f"{name} did not start within {timeout:.0f} s")
 
 
 def run_until_signalled(

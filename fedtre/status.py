@@ -30,7 +30,6 @@ _CODES = {
     Refusal.OUT_OF_SCOPE: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.NOT_AUTHORISED: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.BUDGET_EXHAUSTED: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.INCOMPLETE: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUERY_ID_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
 }
 assert set(_CODES) == set(Refusal), "every refusal needs a status code"

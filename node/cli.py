@@ -15,6 +15,7 @@ from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError
 from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
+from fedtre.serving import add_serve_arguments, serve_command
 from node import demo
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -57,13 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = node_sub.add_parser(
         "serve", help="serve approved queries to the federation coordinator over mutual TLS"
     )
-    serve.add_argument("--config", type=Path, required=True)
-    serve.add_argument(
-        "--insecure",
-        action="store_true",
-        help="DEVELOPMENT ONLY: plaintext, no caller authentication",
-    )
-    serve.add_argument("--ready-file", type=Path, help="write the bound address here when up")
+    add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, no caller authentication")
     serve.set_defaults(func=_serve)
 
     demo.register(node_sub)
@@ -91,7 +86,6 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedtre.serving import serve_command
     from node.server import create_server
 
     config = load_node_config(args.config)

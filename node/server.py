@@ -9,7 +9,6 @@ node-initiated (outbound-only) connection mode can reuse it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import grpc
 
@@ -87,9 +86,6 @@ def _settings(config: NodeConfig, insecure: bool) -> ServerSettings:
 
 def _tls(settings: ServerSettings) -> TlsFiles:
     assert settings.ca is not None and settings.cert is not None and settings.key is not None
-    for path in (settings.ca, settings.cert, settings.key):
-        if not Path(path).is_file():
-            raise ConfigError(f"TLS file not found: {path}")
     return TlsFiles(ca=settings.ca, cert=settings.cert, key=settings.key)
 
 

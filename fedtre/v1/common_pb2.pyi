@@ -38,7 +38,6 @@ class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_BUDGET_EXHAUSTED: _ClassVar[Refusal]
     REFUSAL_QUERY_ID_CONFLICT: _ClassVar[Refusal]
     REFUSAL_NOT_AUTHORISED: _ClassVar[Refusal]
-    REFUSAL_INCOMPLETE: _ClassVar[Refusal]
 AGGREGATE_KIND_UNSPECIFIED: AggregateKind
 AGGREGATE_KIND_COUNT: AggregateKind
 AGGREGATE_KIND_COUNT_PERSONS: AggregateKind
@@ -61,7 +60,6 @@ REFUSAL_INVALID_EPSILON: Refusal
 REFUSAL_BUDGET_EXHAUSTED: Refusal
 REFUSAL_QUERY_ID_CONFLICT: Refusal
 REFUSAL_NOT_AUTHORISED: Refusal
-REFUSAL_INCOMPLETE: Refusal
 
 class Value(_message.Message):
     __slots__ = ("text", "integer", "boolean")

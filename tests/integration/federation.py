@@ -13,14 +13,13 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedtre.audit import read_audit
 from fedtre.client import Client, Profile
 from fedtre.pki import Role, init_ca, issue
-from fedtre.serving import read_ready_file
+from fedtre.serving import wait_for_address
 from fedtre.synthetic import generate
 from fedtre.tls import TlsFiles
 from node.loader import load_omop
@@ -222,15 +221,7 @@ class Federation:
         return Proc(name, popen, log)
 
     def _wait_ready(self, proc: Proc, home: Path) -> str:
-        ready = home / "ready.json"
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if ready.exists():
-                return read_ready_file(ready)
-            if proc.popen.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"{proc.name} did not start")
+        return wait_for_address(proc.popen, home / "ready.json", proc.log, proc.name)
 
 
 def log_lines(proc: Proc) -> list[dict]:  # type: ignore[type-arg]
