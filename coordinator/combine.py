@@ -90,6 +90,7 @@ class CombinedColumn:
 class Combined:
     view: str
     catalog_version: str
+    reference_date: str  # the date every covered trust computed ages at
     group_by: tuple[str, ...]
     cells: tuple[tuple[Value, ...], ...]
     columns: tuple[CombinedColumn, ...]
@@ -121,6 +122,7 @@ def combine(
     return Combined(
         view=first.view,
         catalog_version=first.catalog_version,
+        reference_date=first.reference_date,
         group_by=first.group_by,
         cells=first.cells,
         columns=columns,
@@ -144,6 +146,7 @@ def check_fit(results: Sequence[NodeResult]) -> None:
             ("project", r.project_id == first.project_id),
             ("view", r.view == first.view),
             ("catalog version", r.catalog_version == first.catalog_version),
+            ("reference date", r.reference_date == first.reference_date),
             ("grouping", r.group_by == first.group_by),
             ("cells", r.cells == first.cells),
             ("epsilon", r.epsilon_units == first.epsilon_units),

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from coordinator.combine import Combined, CombineError, combine
 from coordinator.config import CoordinatorConfig, Project
 from coordinator.fanout import TrustOutcome, Trusts, TrustState
+from fedtre import logs
 from fedtre.audit import AuditLog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query
 from fedtre.request import check_ids
 from fedtre.v1 import node_pb2 as npb
+
+log = logs.get("coordinator")
 
 NO_PROJECT = "No project with that id is open to you. Ask the project lead to add your name."
 
@@ -33,7 +36,7 @@ class Submission:
     query_id: str
     project_id: str
     sql: str
-    epsilon: float  # 0: the project's default
+    epsilon: float | None  # None: the project's default; anything given is checked, 0 refused
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,14 @@ class CoordinatorEngine:
         )
         outcomes = tuple(self.trusts.answer(project.trusts, request, self.config.deadline_seconds))
         outcome = self._combine(query_id, project, units, outcomes)
+        # Per-trust timings go to the operator log only: never to researchers.
+        log.info(
+            "query.trusts",
+            extra={
+                "query_id": query_id,
+                "handling_ms": {o.node_id: round(o.handling_ms, 3) for o in outcomes},
+            },
+        )
         self.audit.write(
             "query.released" if outcome.combined is not None else "query.withheld",
             query_id=query_id,
@@ -107,7 +118,7 @@ class CoordinatorEngine:
     def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int]:
         check_ids(query_id, sub.project_id)
         project = self.project_for(researcher, sub.project_id)
-        units = project.default_units if sub.epsilon == 0 else epsilon_to_units(sub.epsilon)
+        units = project.default_units if sub.epsilon is None else epsilon_to_units(sub.epsilon)
         if units > project.max_units_per_query:
             raise QueryRefused(
                 Refusal.OUT_OF_SCOPE,

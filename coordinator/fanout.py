@@ -45,7 +45,7 @@ class TrustOutcome:
     refusal: Refusal | None = None
     reason: str = ""
     remaining_units: int | None = None
-    handling_ms: float = 0.0
+    handling_ms: float = 0.0  # the trust's own time, its answer slot included: operators only
 
 
 # One call to one trust: the stub, the trust's id and the time left until the query's deadline.

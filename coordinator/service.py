@@ -35,7 +35,8 @@ class ResearcherServicer(coordinator_pb2_grpc.ResearcherServiceServicer):
     def Submit(
         self, request: cpb.SubmitRequest, context: grpc.ServicerContext
     ) -> cpb.SubmitResponse:
-        sub = Submission(request.query_id, request.project_id, request.sql, request.epsilon)
+        epsilon = request.epsilon if request.HasField("epsilon") else None
+        sub = Submission(request.query_id, request.project_id, request.sql, epsilon)
         try:
             outcome = self.engine.submit(self._researcher(context), sub)
         except Exception as exc:  # every failure maps to a status in one place
@@ -86,7 +87,6 @@ def trust_to_wire(o: TrustOutcome, units: int) -> cpb.TrustStatus:
         replayed=o.replayed,
         has_budget=o.remaining_units is not None,
         remaining_units=o.remaining_units or 0,
-        handling_ms=o.handling_ms,
     )
 
 
@@ -104,6 +104,7 @@ def outcome_to_wire(outcome: Outcome) -> cpb.SubmitResponse:
         return response
     response.view = c.view
     response.catalog_version = c.catalog_version
+    response.reference_date = c.reference_date
     response.group_by.extend(c.group_by)
     response.cells.extend(cells_to_wire(c.cells))
     response.covered_trusts.extend(c.covered)

@@ -36,7 +36,6 @@ class TrustReport:
     epsilon_spent: float
     epsilon_left: float | None
     replayed: bool
-    handling_ms: float
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,7 @@ class QueryResult:
     covered_trusts: tuple[str, ...]
     epsilon: float
     notes: tuple[str, ...]
+    reference_date: str = ""  # the date every covered trust computed ages at (YYYY-MM-DD)
 
     # -- machine-readable ------------------------------------------------------------------
 
@@ -102,6 +102,7 @@ class QueryResult:
             "project_id": self.project_id,
             "covered_trusts": ",".join(self.covered_trusts),
             "epsilon_per_trust": repr(self.epsilon),
+            "reference_date": self.reference_date,
             "notes": " | ".join(self.notes),
         }
         return table.replace_schema_metadata(metadata)
@@ -113,6 +114,7 @@ class QueryResult:
             project_id=self.project_id,
             covered_trusts=list(self.covered_trusts),
             epsilon_per_trust=self.epsilon,
+            reference_date=self.reference_date,
             notes=list(self.notes),
         )
         return frame
@@ -126,6 +128,7 @@ class QueryResult:
             "withheld_reason": self.withheld_reason or None,
             "covered_trusts": list(self.covered_trusts),
             "epsilon_per_trust": self.epsilon,
+            "reference_date": self.reference_date or None,
             "rows": self.rows() if self.released else [],
             "trusts": [t.__dict__ for t in self.trusts],
             "notes": list(self.notes),
@@ -161,6 +164,7 @@ class QueryResult:
             lines.append(f"  {t.node_id:<20} {t.state}{why}; {spent}{replay}{left}")
         if self.released:
             lines.append(f"Covers: {', '.join(self.covered_trusts)}")
+            lines.append(f"Ages are at the federation's reference date, {self.reference_date}.")
         for note in self.notes:
             lines.append(f"Note: {note}")
         lines.append(f"Query id: {self.query_id} (reuse it to fetch this answer again at no cost)")
@@ -236,7 +240,6 @@ def result_from_wire(msg: cpb.SubmitResponse) -> QueryResult:
             epsilon_spent=units_to_epsilon(t.epsilon_units),
             epsilon_left=units_to_epsilon(t.remaining_units) if t.has_budget else None,
             replayed=t.replayed,
-            handling_ms=t.handling_ms,
         )
         for t in msg.trusts
     )
@@ -253,4 +256,5 @@ def result_from_wire(msg: cpb.SubmitResponse) -> QueryResult:
         covered_trusts=tuple(msg.covered_trusts),
         epsilon=msg.epsilon,
         notes=tuple(msg.notes),
+        reference_date=msg.reference_date,
     )

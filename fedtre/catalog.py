@@ -7,6 +7,7 @@ Anything unexpected in the file is refused at start-up with a message naming the
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import re
@@ -91,6 +92,14 @@ class Column:
     def highest_tier(self) -> Tier:
         return max([self.tier, *self.value_tiers.values()])
 
+    def group_domain_at(self, tier: Tier) -> tuple[Value, ...] | None:
+        """The cells a GROUP BY returns for a project approved up to ``tier``: values above it
+        are not in the domain (their rows do not exist for that project)."""
+        domain = self.group_domain
+        if domain is None:
+            return None
+        return tuple(v for v in domain if self.value_tiers.get(v, Tier.GENERAL) <= tier)
+
 
 @dataclass(frozen=True)
 class View:
@@ -103,6 +112,22 @@ class View:
     def column(self, name: str) -> Column | None:
         return self.columns.get(name)
 
+    @property
+    def row_levels(self) -> tuple[Tier, ...]:
+        """The tiers at which the set of rows a project sees changes, lowest first.
+
+        A row's tier is the highest value tier among its values (e.g. a self-harm diagnosis is
+        highly sensitive). A project approved up to tier T sees the rows whose tier is at most
+        T: the others do not exist for it. The loader stores a per-person rank for each level.
+        """
+        raised = {t for c in self.columns.values() for t in c.value_tiers.values() if t > self.tier}
+        return tuple(sorted({self.tier, *raised}))
+
+    def level_for(self, tier: Tier) -> Tier | None:
+        """The row level a project approved up to ``tier`` reads; None if the view is above it."""
+        levels = [level for level in self.row_levels if level <= tier]
+        return max(levels) if levels else None
+
 
 @dataclass(frozen=True)
 class Catalog:
@@ -110,6 +135,7 @@ class Catalog:
     privacy_unit: str
     views: Mapping[str, View]
     digest: str
+    reference_date: dt.date  # ages are computed at this date at every trust
 
     def view(self, name: str) -> View | None:
         return self.views.get(name)
@@ -134,8 +160,9 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
 
 
 def parse_catalog(data: Mapping[str, Any], source: str = "catalog", digest: str = "") -> Catalog:
-    _keys(data, source, required={"version", "views"}, optional={"privacy_unit"})
+    _keys(data, source, required={"version", "views", "reference_date"}, optional={"privacy_unit"})
     version = _str(data["version"], f"{source}: version")
+    reference_date = _date(data["reference_date"], f"{source}: reference_date")
     privacy_unit = data.get("privacy_unit", PERSON_ID)
     if privacy_unit != PERSON_ID:
         raise ConfigError(f"{source}: privacy_unit must be '{PERSON_ID}'")
@@ -145,7 +172,7 @@ def parse_catalog(data: Mapping[str, Any], source: str = "catalog", digest: str 
     views = {
         name: _parse_view(name, spec, f"{source}: views.{name}") for name, spec in views_raw.items()
     }
-    return Catalog(version, privacy_unit, MappingProxyType(views), digest)
+    return Catalog(version, privacy_unit, MappingProxyType(views), digest, reference_date)
 
 
 def _parse_view(name: str, spec: Any, where: str) -> View:
@@ -260,6 +287,18 @@ def _tier(raw: Any, where: str) -> Tier:
     except ValueError:
         tiers = ", ".join(t.value for t in Tier)
         raise ConfigError(f"{where}: must be one of {tiers}") from None
+
+
+def _date(raw: Any, where: str) -> dt.date:
+    """A calendar date, written as a TOML date (2025-03-31) or a string "2025-03-31"."""
+    if isinstance(raw, dt.date) and not isinstance(raw, dt.datetime):
+        return raw
+    if isinstance(raw, str):
+        try:
+            return dt.date.fromisoformat(raw)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: must be a date written YYYY-MM-DD")
 
 
 def _str(raw: Any, where: str, empty_ok: bool = False) -> str:

@@ -106,11 +106,10 @@ class Client:
         """Run a query across the project's trusts. ``epsilon`` is spent at each trust
         (default: the project's default). Raises ``QueryRefused`` with a plain reason."""
         request = cpb.SubmitRequest(
-            query_id=query_id or f"q-{uuid.uuid4()}",
-            project_id=project,
-            sql=sql,
-            epsilon=0.0 if epsilon is None else epsilon,
+            query_id=query_id or f"q-{uuid.uuid4()}", project_id=project, sql=sql
         )
+        if epsilon is not None:  # absent means the project's default; 0 is refused
+            request.epsilon = epsilon
         return result_from_wire(self._call(self._stub.Submit, request))
 
     def projects(self) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ class Refusal(Enum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     QUERY_ID_CONFLICT = "query_id_conflict"
     NOT_AUTHORISED = "not_authorised"
+    DEADLINE_TOO_SHORT = "deadline_too_short"
 
 
 class FedtreError(Exception):

@@ -82,12 +82,18 @@ def parse_query(sql: str, catalog: Catalog) -> QueryPlan:
 
 
 def query_tier(plan: QueryPlan, catalog: Catalog) -> Tier:
-    """The highest sensitivity tier a plan touches: views, columns and the values it names."""
+    """The highest sensitivity tier a plan names: its views, columns and the values it writes.
+
+    This decides only what a query may name. What it reads is decided on rows: a project
+    approved up to tier T never sees rows holding a value above T (``node.compiler``), so
+    grouping on a column returns only the values at or below T, and no complement, negation or
+    difference can reach the rows above it.
+    """
     views = {plan.view} | cohort_views(plan.where)
     tiers = [catalog.views[v].tier for v in views]
     view = catalog.views[plan.view]
     for name in plan.group_by:
-        tiers.append(view.columns[name].highest_tier)
+        tiers.append(view.columns[name].tier)
     for agg in plan.aggregates:
         if agg.column is not None:
             tiers.append(view.columns[agg.column].tier)

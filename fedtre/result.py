@@ -51,6 +51,7 @@ class NodeResult:
     project_id: str
     view: str
     catalog_version: str
+    reference_date: str  # the catalog's date for ages, YYYY-MM-DD: the same at every trust
     group_by: tuple[str, ...]
     cells: tuple[tuple[Value, ...], ...]
     aggregates: tuple[ReleasedAggregate, ...]
@@ -76,6 +77,7 @@ def _to_dict(r: NodeResult) -> dict[str, Any]:
         "project_id": r.project_id,
         "view": r.view,
         "catalog_version": r.catalog_version,
+        "reference_date": r.reference_date,
         "group_by": list(r.group_by),
         "cells": [list(c) for c in r.cells],
         "aggregates": [
@@ -112,6 +114,7 @@ def _from_dict(d: dict[str, Any]) -> NodeResult:
         project_id=d["project_id"],
         view=d["view"],
         catalog_version=d["catalog_version"],
+        reference_date=d.get("reference_date", ""),  # answers stored before it was recorded
         group_by=tuple(d["group_by"]),
         cells=tuple(tuple(c) for c in d["cells"]),
         aggregates=tuple(

@@ -123,6 +123,7 @@ def result_to_wire(result: NodeResult) -> pb.NodeResult:
         project_id=result.project_id,
         view=result.view,
         catalog_version=result.catalog_version,
+        reference_date=result.reference_date,
         group_by=list(result.group_by),
         cells=cells_to_wire(result.cells),
         aggregates=[
@@ -155,7 +156,8 @@ def result_to_wire(result: NodeResult) -> pb.NodeResult:
 
 def result_from_wire(msg: pb.NodeResult) -> NodeResult:
     """Read a node's answer, refusing anything that does not fit the contract."""
-    for name in ("query_id", "node_id", "project_id", "view", "catalog_version", "released_at"):
+    names = ("query_id", "node_id", "project_id", "view", "catalog_version", "released_at")
+    for name in (*names, "reference_date"):
         value = getattr(msg, name)
         if not value or len(value) > MAX_NAME:
             raise WireError(f"node result field {name} is missing or too long")
@@ -175,6 +177,7 @@ def result_from_wire(msg: pb.NodeResult) -> NodeResult:
         project_id=msg.project_id,
         view=msg.view,
         catalog_version=msg.catalog_version,
+        reference_date=msg.reference_date,
         group_by=tuple(msg.group_by),
         cells=cells,
         aggregates=aggregates,

@@ -31,6 +31,7 @@ _CODES = {
     Refusal.NOT_AUTHORISED: grpc.StatusCode.PERMISSION_DENIED,
     Refusal.BUDGET_EXHAUSTED: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUERY_ID_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.DEADLINE_TOO_SHORT: grpc.StatusCode.FAILED_PRECONDITION,
 }
 assert set(_CODES) == set(Refusal), "every refusal needs a status code"
 

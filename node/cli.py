@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import getpass
 import json
 import sys
@@ -36,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--catalog", type=Path, help="catalog file (default: built-in)")
     load.add_argument("--mapping", type=Path, help="condition group mapping CSV")
     load.add_argument("--opt-out", type=Path, help="CSV of person_id or person_source_value")
-    load.add_argument("--reference-date", type=dt.date.fromisoformat, help="YYYY-MM-DD for ages")
     load.set_defaults(func=_load)
 
     query = node_sub.add_parser(
@@ -49,6 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     query.add_argument("--format", choices=["table", "json"], default="table")
     query.add_argument("sql")
     query.set_defaults(func=_query)
+
+    calibrate = node_sub.add_parser(
+        "calibrate",
+        help="time the slowest query shapes on the loaded data and suggest answer_slot_ms",
+    )
+    calibrate.add_argument("--config", type=Path, required=True)
+    calibrate.add_argument("--repeats", type=int, default=10, help="runs of each shape per thread")
+    calibrate.add_argument(
+        "--concurrency", type=int, help="queries at a time (default: [server] max_workers)"
+    )
+    calibrate.add_argument("--format", choices=["table", "json"], default="table")
+    calibrate.set_defaults(func=_calibrate)
 
     budget = node_sub.add_parser("budget", help="show privacy budget spent and left per project")
     budget.add_argument("--config", type=Path, required=True)
@@ -77,7 +87,6 @@ def _load(args: argparse.Namespace) -> int:
         out,
         catalog,
         mapping=args.mapping,
-        reference_date=args.reference_date,
         opt_out=args.opt_out,
         progress=lambda msg: print(f"  {msg}", file=sys.stderr),
     )
@@ -116,6 +125,36 @@ def _query(args: argparse.Namespace) -> int:
             print(f"query id {result.query_id}; ε left for project {args.project}: {left:g}")
     finally:
         engine.close()
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from node.calibrate import calibrate, report
+
+    if args.repeats < 1 or (args.concurrency is not None and args.concurrency < 1):
+        raise ConfigError("--repeats and --concurrency must be at least 1")
+    config = load_node_config(args.config)
+    result = calibrate(
+        config,
+        repeats=args.repeats,
+        concurrency=args.concurrency,
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr),
+    )
+    if args.format == "json":
+        doc = {
+            "suggested_answer_slot_ms": result.suggested_ms,
+            "configured_answer_slot_ms": config.answer_slot_ms,
+            "concurrency": result.concurrency,
+            "durable_write_ms": result.durable_write_seconds * 1000,
+            "slowest_answer_ms": result.worst * 1000,
+            "shapes": [
+                {"shape": t.shape.name, "p50_ms": t.p50 * 1000, "worst_ms": t.worst * 1000}
+                for t in result.timings
+            ],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(report(result, config.answer_slot_ms)))
     return 0
 
 

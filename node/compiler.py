@@ -9,9 +9,15 @@ Clamping: SUM reads the loader's copy of the column clamped to the catalog bound
 (``_clamped_<col>``), which the node re-checks when it opens the database; filters see the
 recorded value.
 
-Contribution bounding: the loader stores ``_rank``, a fixed pseudo-random order of each person's
-rows in a view (1, 2, ...). A query reads only rows with ``_rank <= max_rows_per_person``, so no
-person can contribute more rows than the catalog allows, at no cost at query time.
+Tiers act on rows: a project approved up to tier T reads, in every view and every cohort, only
+the rows at the view's row level for T (``View.level_for``); rows holding a value above T do not
+exist for it, and such values are not in the group domains.
+
+Contribution bounding: the loader stores, per row level, ``_rank_<level>``: each person's rows
+visible at that level numbered 1, 2, ... in a fixed order that depends only on the person's own
+rows (NULL on rows above the level). A query reads only rows with
+``_rank_<level> <= max_rows_per_person``, so no person contributes more rows than the catalog
+allows, at no cost at query time; a cohort reads every visible row (``IS NOT NULL``).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from fedtre.catalog import Catalog, Value, View
+from fedtre.catalog import Catalog, Tier, Value, View
 from fedtre.plan import (
     AggregateKind,
     And,
@@ -31,7 +37,7 @@ from fedtre.plan import (
     Predicate,
     QueryPlan,
 )
-from node.database import RANK_COLUMN, clamped_column
+from node.database import clamped_column, rank_column
 
 
 @dataclass(frozen=True)
@@ -68,21 +74,32 @@ def statistics_for(plan: QueryPlan) -> list[list[Statistic]]:
     return out
 
 
-def compile_plan(plan: QueryPlan, catalog: Catalog) -> CompiledQuery:
+def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery:
+    """The SQL for ``plan`` as a project approved up to ``tier`` sees the data.
+
+    The caller has checked that the plan names nothing above ``tier`` (``query_tier``).
+    """
     view = catalog.views[plan.view]
     stats = [s for group in statistics_for(plan) for s in group]
     params: list[Value] = []
     select = [f't."{g}"' for g in plan.group_by]
     select += [_statistic_sql(s, view) for s in stats]
-    where = [f"t.{RANK_COLUMN} <= {int(view.max_rows_per_person)}"]
+    where = [f't."{_rank(view, tier)}" <= {int(view.max_rows_per_person)}']
     if plan.where is not None:
-        where.append(_predicate_sql(plan.where, "t", catalog, params, depth=0))
+        where.append(_predicate_sql(plan.where, "t", catalog, tier, params, depth=0))
     sql = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE {" AND ".join(where)}'
     if plan.group_by:
         sql += " GROUP BY " + ", ".join(f't."{g}"' for g in plan.group_by)
-    domains = [view.columns[g].group_domain or () for g in plan.group_by]
+    domains = [view.columns[g].group_domain_at(tier) or () for g in plan.group_by]
     cells = tuple(itertools.product(*domains)) if plan.group_by else ((),)
     return CompiledQuery(sql, tuple(params), view, plan.group_by, cells, tuple(stats))
+
+
+def _rank(view: View, tier: Tier) -> str:
+    level = view.level_for(tier)
+    if level is None:  # refused before compiling; never read a view above the approval
+        raise ValueError(f"view {view.name} is above tier {tier.value}")
+    return rank_column(level)
 
 
 def _statistic_sql(stat: Statistic, view: View) -> str:
@@ -97,7 +114,7 @@ def _statistic_sql(stat: Statistic, view: View) -> str:
 
 
 def _predicate_sql(
-    pred: Predicate, alias: str, catalog: Catalog, params: list[Value], depth: int
+    pred: Predicate, alias: str, catalog: Catalog, tier: Tier, params: list[Value], depth: int
 ) -> str:
     match pred:
         case Compare(column, op, value):
@@ -107,26 +124,21 @@ def _predicate_sql(
             params.extend(values)
             marks = ", ".join("?" for _ in values)
             return f'{alias}."{column}" {"NOT IN" if negated else "IN"} ({marks})'
-        case And(items):
-            return (
-                "("
-                + " AND ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items)
-                + ")"
-            )
-        case Or(items):
-            return (
-                "("
-                + " OR ".join(_predicate_sql(p, alias, catalog, params, depth) for p in items)
-                + ")"
-            )
+        case And(items) | Or(items):
+            joiner = " AND " if isinstance(pred, And) else " OR "
+            parts = [_predicate_sql(p, alias, catalog, tier, params, depth) for p in items]
+            return "(" + joiner.join(parts) + ")"
         case Not(item):
-            return f"(NOT {_predicate_sql(item, alias, catalog, params, depth)})"
+            return f"(NOT {_predicate_sql(item, alias, catalog, tier, params, depth)})"
         case Cohort(view_name, where, negated):
             sub = catalog.views[view_name]
-            inner_alias = f"c{depth + 1}"
-            sql = f'SELECT {inner_alias}.person_id FROM "{sub.name}" AS {inner_alias}'
+            inner = f"c{depth + 1}"
+            sql = (
+                f'SELECT {inner}.person_id FROM "{sub.name}" AS {inner} '
+                f'WHERE {inner}."{_rank(sub, tier)}" IS NOT NULL'
+            )
             if where is not None:
-                sql += " WHERE " + _predicate_sql(where, inner_alias, catalog, params, depth + 1)
+                sql += " AND " + _predicate_sql(where, inner, catalog, tier, params, depth + 1)
             return f"{alias}.person_id {'NOT IN' if negated else 'IN'} ({sql})"
     raise TypeError(f"not a predicate: {type(pred).__name__}")
 

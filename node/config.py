@@ -46,6 +46,11 @@ class ServerSettings:
     max_workers: int
 
 
+DEFAULT_MIN_EPSILON = 0.001
+DEFAULT_ANSWER_SLOT_MS = 500
+MAX_ANSWER_SLOT_MS = 600_000
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -57,6 +62,11 @@ class NodeConfig:
     duckdb_threads: int
     duckdb_memory_limit: str
     server: ServerSettings | None = None
+    # The smallest ε one query may spend here: probing with tiny ε costs real budget.
+    min_units_per_query: int = epsilon_to_units(DEFAULT_MIN_EPSILON)
+    # Every answer leaves the node on a multiple of this slot after receipt, so its timing does
+    # not depend on the data (0: off, unsafe, for measurements only).
+    answer_slot_ms: int = DEFAULT_ANSWER_SLOT_MS
 
     @property
     def ledger_path(self) -> Path:
@@ -83,6 +93,8 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "projects",
         "duckdb_threads",
         "duckdb_memory_limit",
+        "min_epsilon_per_query",
+        "answer_slot_ms",
         "server",
     }
     required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
@@ -109,6 +121,20 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
     if not isinstance(memory, str) or not re.fullmatch(r"\d{1,6}(\.\d+)?\s?[KMGT]i?B", memory):
         raise ConfigError(f"{source}: duckdb_memory_limit must look like '4GB'")
     server = _server(data["server"], base_dir, f"{source}: server") if "server" in data else None
+    min_units = _epsilon(
+        data.get("min_epsilon_per_query", DEFAULT_MIN_EPSILON), f"{source}: min_epsilon_per_query"
+    )
+    for pid, project in projects.items():
+        if project.max_units_per_query < min_units:
+            raise ConfigError(
+                f"{source}: projects.{pid}.max_epsilon_per_query is below min_epsilon_per_query"
+            )
+    slot = data.get("answer_slot_ms", DEFAULT_ANSWER_SLOT_MS)
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot <= MAX_ANSWER_SLOT_MS:
+        raise ConfigError(
+            f"{source}: answer_slot_ms must be a whole number of milliseconds from 0 to "
+            f"{MAX_ANSWER_SLOT_MS} (0 turns the time slot off: unsafe)"
+        )
     return NodeConfig(
         node_id=node_id,
         database=resolve_path(data["database"], base_dir, source),
@@ -119,6 +145,8 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         duckdb_threads=threads,
         duckdb_memory_limit=memory,
         server=server,
+        min_units_per_query=min_units,
+        answer_slot_ms=slot,
     )
 
 

@@ -2,41 +2,46 @@
 
 Order of work (each step refuses with a data-free reason before the next can run):
 
-1. write the request to the audit log (fsync) - nothing is acted on before it is logged;
-2. check fields, project, ε (against the project's per-query cap), plan, view and tier scope;
-3. a known query id with the same request returns the stored answer; a different request under
-   the same id is refused;
-4. check the remaining budget (project and node ceiling) before DuckDB runs;
-5. run the compiled plan in the locked-down database and add OpenDP noise;
-6. in one durable transaction: debit project and node budget and store the noisy result;
-7. audit the release, then return it.
+1. write the request to the audit log (fsync): nothing is acted on before it is logged;
+2. decide everything that can refuse without touching the data (``node.prepare``): ids,
+   project, ε (the node's minimum and the project's per-query cap), plan, views, tier, and the
+   split of ε over the statistics, with every OpenDP measurement built;
+3. a query id with a stored answer returns it (a different request under that id is refused);
+   a caller whose deadline cannot fit the answer slot, or who has gone, is refused;
+4. reserve the budget (project and node ceiling) in one durable transaction, the debit, and
+   audit it (``query.reserved``);
+5. only now read the data: run the compiled plan in the locked-down database, add the planned
+   OpenDP noise, and store the noisy result under the query id;
+6. audit the release, and hand it over on the answer slot: every answer leaves a multiple of
+   ``answer_slot_ms`` after it was received, so its timing does not depend on the data.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import threading
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import duckdb
 
+from fedtre import logs
 from fedtre.audit import AuditLog
-from fedtre.dp import epsilon_to_units, units_to_epsilon
+from fedtre.dp import units_to_epsilon
 from fedtre.errors import InternalError, QueryRefused, Refusal, UserError
-from fedtre.parse import parse_query, query_tier
-from fedtre.plan import QueryPlan, cohort_views
 from fedtre.request import QueryRequest
 from fedtre.result import NodeResult
-from node.compiler import compile_plan, run_exact
-from node.config import NodeConfig, ProjectPolicy
-from node.database import open_research_db
+from node.compiler import CompiledQuery, run_exact
+from node.config import NodeConfig
+from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
-from node.ledger import NODE_SCOPE, Ledger, budget_refusal, project_scope
+from node.ledger import NODE_SCOPE, Ledger, Reservation, project_scope
+from node.prepare import PreparedQuery, find_project, prepare
 from node.release import release
+
+log = logs.get("node")
 
 
 @dataclass(frozen=True)
@@ -68,25 +73,38 @@ class BudgetStatus:
         return units_to_epsilon(self.remaining_units)
 
 
+class _Unslotted(Exception):
+    """Wraps a refusal that is answered at once rather than on the slot (the caller cannot wait
+    for it, or has gone): decided from the request alone, before anything else."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class NodeEngine:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.catalog = config.catalog
         self.audit = AuditLog(config.audit_path, config.node_id)
         self.ledger = Ledger(config.ledger_path)
-        self._db = open_research_db(
+        self.database = ResearchDatabase(
             config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
         )
-        self._db_lock = threading.Lock()
         self.audit.write("node.started", catalog_version=self.catalog.version)
+        if config.answer_slot_ms == 0:
+            log.warning(
+                "answer slot off: answer times can reveal the data (answer_slot_ms = 0)",
+                extra={"node": config.node_id},
+            )
 
     def close(self) -> None:
         self.audit.write("node.stopped")
-        self._db.close()
+        self.database.close()
         self.audit.close()
 
     def budget(self, project_id: str) -> BudgetStatus:
-        project = self._project(project_id)
+        project = find_project(self.config, project_id)
         return BudgetStatus(
             project_id=project_id,
             total_units=project.total_units,
@@ -99,10 +117,34 @@ class NodeEngine:
         return self.answer_detail(request).result
 
     def answer_detail(
-        self, request: QueryRequest, cancelled: Callable[[], bool] | None = None
+        self,
+        request: QueryRequest,
+        cancelled: Callable[[], bool] | None = None,
+        time_left: float | None = None,
     ) -> Answer:
-        """Answer a request; ``cancelled`` is asked just before the durable debit, so a caller
-        that has already given up (deadline passed) costs nothing."""
+        """Answer a request, on the answer slot.
+
+        ``time_left`` (seconds the caller will wait, if it has a deadline) must fit the slot, or
+        the request is refused at once; ``cancelled`` is asked just before the budget is
+        reserved, so a caller that has already given up costs nothing.
+        """
+        received = time.monotonic()
+        try:
+            answer = self._audited(request, cancelled, time_left)
+        except _Unslotted as unslotted:
+            raise unslotted.error from None
+        except BaseException:
+            self._hold(received, request)
+            raise
+        self._hold(received, request)
+        return answer
+
+    def _audited(
+        self,
+        request: QueryRequest,
+        cancelled: Callable[[], bool] | None,
+        time_left: float | None,
+    ) -> Answer:
         self.audit.write(
             "query.received",
             query_id=str(request.query_id)[:128],
@@ -112,19 +154,12 @@ class NodeEngine:
             sql=request.sql if isinstance(request.sql, str) else None,
         )
         try:
-            result, replayed = self._answer(request, cancelled)
-        except UserError as exc:
-            self.audit.write(
-                "query.refused",
-                query_id=str(request.query_id)[:128],
-                project=str(request.project_id)[:64],
-                caller=request.caller,
-                refusal=exc.refusal.value,
-                reason=exc.message,
-            )
+            result, replayed, charged = self._answer(request, cancelled, time_left)
+        except _Unslotted as unslotted:
+            self._audit_outcome(request, unslotted.error)
             raise
-        except Exception as exc:  # internal errors and bugs: audited, nothing released
-            self._audit_failure(request, exc)
+        except Exception as exc:
+            self._audit_outcome(request, exc)
             raise
         # A replay spends nothing now; it names the units charged when the answer was first
         # stored, so the audit log reconciles with the ledger even if that release's own audit
@@ -134,11 +169,45 @@ class NodeEngine:
             query_id=request.query_id,
             project=request.project_id,
             caller=request.caller,
-            epsilon_units=0 if replayed else result.epsilon_units,
+            epsilon_units=charged,
             charged_epsilon_units=result.epsilon_units,
             released_at=result.released_at,
         )
         return Answer(result, replayed)
+
+    def _audit_outcome(self, request: QueryRequest, exc: Exception) -> None:
+        if isinstance(exc, UserError):
+            self.audit.write(
+                "query.refused",
+                query_id=str(request.query_id)[:128],
+                project=str(request.project_id)[:64],
+                caller=request.caller,
+                refusal=exc.refusal.value,
+                reason=exc.message,
+            )
+        else:  # internal errors and bugs: audited, nothing released
+            self._audit_failure(request, exc)
+
+    def _hold(self, received: float, request: QueryRequest) -> None:
+        """Wait for the end of the answer slot: the first multiple of the slot after receipt
+        at which the work is done. An overrun is logged for trust IT (``fedtre node
+        calibrate`` suggests a slot); the answer then leaves on the next multiple."""
+        slot = self.config.answer_slot_ms / 1000.0
+        done = time.monotonic()
+        if slot <= 0:
+            return
+        slots = max(1, math.ceil((done - received) / slot))
+        if slots > 1:
+            log.warning(
+                "answer overran its slot",
+                extra={
+                    "node": self.config.node_id,
+                    "query_id": str(request.query_id)[:128],
+                    "slots": slots,
+                    "slot_ms": self.config.answer_slot_ms,
+                },
+            )
+        time.sleep(max(0.0, received + slots * slot - time.monotonic()))
 
     def describe(self, caller: str) -> tuple[str, ...]:
         """Audited: the ids of the projects this trust serves."""
@@ -170,112 +239,97 @@ class NodeEngine:
             )
 
     def _answer(
-        self, request: QueryRequest, cancelled: Callable[[], bool] | None
-    ) -> tuple[NodeResult, bool]:
-        request.check_fields()
-        project = self._project(request.project_id)
-        units = epsilon_to_units(request.epsilon)
-        if units > project.max_units_per_query:
-            raise QueryRefused(
-                Refusal.OUT_OF_SCOPE,
-                f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
-                f"{units_to_epsilon(project.max_units_per_query):g}.",
-            )
-        plan = parse_query(request.sql, self.catalog)
-        self._check_scope(plan, project)
-        fingerprint = _fingerprint(request.project_id, plan, units)
-
+        self,
+        request: QueryRequest,
+        cancelled: Callable[[], bool] | None,
+        time_left: float | None,
+    ) -> tuple[NodeResult, bool, int]:
+        """(result, replayed, units this request charged)."""
+        prepared = prepare(request, self.config)
         stored = self.ledger.lookup(request.query_id)
         if stored is not None:
-            return self._replay(stored.fingerprint, stored.result, fingerprint), True
+            return self._replay(stored.fingerprint, stored.result, prepared.fingerprint), True, 0
+        slot = self.config.answer_slot_ms / 1000.0
+        if time_left is not None and time_left < slot:
+            raise _Unslotted(
+                QueryRefused(
+                    Refusal.DEADLINE_TOO_SHORT,
+                    f"This trust answers on a fixed {self.config.answer_slot_ms} ms time slot; "
+                    "the request's deadline is shorter. Allow more time.",
+                )
+            )
+        if cancelled is not None and cancelled():
+            raise _Unslotted(CallerGone("the caller gave up before the debit; nothing was spent"))
+        reservation = self.ledger.reserve(
+            request.query_id,
+            request.project_id,
+            prepared.fingerprint,
+            prepared.units,
+            datetime.now(UTC).isoformat(timespec="milliseconds"),
+            {
+                project_scope(prepared.project.project_id): prepared.project.total_units,
+                NODE_SCOPE: self.config.node_total_units,
+            },
+        )
+        if reservation.fingerprint != prepared.fingerprint:
+            raise _conflict()
+        if reservation.stored is not None:  # a concurrent request of this id stored it first
+            return NodeResult.from_json(reservation.stored.result), True, 0
+        if reservation.created:  # the debit is in the audit log before any data is read
+            self.audit.write(
+                "query.reserved",
+                query_id=request.query_id,
+                project=request.project_id,
+                caller=request.caller,
+                epsilon_units=reservation.units,
+            )
+        # The cost is fixed and debited; only now is the data read.
+        result = self._compute(request, prepared, reservation)
+        text = result.to_json()
+        stored_release = self.ledger.store(reservation, text)
+        charged = reservation.units if reservation.created else 0
+        if stored_release.result != text:  # another request of this id stored its answer first
+            return NodeResult.from_json(stored_release.result), True, charged
+        return result, False, charged
 
-        limits = {
-            project_scope(project.project_id): project.total_units,
-            NODE_SCOPE: self.config.node_total_units,
-        }
-        for scope, total in limits.items():
-            if self.ledger.spent(scope) + units > total:
-                racing = self.ledger.lookup(request.query_id)
-                if racing is not None:  # the original of this retry committed meanwhile
-                    return self._replay(racing.fingerprint, racing.result, fingerprint), True
-                raise budget_refusal(scope)
+    def _compute(
+        self, request: QueryRequest, prepared: PreparedQuery, reservation: Reservation
+    ) -> NodeResult:
+        exact = self._run(prepared.compiled)
+        aggregates = release(prepared.release, exact)
+        del exact
+        return NodeResult(
+            query_id=request.query_id,
+            node_id=self.config.node_id,
+            project_id=request.project_id,
+            view=prepared.plan.view,
+            catalog_version=self.catalog.version,
+            reference_date=self.catalog.reference_date.isoformat(),
+            group_by=prepared.plan.group_by,
+            cells=prepared.compiled.cells,
+            aggregates=aggregates,
+            epsilon_units=prepared.units,
+            released_at=reservation.reserved_at,
+        )
 
-        compiled = compile_plan(plan, self.catalog)
+    def _run(self, compiled: CompiledQuery) -> list[list[int]]:
         try:
-            with self._db_lock:
-                cursor = self._db.cursor()
+            cursor = self.database.cursor()
             try:
-                exact = run_exact(cursor, compiled)
+                return run_exact(cursor, compiled)
             finally:
                 cursor.close()
         except duckdb.Error as exc:
             raise DatabaseError(f"query execution failed: {type(exc).__name__}") from exc
-        aggregates = release(plan, compiled.view, len(compiled.cells), exact, units)
-        del exact
-        result = NodeResult(
-            query_id=request.query_id,
-            node_id=self.config.node_id,
-            project_id=request.project_id,
-            view=plan.view,
-            catalog_version=self.catalog.version,
-            group_by=plan.group_by,
-            cells=compiled.cells,
-            aggregates=aggregates,
-            epsilon_units=units,
-            released_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-        )
-        if cancelled is not None and cancelled():
-            raise CallerGone("the caller gave up before the release; nothing was spent")
-        stored_release, created = self.ledger.commit_release(
-            request.query_id,
-            request.project_id,
-            fingerprint,
-            units,
-            result.to_json(),
-            result.released_at,
-            limits,
-        )
-        if not created:
-            return self._replay(
-                stored_release.fingerprint, stored_release.result, fingerprint
-            ), True
-        return result, False
 
     def _replay(self, stored_fingerprint: str, stored_result: str, fingerprint: str) -> NodeResult:
         if stored_fingerprint != fingerprint:
-            raise QueryRefused(
-                Refusal.QUERY_ID_CONFLICT,
-                "This query id was already used for a different query; use a new id.",
-            )
+            raise _conflict()
         return NodeResult.from_json(stored_result)
 
-    def _project(self, project_id: str) -> ProjectPolicy:
-        project = self.config.projects.get(project_id)
-        if project is None:
-            raise QueryRefused(
-                Refusal.UNKNOWN_PROJECT, "This trust has no approved project with that id."
-            )
-        return project
 
-    def _check_scope(self, plan: QueryPlan, project: ProjectPolicy) -> None:
-        views = {plan.view} | cohort_views(plan.where)
-        outside = sorted(views - project.views)
-        if outside:
-            raise QueryRefused(
-                Refusal.OUT_OF_SCOPE,
-                f"This project is not approved to use the view(s): {', '.join(outside)}.",
-            )
-        tier = query_tier(plan, self.catalog)
-        if tier > project.max_tier:
-            raise QueryRefused(
-                Refusal.OUT_OF_SCOPE,
-                f"This query touches {tier.value.replace('_', ' ')} data; the project is "
-                f"approved up to {project.max_tier.value.replace('_', ' ')}.",
-            )
-
-
-def _fingerprint(project_id: str, plan: QueryPlan, units: int) -> str:
-    text = json.dumps(
-        {"project": project_id, "plan": plan.canonical(), "units": units}, sort_keys=True
+def _conflict() -> QueryRefused:
+    return QueryRefused(
+        Refusal.QUERY_ID_CONFLICT,
+        "This query id was already used for a different query; use a new id.",
     )
-    return hashlib.sha256(text.encode()).hexdigest()

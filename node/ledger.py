@@ -1,10 +1,17 @@
 """The node's durable privacy-budget ledger and result store (SQLite, WAL, synchronous=FULL).
 
-One transaction (``BEGIN IMMEDIATE``) does three things together, or none of them:
-debit the project's budget and the node-wide ceiling with conditional updates that can never go
-negative, and store the noisy result under its query id. Only after that commit is a result
-returned to anyone, so a crash at any point leaves either no debit and nothing released, or a
-debit with the stored answer that every retry of the query id returns.
+Two steps, each one transaction (``BEGIN IMMEDIATE``):
+
+1. ``reserve``, before the research database is touched: debit the project's budget and the
+   node-wide ceiling with conditional updates that can never go negative, and record the query
+   id with what it costs. Whether a query may run is decided here, from the ledger alone, so no
+   refusal ever depends on the data or on how long it took to read.
+2. ``store``, after the noisy result is computed: keep it under its query id. The first stored
+   result of a query id is the only one ever returned; a retry returns it verbatim.
+
+A crash after (1) leaves a debit and no result: nothing was released, and a retry of the query
+id computes and stores the answer without a second debit. Only a stored result is returned to
+anyone, so nothing is released without a durable debit.
 
 Totals are not stored: they come from the node's configuration at every call, so the ledger
 records what was spent and the operator's current policy decides what may still be spent.
@@ -27,6 +34,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spent (
     scope TEXT PRIMARY KEY,
     units INTEGER NOT NULL DEFAULT 0 CHECK (units >= 0)
+);
+CREATE TABLE IF NOT EXISTS reservations (
+    query_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    units INTEGER NOT NULL CHECK (units > 0),
+    reserved_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS releases (
     query_id TEXT PRIMARY KEY,
@@ -62,6 +76,27 @@ class StoredRelease:
     released_at: str
 
 
+@dataclass(frozen=True)
+class Reservation:
+    query_id: str
+    project_id: str
+    fingerprint: str
+    units: int
+    reserved_at: str
+    created: bool  # this call debited the budget (False: an earlier request of this id did)
+    stored: StoredRelease | None = None  # the answer, if one is already stored
+
+
+@dataclass(frozen=True)
+class Debit:
+    """One query id's debit, whether or not its answer was stored."""
+
+    query_id: str
+    project_id: str
+    units: int
+    reserved_at: str
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -93,44 +128,50 @@ class Ledger:
         return int(row[0]) if row else 0
 
     def lookup(self, query_id: str) -> StoredRelease | None:
-        try:
-            row = (
-                self._con()
-                .execute(
-                    "SELECT query_id, project_id, fingerprint, units, result, released_at "
-                    "FROM releases WHERE query_id = ?",
-                    (query_id,),
-                )
-                .fetchone()
-            )
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        """The stored answer of a query id, if there is one."""
+        row = self._one(
+            "SELECT query_id, project_id, fingerprint, units, result, released_at "
+            "FROM releases WHERE query_id = ?",
+            query_id,
+        )
         return StoredRelease(*row) if row else None
 
-    def commit_release(
+    def _reservation(self, query_id: str) -> tuple | None:
+        return self._one(
+            "SELECT query_id, project_id, fingerprint, units, reserved_at "
+            "FROM reservations WHERE query_id = ?",
+            query_id,
+        )
+
+    def _one(self, sql: str, query_id: str) -> tuple | None:
+        try:
+            return self._con().execute(sql, (query_id,)).fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+
+    def reserve(
         self,
         query_id: str,
         project_id: str,
         fingerprint: str,
         units: int,
-        result: str,
-        released_at: str,
+        reserved_at: str,
         limits: Mapping[str, int],
-    ) -> tuple[StoredRelease, bool]:
-        """Debit every scope in ``limits`` (scope -> total units allowed) and store the result.
+    ) -> Reservation:
+        """Debit every scope in ``limits`` (scope -> total units allowed) for this query id.
 
-        Returns the stored release and whether this call created it. If the query id is already
-        stored (a concurrent retry won), nothing is debited and the stored release is returned.
-        Raises ``QueryRefused(BUDGET_EXHAUSTED)`` if any scope would exceed its total.
+        A query id that is already reserved or stored debits nothing: its reservation (and its
+        stored answer, if any) is returned with ``created=False``. Raises
+        ``QueryRefused(BUDGET_EXHAUSTED)`` if any scope would exceed its total.
         """
         con = self._con()
         try:
             con.execute("BEGIN IMMEDIATE")
             try:
-                existing = self.lookup(query_id)
+                existing = self._existing(query_id)
                 if existing is not None:
                     con.execute("ROLLBACK")
-                    return existing, False
+                    return existing
                 for scope, total in limits.items():
                     con.execute(
                         "INSERT OR IGNORE INTO spent (scope, units) VALUES (?, 0)", (scope,)
@@ -143,9 +184,9 @@ class Ledger:
                         con.execute("ROLLBACK")
                         raise budget_refusal(scope)
                 con.execute(
-                    "INSERT INTO releases (query_id, project_id, fingerprint, units, result, "
-                    "released_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (query_id, project_id, fingerprint, units, result, released_at),
+                    "INSERT INTO reservations (query_id, project_id, fingerprint, units, "
+                    "reserved_at) VALUES (?, ?, ?, ?, ?)",
+                    (query_id, project_id, fingerprint, units, reserved_at),
                 )
                 con.execute("COMMIT")
             except BaseException:
@@ -154,8 +195,65 @@ class Ledger:
                 raise
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
-        stored = StoredRelease(query_id, project_id, fingerprint, units, result, released_at)
-        return stored, True
+        return Reservation(query_id, project_id, fingerprint, units, reserved_at, created=True)
+
+    def _existing(self, query_id: str) -> Reservation | None:
+        stored = self.lookup(query_id)
+        if stored is not None:  # also answers stored before reservations existed
+            return Reservation(
+                stored.query_id,
+                stored.project_id,
+                stored.fingerprint,
+                stored.units,
+                stored.released_at,
+                created=False,
+                stored=stored,
+            )
+        row = self._reservation(query_id)
+        if row is None:
+            return None
+        qid, project_id, fingerprint, units, reserved_at = row
+        return Reservation(qid, project_id, fingerprint, units, reserved_at, created=False)
+
+    def store(self, reservation: Reservation, result: str) -> StoredRelease:
+        """Keep the answer of a reserved query id; the first stored answer wins and is returned."""
+        try:  # one statement: its own durable transaction
+            self._con().execute(
+                "INSERT OR IGNORE INTO releases (query_id, project_id, fingerprint, units, "
+                "result, released_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    reservation.query_id,
+                    reservation.project_id,
+                    reservation.fingerprint,
+                    reservation.units,
+                    result,
+                    reservation.reserved_at,
+                ),
+            )
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
+        stored = self.lookup(reservation.query_id)
+        if stored is None:
+            raise LedgerUnavailable("budget ledger lost a stored answer")
+        return stored
+
+    def debits(self, project_id: str | None = None) -> list[Debit]:
+        """Every debit: reservations, and answers stored before reservations existed."""
+        sql = (
+            "SELECT query_id, project_id, units, reserved_at FROM reservations UNION ALL "
+            "SELECT query_id, project_id, units, released_at FROM releases r WHERE NOT EXISTS "
+            "(SELECT 1 FROM reservations s WHERE s.query_id = r.query_id)"
+        )
+        sql = f"SELECT * FROM ({sql})"
+        args: tuple[str, ...] = ()
+        if project_id is not None:
+            sql += " WHERE project_id = ?"
+            args = (project_id,)
+        try:
+            rows = self._con().execute(sql + " ORDER BY 4, 1", args).fetchall()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        return [Debit(*r) for r in rows]
 
     def releases(self, project_id: str | None = None) -> list[StoredRelease]:
         sql = "SELECT query_id, project_id, fingerprint, units, result, released_at FROM releases"

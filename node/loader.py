@@ -9,8 +9,18 @@ existing database untouched.
 Condition concepts map to condition groups through a mapping file (concept ids per group; with
 the OMOP ``concept_ancestor`` table present, descendants are included too; the most specific
 match wins). Unmapped concepts become ``other`` and are reported. Persons on the opt-out list
-are removed from every view. Each person's rows get a fixed pseudo-random order (``_rank``)
-that the query compiler uses to bound contributions.
+are removed from every view.
+
+Everything derived for one person depends only on that person's own rows and on public
+parameters, never on other persons, on row order or on the data's extremes:
+
+* ages are computed at the catalog's ``reference_date``, the same at every trust;
+* a diagnosis takes its setting, and a visit its mental-health flag, only from rows of the same
+  person (a diagnosis naming another person's visit is counted in the report, not linked);
+* each person's rows are numbered, per row level (``node.database.rank_column``), in the order
+  of a hash of each row's own values; the query compiler keeps ranks up to the view's cap;
+* every source value is cast by the loader itself (CSV fields are read as text), so a
+  malformed value makes that one value missing; it never fails the load or retypes a column.
 
 The load report is for trust IT on the node's own console; it never leaves the trust.
 """
@@ -30,8 +40,14 @@ from typing import Any
 import duckdb
 
 from fedtre import __version__
-from fedtre.catalog import Catalog, ColumnType
-from node.database import META_TABLE, clamped_column, stored_columns
+from fedtre.catalog import Catalog, ColumnType, View
+from node.database import (
+    META_TABLE,
+    clamped_column,
+    rank_column,
+    row_tier_sql,
+    stored_columns,
+)
 from node.errors import LoadError
 
 Progress = Callable[[str], None]
@@ -107,6 +123,7 @@ class LoadReport:
     opted_out: int
     conditions_dropped: int
     visits_dropped: int
+    conditions_other_persons_visit: int
     unmapped_concepts: int
     unmapped_condition_rows: int
     persons_over_cap: dict[str, int] = field(default_factory=dict)
@@ -120,10 +137,12 @@ class LoadReport:
             f"patients           {self.persons:,} rows",
             f"conditions         {self.conditions:,} rows",
             f"visits             {self.visits:,} rows",
-            f"persons dropped    {self.persons_dropped:,} (no year of birth, or duplicated id)",
+            f"persons dropped    {self.persons_dropped:,} (no valid id or year of birth)",
             f"opted out          {self.opted_out:,} persons removed from every view",
-            f"conditions dropped {self.conditions_dropped:,} (no date, or person unknown)",
-            f"visits dropped     {self.visits_dropped:,} (no start date, or person unknown)",
+            f"conditions dropped {self.conditions_dropped:,} (no valid date, or person unknown)",
+            f"visits dropped     {self.visits_dropped:,} (no valid start date, or person unknown)",
+            f"foreign visit ids  {self.conditions_other_persons_visit:,} diagnoses name a visit "
+            "of another person: their setting is 'unknown'",
             f"unmapped concepts  {self.unmapped_concepts:,} condition concepts, "
             f"{self.unmapped_condition_rows:,} rows: counted as 'other'",
             f"over the row cap   {over} persons (their extra rows are never counted)",
@@ -136,7 +155,6 @@ def load_omop(
     out: Path,
     catalog: Catalog,
     mapping: Path | None = None,
-    reference_date: dt.date | None = None,
     opt_out: Path | None = None,
     progress: Progress | None = None,
 ) -> LoadReport:
@@ -152,13 +170,13 @@ def load_omop(
     _remove(tmp)
     con = duckdb.connect(str(tmp))
     try:
+        _no_type_pushdown(con)
         found = _stage_sources(con, source, say)
         _stage_mapping(con, groups, "concept_ancestor" in found, say)
-        ref = reference_date or _reference_date(con, "observation_period" in found)
-        say(f"reference date for ages: {ref.isoformat()}")
-        opted_out = _stage_opt_out(con, opt_out)
-        report = _build_views(con, catalog, ref, say)
-        _add_clamped_columns(con, catalog, say)
+        ref = catalog.reference_date
+        say(f"reference date for ages: {ref.isoformat()} (from the catalog)")
+        _stage_opt_out(con, opt_out)
+        report = _build_views(con, catalog, say)
         _validate(con, catalog)
         con.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
         meta = {
@@ -185,10 +203,17 @@ def load_omop(
     return LoadReport(
         database=out,
         reference_date=ref,
-        opted_out=opted_out,
         seconds=time.perf_counter() - started,
         **report,
     )
+
+
+def _no_type_pushdown(con) -> None:
+    """Keep ``TRY_CAST`` a try: DuckDB 2.0's ``type_pushdown`` optimizer moves a cast into the
+    CSV reader, where one malformed value then fails the whole load (measured on 2.0.1)."""
+    names = {r[0] for r in con.execute("SELECT name FROM duckdb_optimizers()").fetchall()}
+    if "type_pushdown" in names:
+        con.execute("SET disabled_optimizers = 'type_pushdown'")
 
 
 def _check_catalog(catalog: Catalog) -> None:
@@ -260,7 +285,9 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
             elif path.name.lower().endswith(".parquet"):
                 reader = f"read_parquet({_sql_str(str(path))})"
             else:
-                reader = f"read_csv({_sql_str(str(path))}, header = true)"
+                # Every field as text: the loader casts each value itself, so one malformed
+                # value can never fail the load or change how other rows are typed.
+                reader = f"read_csv({_sql_str(str(path))}, header = true, all_varchar = true)"
             con.execute(f"CREATE TEMP VIEW src_{table} AS SELECT * FROM {reader}")
             found.add(table)
     else:
@@ -283,6 +310,7 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
             schema, name = available[table]
             con.execute(f'CREATE TEMP VIEW src_{table} AS SELECT * FROM omop."{schema}"."{name}"')
             found.add(table)
+    con.execute("CREATE TEMP TABLE src_columns (table_name VARCHAR, column_name VARCHAR)")
     for table in (t for t in tables if t in found):
         try:
             columns = {r[0].lower() for r in con.execute(f"DESCRIBE src_{table}").fetchall()}
@@ -291,6 +319,7 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
         missing = [c for c in tables[table] if c not in columns]
         if missing:
             raise LoadError(f"{table} is missing required column(s): {', '.join(missing)}")
+        con.executemany("INSERT INTO src_columns VALUES (?, ?)", [(table, c) for c in columns])
         say(f"found {table}")
     return found
 
@@ -320,34 +349,18 @@ def _stage_mapping(con, groups: list[tuple[int, str, bool, int]], ancestors: boo
     say(f"condition mapping: {n:,} concepts in {len({g[1] for g in groups})} groups ({how})")
 
 
-def _reference_date(con, has_observation: bool) -> dt.date:
-    queries = [
-        "SELECT max(TRY_CAST(visit_end_date AS DATE)) FROM src_visit_occurrence",
-        "SELECT max(TRY_CAST(condition_start_date AS DATE)) FROM src_condition_occurrence",
-    ]
-    if has_observation:
-        queries.insert(
-            0,
-            "SELECT max(TRY_CAST(observation_period_end_date AS DATE)) FROM src_observation_period",
-        )
-    for sql in queries:
-        value = con.execute(sql).fetchone()[0]
-        if value is not None:
-            return value
-    return dt.date.today()
-
-
-def _stage_opt_out(con, opt_out: Path | None) -> int:
-    con.execute("CREATE TEMP TABLE opt_out (person_id BIGINT)")
+def _stage_opt_out(con, opt_out: Path | None) -> None:
+    """The persons on the trust's opt-out register (by person_id or person_source_value)."""
+    con.execute("CREATE TEMP TABLE opt_out (person_id BIGINT NOT NULL)")
     if opt_out is None:
-        return 0
+        return
     try:
         lines = opt_out.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise LoadError(f"cannot read opt-out list {opt_out}: {exc.strerror}") from exc
     rows = list(csv.DictReader(lines))
     if not rows:
-        return 0
+        return
     header = set(rows[0])
     if "person_id" in header:
         try:
@@ -361,133 +374,180 @@ def _stage_opt_out(con, opt_out: Path | None) -> int:
             "INSERT INTO opt_out_src VALUES (?)", [(r["person_source_value"],) for r in rows]
         )
         con.execute(
-            "INSERT INTO opt_out SELECT CAST(p.person_id AS BIGINT) FROM src_person p "
-            "JOIN opt_out_src o ON CAST(p.person_source_value AS VARCHAR) = o.v"
+            "INSERT INTO opt_out SELECT TRY_CAST(p.person_id AS BIGINT) FROM src_person p "
+            "JOIN opt_out_src o ON CAST(p.person_source_value AS VARCHAR) = o.v "
+            "WHERE TRY_CAST(p.person_id AS BIGINT) IS NOT NULL"
         )
     else:
         raise LoadError(f"{opt_out}: needs a 'person_id' or 'person_source_value' column")
-    return int(
-        con.execute(
-            "SELECT count(DISTINCT o.person_id) FROM opt_out o "
-            "JOIN src_person p ON CAST(p.person_id AS BIGINT) = o.person_id"
-        ).fetchone()[0]
-    )
 
 
 def _case(column: str, mapping: dict[int, str], default: str) -> str:
     arms = " ".join(f"WHEN {int(k)} THEN {_sql_str(v)}" for k, v in mapping.items())
-    return f"CASE CAST({column} AS BIGINT) {arms} ELSE {_sql_str(default)} END"
+    return f"CASE {column} {arms} ELSE {_sql_str(default)} END"
 
 
-def _rank(person: str, key: str) -> str:
-    return (
-        f"row_number() OVER (PARTITION BY {person} "
-        f"ORDER BY md5(CAST({person} AS VARCHAR) || ':' || CAST({key} AS VARCHAR)), {key})"
-    )
+def _number(con, table: str, column: str) -> str:
+    """A whole-number source column, NULL where missing or not a number (one bad value never
+    fails the load or changes how other rows are read)."""
+    return f"TRY_CAST({_col(con, table, column)} AS BIGINT)"
 
 
-def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str, Any]:
+def _date(con, table: str, column: str) -> str:
+    return f"TRY_CAST({_col(con, table, column)} AS DATE)"
+
+
+def _content_key(*exprs: str) -> str:
+    """A text key made of a row's own values only (NULLs spelled out), hashed: the order of a
+    person's rows for the per-person cap. It never depends on other rows or on file order."""
+    parts = " || '|' || ".join(f"COALESCE(CAST({e} AS VARCHAR), '\\N')" for e in exprs)
+    return f"md5({parts})"
+
+
+def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
+    """Stage typed rows, derive every value within one person, then store the views.
+
+    Every derived value of a person comes from that person's own rows and from public
+    parameters (the catalog's reference date, bounds, domains and tiers, the mapping): ages at
+    the catalog's reference date; condition settings and visit flags joined on the person as
+    well as the visit id; row ranks from a hash of the row's own content.
+    """
+    ref = catalog.reference_date
     ref_sql = f"DATE {_sql_str(ref.isoformat())}"
     band = " ".join(f"WHEN age <= {hi} THEN {_sql_str(name)}" for hi, name in AGE_BANDS)
     say("building patients")
-    race = _case("race_concept_id", RACE, "unknown")
-    eth = _col(con, "person", "ethnicity_concept_id")
-    month = _col(con, "person", "month_of_birth")
-    day = _col(con, "person", "day_of_birth")
+    con.execute(
+        f"""CREATE TEMP TABLE person_src AS
+        SELECT {_number(con, "person", "person_id")} AS person_id,
+               {_number(con, "person", "gender_concept_id")} AS gender,
+               TRY_CAST({_col(con, "person", "year_of_birth")} AS INTEGER) AS yob,
+               TRY_CAST({_col(con, "person", "month_of_birth")} AS INTEGER) AS mob,
+               TRY_CAST({_col(con, "person", "day_of_birth")} AS INTEGER) AS dob,
+               {_number(con, "person", "race_concept_id")} AS race,
+               {_number(con, "person", "ethnicity_concept_id")} AS eth
+        FROM src_person"""
+    )
+    race = _case("race", RACE, "unknown")
+    # A person listed twice keeps one of their own rows, chosen by content (never by position).
     con.execute(
         f"""CREATE TEMP TABLE person_clean AS
-        SELECT CAST(person_id AS BIGINT) AS person_id,
-               {_case("gender_concept_id", SEX, "unknown")} AS sex,
-               CASE WHEN race_concept_id IS NULL OR CAST(race_concept_id AS BIGINT) = 0 THEN
-                    CASE WHEN CAST({eth} AS BIGINT) = {HISPANIC}
-                         THEN 'mixed_other' ELSE 'unknown' END
+        SELECT person_id,
+               {_case("gender", SEX, "unknown")} AS sex,
+               CASE WHEN race IS NULL OR race = 0 THEN
+                    CASE WHEN eth = {HISPANIC} THEN 'mixed_other' ELSE 'unknown' END
                     ELSE {race} END AS ethnicity,
                LEAST(GREATEST(
-                   year({ref_sql}) - CAST(year_of_birth AS INT)
+                   year({ref_sql}) - yob
                    - CASE WHEN month({ref_sql}) * 100 + day({ref_sql})
-                          < COALESCE(CAST({month} AS INT), 7) * 100
-                            + COALESCE(CAST({day} AS INT), 1) THEN 1 ELSE 0 END,
+                          < COALESCE(mob, 7) * 100 + COALESCE(dob, 1) THEN 1 ELSE 0 END,
                    0), 110) AS age
-        FROM src_person
-        WHERE person_id IS NOT NULL AND year_of_birth IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY CAST(person_id AS BIGINT)) = 1"""
+        FROM person_src
+        WHERE person_id IS NOT NULL AND yob IS NOT NULL
+        QUALIFY row_number() OVER (
+            PARTITION BY person_id ORDER BY gender, yob, mob, dob, race, eth NULLS LAST) = 1"""
     )
     con.execute(
-        f"""CREATE TABLE patients AS
+        f"""CREATE TEMP TABLE stage_patients AS
         SELECT person_id, sex, CASE {band} ELSE '85+' END AS age_band, age, ethnicity,
-               1 AS _rank
-        FROM person_clean WHERE person_id NOT IN (SELECT person_id FROM opt_out)
-        ORDER BY person_id"""
+               md5(CAST(person_id AS VARCHAR)) AS _key
+        FROM person_clean c
+        WHERE NOT EXISTS (SELECT 1 FROM opt_out o WHERE o.person_id = c.person_id)"""
     )
-    source_persons = _count(con, "src_person")
-    persons = _count(con, "patients")
-    opted = _scalar(
-        con, "SELECT count(*) FROM person_clean WHERE person_id IN (SELECT person_id FROM opt_out)"
+    source_persons = _scalar(
+        con, "SELECT count(DISTINCT person_id) FROM person_src WHERE person_id IS NOT NULL"
     )
+    persons = _count(con, "stage_patients")
+    opted = _count(con, "person_clean") - persons
+    _store_view(con, catalog.views["patients"])
     say(f"patients: {persons:,} rows")
 
     say("building visits")
-    mh = ", ".join(_sql_str(g) for g in MENTAL_HEALTH_GROUPS)
-    con.execute(
-        f"""CREATE TEMP TABLE cond_src AS
-        SELECT CAST(person_id AS BIGINT) AS person_id,
-               CAST(condition_concept_id AS BIGINT) AS concept_id,
-               TRY_CAST(condition_start_date AS DATE) AS d,
-               CAST({_col(con, "condition_occurrence", "visit_occurrence_id")} AS BIGINT)
-                   AS visit_id,
-               COALESCE(CAST({_col(con, "condition_occurrence", "condition_occurrence_id")}
-                             AS BIGINT), row_number() OVER ()) AS row_key
-        FROM src_condition_occurrence"""
-    )
     con.execute(
         f"""CREATE TEMP TABLE visit_src AS
-        SELECT CAST(visit_occurrence_id AS BIGINT) AS visit_id,
-               CAST(person_id AS BIGINT) AS person_id,
-               {_case("visit_concept_id", VISIT_TYPE, "other")} AS visit_type,
-               TRY_CAST(visit_start_date AS DATE) AS s,
-               TRY_CAST(visit_end_date AS DATE) AS e
+        SELECT {_number(con, "visit_occurrence", "visit_occurrence_id")} AS visit_id,
+               {_number(con, "visit_occurrence", "person_id")} AS person_id,
+               {_number(con, "visit_occurrence", "visit_concept_id")} AS concept_id,
+               {_date(con, "visit_occurrence", "visit_start_date")} AS s,
+               {_date(con, "visit_occurrence", "visit_end_date")} AS e
         FROM src_visit_occurrence"""
     )
     con.execute(
-        f"""CREATE TABLE visits AS
-        SELECT v.person_id, v.visit_type,
-               (v.visit_id IN (SELECT c.visit_id FROM cond_src c JOIN concept_group g
-                               ON g.concept_id = c.concept_id
-                               WHERE g.grp IN ({mh}) AND c.visit_id IS NOT NULL)) AS mental_health,
-               CAST(GREATEST(COALESCE(date_diff('day', v.s, v.e), 0), 0) AS INTEGER)
-                   AS length_of_stay,
-               year(v.s) AS year,
-               {_rank("v.person_id", "v.visit_id")} AS _rank
-        FROM visit_src v SEMI JOIN patients p ON p.person_id = v.person_id
-        WHERE v.s IS NOT NULL
-        ORDER BY v.person_id"""
+        f"""CREATE TEMP TABLE cond_src AS
+        SELECT {_number(con, "condition_occurrence", "person_id")} AS person_id,
+               {_number(con, "condition_occurrence", "condition_concept_id")} AS concept_id,
+               {_date(con, "condition_occurrence", "condition_start_date")} AS d,
+               {_number(con, "condition_occurrence", "visit_occurrence_id")} AS visit_id,
+               {_number(con, "condition_occurrence", "condition_occurrence_id")} AS occurrence_id
+        FROM src_condition_occurrence"""
     )
-    visits = _count(con, "visits")
+    con.execute(
+        """CREATE TEMP TABLE cond_grouped AS
+        SELECT c.*, COALESCE(g.grp, 'other') AS grp
+        FROM cond_src c LEFT JOIN concept_group g ON g.concept_id = c.concept_id"""
+    )
+    # A visit's flag comes from the same person's diagnoses recorded on it, in mental-health
+    # groups at the flag's own tier or below (a highly sensitive diagnosis never sets it).
+    flag_groups = ", ".join(_sql_str(g) for g in _flag_groups(catalog))
+    con.execute(
+        f"""CREATE TEMP TABLE visit_flag AS
+        SELECT DISTINCT person_id, visit_id FROM cond_grouped
+        WHERE person_id IS NOT NULL AND visit_id IS NOT NULL AND grp IN ({flag_groups})"""
+    )
+    con.execute(
+        f"""CREATE TEMP TABLE stage_visits AS
+        SELECT v.person_id, {_case("v.concept_id", VISIT_TYPE, "other")} AS visit_type,
+               EXISTS (SELECT 1 FROM visit_flag f
+                       WHERE f.person_id = v.person_id AND f.visit_id = v.visit_id)
+                   AS mental_health,
+               CAST(LEAST(GREATEST(COALESCE(date_diff('day', v.s, v.e), 0), 0), 1000000)
+                    AS INTEGER) AS length_of_stay,
+               year(v.s) AS year,
+               {_content_key("v.person_id", "v.visit_id", "v.concept_id", "v.s", "v.e")} AS _key
+        FROM visit_src v SEMI JOIN stage_patients p ON p.person_id = v.person_id
+        WHERE v.s IS NOT NULL"""
+    )
+    visits = _count(con, "stage_visits")
+    _store_view(con, catalog.views["visits"])
     say(f"visits: {visits:,} rows")
 
     say("building conditions")
+    # The setting of a diagnosis is the type of the same person's visit with that id; a link to
+    # another person's visit is not used (and is reported).
+    con.execute(
+        f"""CREATE TEMP TABLE visit_setting AS
+        SELECT person_id, visit_id, min({_case("concept_id", VISIT_TYPE, "other")}) AS visit_type
+        FROM visit_src WHERE person_id IS NOT NULL AND visit_id IS NOT NULL
+        GROUP BY person_id, visit_id"""
+    )
     setting = (
         "CASE WHEN v.visit_type = 'other' OR v.visit_type IS NULL THEN 'unknown' "
         "ELSE v.visit_type END"
     )
     con.execute(
-        f"""CREATE TABLE conditions AS
-        SELECT c.person_id, COALESCE(g.grp, 'other') AS condition_group,
-               {setting} AS setting,
-               year(c.d) AS year,
-               {_rank("c.person_id", "c.row_key")} AS _rank
-        FROM cond_src c
-        SEMI JOIN patients p ON p.person_id = c.person_id
-        LEFT JOIN concept_group g ON g.concept_id = c.concept_id
-        LEFT JOIN visit_src v ON v.visit_id = c.visit_id AND v.person_id = c.person_id
-        WHERE c.d IS NOT NULL
-        ORDER BY c.person_id"""
+        f"""CREATE TEMP TABLE stage_conditions AS
+        SELECT c.person_id, c.grp AS condition_group, {setting} AS setting, year(c.d) AS year,
+               {_content_key("c.person_id", "c.concept_id", "c.d", "c.visit_id", "c.occurrence_id")}
+                   AS _key
+        FROM cond_grouped c
+        SEMI JOIN stage_patients p ON p.person_id = c.person_id
+        LEFT JOIN visit_setting v ON v.person_id = c.person_id AND v.visit_id = c.visit_id
+        WHERE c.d IS NOT NULL"""
     )
-    conditions = _count(con, "conditions")
+    conditions = _count(con, "stage_conditions")
+    _store_view(con, catalog.views["conditions"])
     say(f"conditions: {conditions:,} rows")
+    foreign = _scalar(
+        con,
+        """SELECT count(*) FROM cond_src c
+           WHERE c.visit_id IS NOT NULL AND c.person_id IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM visit_setting v
+                             WHERE v.person_id = c.person_id AND v.visit_id = c.visit_id)
+             AND EXISTS (SELECT 1 FROM visit_setting v
+                         WHERE v.visit_id = c.visit_id AND v.person_id <> c.person_id)""",
+    )
     unmapped = con.execute(
-        "SELECT count(DISTINCT c.concept_id), count(*) FROM cond_src c "
-        "LEFT JOIN concept_group g ON g.concept_id = c.concept_id WHERE g.grp IS NULL"
+        "SELECT count(DISTINCT concept_id), count(*) FROM cond_grouped WHERE grp = 'other' "
+        "AND concept_id IS NOT NULL AND concept_id NOT IN (SELECT concept_id FROM concept_group)"
     ).fetchone()
     over_cap = {
         name: _scalar(
@@ -502,18 +562,54 @@ def _build_views(con, catalog: Catalog, ref: dt.date, say: Progress) -> dict[str
         "conditions": conditions,
         "visits": visits,
         "persons_dropped": source_persons - persons - opted,
+        "opted_out": opted,
         "conditions_dropped": _count(con, "cond_src") - conditions,
         "visits_dropped": _count(con, "visit_src") - visits,
+        "conditions_other_persons_visit": foreign,
         "unmapped_concepts": int(unmapped[0]),
         "unmapped_condition_rows": int(unmapped[1]),
         "persons_over_cap": over_cap,
     }
 
 
+def _flag_groups(catalog: Catalog) -> list[str]:
+    """Mental-health condition groups whose tier is at most the visit flag's tier."""
+    groups = catalog.views["conditions"].columns["condition_group"]
+    flag = catalog.views["visits"].columns["mental_health"]
+    return [g for g in MENTAL_HEALTH_GROUPS if groups.tier_of(g) <= flag.tier]
+
+
+def _store_view(con, view: View) -> None:
+    """Store a staged view: its columns, clamped copies of numeric columns, and per row level
+    each person's visible rows numbered by their content key (``node.database.rank_column``)."""
+    columns = ", ".join(f'"{c}"' for c in view.columns)
+    clamped = [
+        f'LEAST(GREATEST("{c.name}", {int(c.lower or 0)}), {int(c.upper or 0)}) '
+        f'AS "{clamped_column(c.name)}"'
+        for c in view.columns.values()
+        if c.type is ColumnType.INTEGER
+    ]
+    order = ", ".join(["_key", *(f'"{c}"' for c in view.columns)])
+    ranks = [
+        f"CASE WHEN _tier <= {level.rank} THEN row_number() OVER ("
+        f"PARTITION BY person_id, _tier <= {level.rank} ORDER BY {order}) END "
+        f'AS "{rank_column(level)}"'
+        for level in view.row_levels
+    ]
+    select = ", ".join(["person_id", columns, *clamped, *ranks])
+    con.execute(
+        f'CREATE TABLE "{view.name}" AS SELECT {select} FROM ('
+        f"SELECT *, {row_tier_sql(view)} AS _tier FROM stage_{view.name}) ORDER BY person_id"
+    )
+
+
 def _col(con, table: str, column: str) -> str:
     """The column's name if the source table has it, else NULL (for optional OMOP columns)."""
-    cols = {r[0].lower() for r in con.execute(f"DESCRIBE src_{table}").fetchall()}
-    return column if column in cols else "NULL"
+    found = con.execute(
+        "SELECT count(*) FROM src_columns WHERE table_name = ? AND column_name = ?",
+        [table, column],
+    ).fetchone()[0]
+    return column if found else "NULL"
 
 
 def _count(con, table: str) -> int:
@@ -522,28 +618,6 @@ def _count(con, table: str) -> int:
 
 def _scalar(con, sql: str) -> int:
     return int(con.execute(sql).fetchone()[0])
-
-
-def _add_clamped_columns(con, catalog: Catalog, say: Progress) -> None:
-    """Store each numeric column clamped to its catalog bounds, for sums at query time.
-
-    Filters keep seeing the recorded value; sums read the clamped copy, so clamping costs
-    nothing per query. The node re-checks the bounds of every clamped copy when it opens the
-    database (``node.database``), so a wrong file can never widen the sensitivity.
-    """
-    for name, view in catalog.views.items():
-        numeric = [c for c in view.columns.values() if c.type is ColumnType.INTEGER]
-        if not numeric:
-            continue
-        extra = ", ".join(
-            f'LEAST(GREATEST("{c.name}", {int(c.lower or 0)}), {int(c.upper or 0)}) '
-            f'AS "{clamped_column(c.name)}"'
-            for c in numeric
-        )
-        con.execute(f'CREATE TABLE "_{name}_new" AS SELECT *, {extra} FROM "{name}"')
-        con.execute(f'DROP TABLE "{name}"')
-        con.execute(f'ALTER TABLE "_{name}_new" RENAME TO "{name}"')
-    say("numeric columns clamped to the catalog bounds for sums")
 
 
 def _validate(con, catalog: Catalog) -> None:

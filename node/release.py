@@ -14,11 +14,18 @@ split between its sum and its count to minimise the variance of their ratio, usi
 catalog (sum sensitivity S, count sensitivity C, and the midpoint m of the bounds as a prior
 guess of the mean): ε_sum ∝ S^(2/3), ε_count ∝ (m·C)^(2/3). OpenDP's own privacy map checks
 every measurement against its share before it is used.
+
+Two steps, so that the cost is fixed before the data is touched: ``plan_release`` decides the
+split, the sensitivities and builds every OpenDP measurement from the plan and the catalog alone
+(and refuses an impossible split); only then does the node read data, and ``release`` applies
+the planned measurements to the exact values.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import opendp.prelude as dp
 
@@ -31,7 +38,7 @@ from fedtre.dp import (
     units_to_epsilon,
 )
 from fedtre.errors import InternalError
-from fedtre.plan import QueryPlan
+from fedtre.plan import Aggregate, QueryPlan
 from fedtre.result import ReleasedAggregate, ReleasedStatistic
 from node.compiler import Statistic, statistics_for
 
@@ -70,20 +77,33 @@ def laplace_measurement(l1: int, epsilon_units: int):
     raise InternalError("could not calibrate the Laplace scale")
 
 
-def release_statistic(
-    kind: str, values: list[int], l1: int, epsilon_units: int
-) -> ReleasedStatistic:
-    meas, scale = laplace_measurement(l1, epsilon_units)
-    noisy = meas(values)
-    return ReleasedStatistic(
-        kind=kind,
-        values=tuple(int(v) for v in noisy),
-        sensitivity=l1,
-        noise_scale=scale,
-        noise_std=discrete_laplace_std(scale),
-        epsilon_units=epsilon_units,
-        mechanism=MECHANISM,
-    )
+@dataclass(frozen=True)
+class PlannedStatistic:
+    statistic: Statistic
+    sensitivity: int
+    epsilon_units: int
+    scale: float
+    measurement: Any  # the OpenDP measurement, checked against its share
+
+
+@dataclass(frozen=True)
+class PlannedAggregate:
+    aggregate: Aggregate
+    statistics: tuple[PlannedStatistic, ...]
+    lower: int | None
+    upper: int | None
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """The cost of a query and how it is spent, fixed before any data is read."""
+
+    aggregates: tuple[PlannedAggregate, ...]
+    epsilon_units: int
+
+    @property
+    def statistics(self) -> tuple[PlannedStatistic, ...]:
+        return tuple(s for a in self.aggregates for s in a.statistics)
 
 
 def _shares(stats: list[Statistic], share: int, view: View, cells: int) -> list[int]:
@@ -100,29 +120,59 @@ def _shares(stats: list[Statistic], share: int, view: View, cells: int) -> list[
     return split_units_weighted(share, weights)
 
 
-def release(
-    plan: QueryPlan, view: View, cells: int, exact: list[list[int]], epsilon_units: int
-) -> tuple[ReleasedAggregate, ...]:
-    """Noise every exact statistic; the shares add up exactly to ``epsilon_units``."""
+def plan_release(plan: QueryPlan, view: View, cells: int, epsilon_units: int) -> ReleasePlan:
+    """Split ``epsilon_units`` (exactly) over the plan's statistics and build each measurement.
+
+    Refuses (``INVALID_EPSILON``) when ε is too small to give every statistic a share.
+    """
     per_aggregate = statistics_for(plan)
     agg_shares = split_units(epsilon_units, len(per_aggregate))
-    out: list[ReleasedAggregate] = []
-    position = 0
+    planned: list[PlannedAggregate] = []
     for agg, stats, share in zip(plan.aggregates, per_aggregate, agg_shares, strict=True):
-        released: list[ReleasedStatistic] = []
+        items = []
         for stat, stat_share in zip(stats, _shares(stats, share, view, cells), strict=True):
             l1 = sensitivity(stat, view, cells)
-            released.append(release_statistic(stat.kind, exact[position], l1, stat_share))
-            position += 1
+            meas, scale = laplace_measurement(l1, stat_share)
+            items.append(PlannedStatistic(stat, l1, stat_share, scale, meas))
         col = view.columns[agg.column] if agg.column else None
+        planned.append(
+            PlannedAggregate(
+                agg, tuple(items), col.lower if col else None, col.upper if col else None
+            )
+        )
+    return ReleasePlan(tuple(planned), epsilon_units)
+
+
+def release(rplan: ReleasePlan, exact: list[list[int]]) -> tuple[ReleasedAggregate, ...]:
+    """Noise every exact statistic with its planned measurement (one vector per statistic)."""
+    if len(exact) != len(rplan.statistics):
+        raise InternalError("the exact values do not match the release plan")
+    out: list[ReleasedAggregate] = []
+    position = 0
+    for planned in rplan.aggregates:
+        released = []
+        for item in planned.statistics:
+            noisy = item.measurement(exact[position])
+            position += 1
+            released.append(
+                ReleasedStatistic(
+                    kind=item.statistic.kind,
+                    values=tuple(int(v) for v in noisy),
+                    sensitivity=item.sensitivity,
+                    noise_scale=item.scale,
+                    noise_std=discrete_laplace_std(item.scale),
+                    epsilon_units=item.epsilon_units,
+                    mechanism=MECHANISM,
+                )
+            )
         out.append(
             ReleasedAggregate(
-                alias=agg.alias,
-                kind=agg.kind,
-                column=agg.column,
+                alias=planned.aggregate.alias,
+                kind=planned.aggregate.kind,
+                column=planned.aggregate.column,
                 statistics=tuple(released),
-                lower=col.lower if col else None,
-                upper=col.upper if col else None,
+                lower=planned.lower,
+                upper=planned.upper,
             )
         )
     return tuple(out)

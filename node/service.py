@@ -49,7 +49,11 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             caller=f"{self._caller(context)} for researcher:{researcher}",
         )
         try:
-            answer = self.engine.answer_detail(query, cancelled=lambda: not context.is_active())
+            answer = self.engine.answer_detail(
+                query,
+                cancelled=lambda: not context.is_active(),
+                time_left=context.time_remaining(),
+            )
             budget = self.engine.budget(request.project_id)
         except Exception as exc:  # every failure maps to a status in one place
             self._fail(exc)
@@ -58,6 +62,7 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
             result=result_to_wire(answer.result),
             replayed=answer.replayed,
             budget=self._budget(budget),
+            # answer slot included, so this carries no data-dependent timing
             handling_ms=(time.perf_counter() - start) * 1000.0,
         )
 

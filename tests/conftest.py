@@ -63,6 +63,8 @@ def write_node_config(
     node_ceiling: float = 100.0,
     max_tier: str = "highly_sensitive",
     views: tuple[str, ...] = ("patients", "conditions", "visits"),
+    answer_slot_ms: int = 1,
+    min_epsilon_per_query: float = 0.001,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "node.toml"
@@ -74,6 +76,8 @@ def write_node_config(
             database = "{database}"
             state_dir = "{directory / "state"}"
             node_epsilon_ceiling = {node_ceiling}
+            answer_slot_ms = {answer_slot_ms}
+            min_epsilon_per_query = {min_epsilon_per_query}
 
             [projects.study]
             title = "Test study"

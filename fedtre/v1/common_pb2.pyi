@@ -38,6 +38,7 @@ class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_BUDGET_EXHAUSTED: _ClassVar[Refusal]
     REFUSAL_QUERY_ID_CONFLICT: _ClassVar[Refusal]
     REFUSAL_NOT_AUTHORISED: _ClassVar[Refusal]
+    REFUSAL_DEADLINE_TOO_SHORT: _ClassVar[Refusal]
 AGGREGATE_KIND_UNSPECIFIED: AggregateKind
 AGGREGATE_KIND_COUNT: AggregateKind
 AGGREGATE_KIND_COUNT_PERSONS: AggregateKind
@@ -60,6 +61,7 @@ REFUSAL_INVALID_EPSILON: Refusal
 REFUSAL_BUDGET_EXHAUSTED: Refusal
 REFUSAL_QUERY_ID_CONFLICT: Refusal
 REFUSAL_NOT_AUTHORISED: Refusal
+REFUSAL_DEADLINE_TOO_SHORT: Refusal
 
 class Value(_message.Message):
     __slots__ = ("text", "integer", "boolean")
@@ -114,7 +116,7 @@ class Aggregate(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., kind: _Optional[_Union[AggregateKind, str]] = ..., column: _Optional[str] = ..., statistics: _Optional[_Iterable[_Union[Statistic, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[int] = ..., upper: _Optional[int] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = ("query_id", "node_id", "project_id", "view", "catalog_version", "group_by", "cells", "aggregates", "epsilon_units", "released_at")
+    __slots__ = ("query_id", "node_id", "project_id", "view", "catalog_version", "group_by", "cells", "aggregates", "epsilon_units", "released_at", "reference_date")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +127,7 @@ class NodeResult(_message.Message):
     AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     EPSILON_UNITS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_AT_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DATE_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     node_id: str
     project_id: str
@@ -135,4 +138,5 @@ class NodeResult(_message.Message):
     aggregates: _containers.RepeatedCompositeFieldContainer[Aggregate]
     epsilon_units: int
     released_at: str
-    def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ...) -> None: ...
+    reference_date: str
+    def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ..., reference_date: _Optional[str] = ...) -> None: ...

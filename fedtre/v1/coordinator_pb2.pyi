@@ -35,7 +35,7 @@ class SubmitRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class TrustStatus(_message.Message):
-    __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units", "handling_ms")
+    __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
@@ -44,7 +44,6 @@ class TrustStatus(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     HAS_BUDGET_FIELD_NUMBER: _ClassVar[int]
     REMAINING_UNITS_FIELD_NUMBER: _ClassVar[int]
-    HANDLING_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     state: TrustState
     refusal: _common_pb2.Refusal
@@ -53,8 +52,7 @@ class TrustStatus(_message.Message):
     replayed: bool
     has_budget: bool
     remaining_units: int
-    handling_ms: float
-    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ..., handling_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ...) -> None: ...
 
 class Estimate(_message.Message):
     __slots__ = ("available", "suppressed", "value", "ci_low", "ci_high", "display")
@@ -85,7 +83,7 @@ class EstimateColumn(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.AggregateKind, str]] = ..., column: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[Estimate, _Mapping]]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("query_id", "project_id", "view", "catalog_version", "released", "withheld_reason", "group_by", "cells", "columns", "trusts", "covered_trusts", "epsilon", "notes")
+    __slots__ = ("query_id", "project_id", "view", "catalog_version", "released", "withheld_reason", "group_by", "cells", "columns", "trusts", "covered_trusts", "epsilon", "notes", "reference_date")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +97,7 @@ class SubmitResponse(_message.Message):
     COVERED_TRUSTS_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DATE_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     project_id: str
     view: str
@@ -112,7 +111,8 @@ class SubmitResponse(_message.Message):
     covered_trusts: _containers.RepeatedScalarFieldContainer[str]
     epsilon: float
     notes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., released: _Optional[bool] = ..., withheld_reason: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ..., columns: _Optional[_Iterable[_Union[EstimateColumn, _Mapping]]] = ..., trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ..., covered_trusts: _Optional[_Iterable[str]] = ..., epsilon: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
+    reference_date: str
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., released: _Optional[bool] = ..., withheld_reason: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ..., columns: _Optional[_Iterable[_Union[EstimateColumn, _Mapping]]] = ..., trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ..., covered_trusts: _Optional[_Iterable[str]] = ..., epsilon: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., reference_date: _Optional[str] = ...) -> None: ...
 
 class ListProjectsRequest(_message.Message):
     __slots__ = ()

@@ -88,6 +88,7 @@ class Federation:
     pki: Path
     databases: dict[str, Path]
     deadline: float = 3.0
+    answer_slot_ms: int = 50  # real slots, short enough for a quick suite
     nodes: dict[str, Proc] = field(default_factory=dict)
     coordinator: Proc | None = None
 
@@ -184,7 +185,8 @@ class Federation:
         )
         (home / "config.toml").write_text(
             f'node_id = "{name}"\ndatabase = "{self.databases[name]}"\nstate_dir = "state"\n'
-            f"node_epsilon_ceiling = 500.0\nduckdb_threads = 1\n\n"
+            f"node_epsilon_ceiling = 500.0\nduckdb_threads = 1\n"
+            f"answer_slot_ms = {self.answer_slot_ms}\n\n"
             f'[server]\nlisten = "127.0.0.1:{port}"\ncoordinator = "hub"\n'
             f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\nmax_workers = 4\n'
             f"{projects}"

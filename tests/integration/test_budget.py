@@ -128,17 +128,17 @@ def test_32_threads_race_for_a_budget_of_exactly_10(node_config_factory):
 
 
 def test_ledger_guard_holds_when_every_thread_passed_the_budget_check(node_config_factory):
-    """Hold all 32 threads just before the ledger transaction, after each has passed the
-    engine's early budget check: the conditional debit alone must let exactly 10 through."""
+    """Hold all 32 threads just before the ledger's reservation, after each has passed every
+    check the engine makes first: the conditional debit alone must let exactly 10 through."""
     eng = NodeEngine(node_config_factory(total_epsilon=1.0, max_epsilon_per_query=0.1))
-    original_commit = eng.ledger.commit_release
-    at_commit = threading.Barrier(32)
+    original_reserve = eng.ledger.reserve
+    at_reserve = threading.Barrier(32)
 
-    def commit(*args: Any, **kwargs: Any):
-        at_commit.wait(timeout=60)
-        return original_commit(*args, **kwargs)
+    def reserve(*args: Any, **kwargs: Any):
+        at_reserve.wait(timeout=60)
+        return original_reserve(*args, **kwargs)
 
-    eng.ledger.commit_release = commit  # type: ignore[method-assign]
+    eng.ledger.reserve = reserve  # type: ignore[method-assign]
     try:
         outcomes = _race(lambda i: eng.answer(request(GOOD, 0.1, query_id=f"guard-{i}")), 32)
         ok, refused = _split(outcomes)
@@ -214,9 +214,9 @@ def test_node_ceiling_stops_the_second_project(tmp_path, node_db):
         assert _spent(eng, "beta") == (5 * TENTH, 15 * TENTH)
         assert eng.budget("beta").remaining_units == 0
         assert len(eng.ledger.releases("beta")) == 5
-        # even the smallest query is refused once the node ceiling is reached
+        # even the smallest query the node accepts is refused once the ceiling is reached
         with pytest.raises(UserError) as info:
-            eng.answer(request(GOOD, 0.000001, query_id="b-tiny", project="beta"))
+            eng.answer(request(GOOD, 0.001, query_id="b-tiny", project="beta"))
         assert info.value.refusal.value == "budget_exhausted"
     finally:
         eng.close()
@@ -273,7 +273,7 @@ def test_retry_returns_identical_result_and_debits_once(node_config_factory):
         ]
         assert (
             events
-            == ["query.received", "query.released"]
+            == ["query.received", "query.reserved", "query.released"]
             + [
                 "query.received",
                 "query.replayed",
@@ -636,22 +636,22 @@ def test_audit_log_on_a_full_device_stops_the_node_at_start(tmp_path, node_db):
 
 @contextlib.contextmanager
 def _audit_fails_after_commit(eng: NodeEngine) -> Iterator[None]:
-    """Make the audit log unwritable right after the ledger commit (before query.released),
+    """Make the audit log unwritable right after the answer is stored (before query.released),
     then restore it."""
     bad = os.open("/dev/full", os.O_WRONLY)
-    original_commit = eng.ledger.commit_release
+    original_store = eng.ledger.store
     swapped: list[int] = []
 
-    def commit(*args: Any, **kwargs: Any):
-        out = original_commit(*args, **kwargs)
+    def store(*args: Any, **kwargs: Any):
+        out = original_store(*args, **kwargs)
         swapped.append(_swap_audit_fd(eng, bad))
         return out
 
-    eng.ledger.commit_release = commit  # type: ignore[method-assign]
+    eng.ledger.store = store  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del eng.ledger.commit_release
+        del eng.ledger.store
         if swapped:
             _swap_audit_fd(eng, swapped[0])
         os.close(bad)
@@ -671,9 +671,10 @@ def test_audit_failure_after_the_debit_releases_nothing(engine):
 
 
 def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
-    """After an audit outage at step 7 and a retry, the audit log should still show the ε that
-    the ledger debited for the query; the retry is logged as a replay costing 0, and no
-    ``query.released`` line ever carries the query's cost."""
+    """After an audit outage just before ``query.released`` and a retry, the audit log still
+    shows the ε the ledger debited (the ``query.reserved`` line, written when the budget was
+    reserved); the retry is logged as a replay costing 0, and no ``query.released`` line ever
+    carries the query's cost."""
     with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="late-fail"))
     engine.answer(request(GOOD, 0.1, query_id="late-fail"))
@@ -689,6 +690,8 @@ def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
     assert all(r["epsilon_units"] == 0 for r in outcome)
     audited = max(r["charged_epsilon_units"] for r in outcome)
     assert audited == engine.ledger.spent(project_scope("study")) == TENTH
+    reserved = [r for r in log if r["event"] == "query.reserved" and r["query_id"] == "late-fail"]
+    assert [r["epsilon_units"] for r in reserved] == [TENTH]
 
 
 def _strict_json(line: str) -> Any:

@@ -25,6 +25,7 @@ from node.config import load_node_config
 from node.engine import NodeEngine
 from node.ledger import NODE_SCOPE, Ledger, project_scope
 from tests.conftest import request, write_node_config
+from tests.integration.crash_child import EPSILON, QUERIES
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROUNDS = 16
@@ -74,15 +75,18 @@ def _run_and_kill(config_path: Path, prefix: str, delay: float, stderr_path: Pat
 
 def _check_ledger(ledger: Ledger, printed: dict[str, dict[str, Any]]) -> None:
     releases = {r.query_id: r for r in ledger.releases()}
+    debits = {d.query_id: d for d in ledger.debits()}
     for query_id, line in printed.items():
         assert query_id in releases, f"{query_id} was released but is not in the ledger"
         assert releases[query_id].result == line["result"], f"{query_id} stored != printed"
         assert releases[query_id].units == round(line["epsilon"] * 1_000_000)
-    total = sum(r.units for r in releases.values())
-    assert all(r.units > 0 for r in releases.values())
+    # every stored answer was debited; a debit without an answer is a query killed mid-read
+    assert set(releases) <= set(debits)
+    assert all(releases[q].units == debits[q].units for q in releases)
+    total = sum(d.units for d in debits.values())
+    assert all(d.units > 0 for d in debits.values())
     assert ledger.spent(project_scope("study")) == total
     assert ledger.spent(NODE_SCOPE) == total
-    assert total >= 0
 
 
 @pytest.mark.slow
@@ -120,6 +124,10 @@ def test_sigkill_at_random_moments_loses_nothing_released(tmp_path, node_db):
         # at most one answer can be committed but not yet printed when the kill lands
         unprinted = {q for q in ids if q.startswith(f"r{rnd}-")} - printed.keys()
         assert len(unprinted) <= 1, f"{where}: {sorted(unprinted)}"
+        # and at most one query can be debited but not yet stored (killed while reading data)
+        orphans = {d.query_id for d in ledger.debits() if d.query_id.startswith(f"r{rnd}-")}
+        orphans -= ids
+        assert len(orphans) <= 1, f"{where}: {sorted(orphans)}"
 
         # every printed answer was audited as released after it was received
         log = read_audit(config.audit_path)
@@ -144,6 +152,11 @@ def test_sigkill_at_random_moments_loses_nothing_released(tmp_path, node_db):
                 )
                 assert retry.to_json() == last["result"], where
                 assert retry == NodeResult.from_json(last["result"])
+                assert engine.ledger.spent(NODE_SCOPE) == spent_before + 10_000
+            for orphan in orphans:  # debited, never answered: answered now, not debited again
+                sql = QUERIES[int(orphan.rsplit("-", 1)[1]) % len(QUERIES)]
+                engine.answer(request(sql, EPSILON, query_id=orphan))
+                assert engine.ledger.lookup(orphan) is not None
                 assert engine.ledger.spent(NODE_SCOPE) == spent_before + 10_000
         finally:
             engine.close()

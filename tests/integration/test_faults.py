@@ -20,7 +20,7 @@ def _events(engine, query_id):
     ]
 
 
-def test_ledger_failing_at_commit_releases_nothing(engine, monkeypatch):
+def _failing_ledger(engine, monkeypatch, statement: str) -> None:
     real_con = engine.ledger._con
 
     class Failing:
@@ -28,7 +28,7 @@ def test_ledger_failing_at_commit_releases_nothing(engine, monkeypatch):
             self.con = con
 
         def execute(self, sql, *args):
-            if sql.startswith("INSERT INTO releases"):
+            if sql.startswith(statement):
                 raise sqlite3.OperationalError("disk I/O error")
             return self.con.execute(sql, *args)
 
@@ -36,17 +36,36 @@ def test_ledger_failing_at_commit_releases_nothing(engine, monkeypatch):
             return getattr(self.con, name)
 
     monkeypatch.setattr(engine.ledger, "_con", lambda: Failing(real_con()))
+
+
+def test_ledger_failing_at_the_debit_spends_and_releases_nothing(engine, monkeypatch):
+    _failing_ledger(engine, monkeypatch, "INSERT INTO reservations")
+    with pytest.raises(LedgerUnavailable):
+        engine.answer(request(GOOD, 0.1, query_id="disk-0"))
+    monkeypatch.undo()
+    assert engine.ledger.lookup("disk-0") is None
+    assert engine.ledger.debits() == []
+    assert engine.ledger.spent(project_scope("study")) == 0
+    assert engine.ledger.spent(NODE_SCOPE) == 0  # the whole transaction rolled back
+    assert _events(engine, "disk-0") == ["query.received", "query.failed"]
+
+
+def test_ledger_failing_when_storing_the_answer_releases_nothing(engine, monkeypatch):
+    """The debit happens before the data is read, so it stands; nothing is released, and a
+    retry of the query id computes the answer once, without a second debit."""
+    _failing_ledger(engine, monkeypatch, "INSERT OR IGNORE INTO releases")
     with pytest.raises(LedgerUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="disk-1"))
-    monkeypatch.setattr(engine.ledger, "_con", real_con)
+    monkeypatch.undo()
     assert engine.ledger.lookup("disk-1") is None
-    assert engine.ledger.spent(project_scope("study")) == 0
-    assert engine.ledger.spent(NODE_SCOPE) == 0
-    assert _events(engine, "disk-1") == ["query.received", "query.failed"]
-    # after the disk recovers the same id is answered once, and debited once
+    assert engine.ledger.spent(project_scope("study")) == 100_000
+    assert engine.ledger.spent(NODE_SCOPE) == 100_000
+    assert _events(engine, "disk-1") == ["query.received", "query.reserved", "query.failed"]
+    # after the disk recovers the same id is answered once, and still debited once
     result = engine.answer(request(GOOD, 0.1, query_id="disk-1"))
     assert result.epsilon_units == 100_000
     assert engine.ledger.spent(project_scope("study")) == 100_000
+    assert [d.query_id for d in engine.ledger.debits()] == ["disk-1"]
 
 
 def test_unexpected_error_is_audited_and_nothing_released(engine, monkeypatch):
@@ -58,6 +77,7 @@ def test_unexpected_error_is_audited_and_nothing_released(engine, monkeypatch):
     monkeypatch.setattr(engine_module, "release", broken)
     with pytest.raises(RuntimeError):
         engine.answer(request(GOOD, 0.1, query_id="bug-1"))
-    assert _events(engine, "bug-1") == ["query.received", "query.failed"]
+    assert _events(engine, "bug-1") == ["query.received", "query.reserved", "query.failed"]
     assert engine.ledger.lookup("bug-1") is None
-    assert engine.ledger.spent(project_scope("study")) == 0
+    # the cost was fixed and debited before the data was read; nothing was released
+    assert engine.ledger.spent(project_scope("study")) == 100_000

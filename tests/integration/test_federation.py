@@ -12,7 +12,7 @@ import duckdb
 import grpc
 import pytest
 
-from fedtre.catalog import Catalog
+from fedtre.catalog import Catalog, load_catalog
 from fedtre.errors import Refusal, UserError
 from fedtre.pki import Role
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
@@ -94,6 +94,28 @@ def test_full_query_covers_every_trust(fed: Federation) -> None:
     frame = result.to_pandas()
     assert list(frame.columns[:3]) == ["sex", "n", "n_ci_low"]
     assert frame.attrs["covered_trusts"] == ["trust-a", "trust-b", "trust-c"]
+    # every answer says which reference date its ages use: the catalog's, at every trust
+    assert result.reference_date == load_catalog().reference_date.isoformat()
+    assert frame.attrs["reference_date"] == result.reference_date
+
+
+def test_no_timing_of_any_trust_reaches_the_researcher(fed: Federation) -> None:
+    """Per-trust handling times stay in the coordinator's operator log (issue 7, defect 6)."""
+    assert "handling_ms" not in cpb.TrustStatus.DESCRIPTOR.fields_by_name
+    assert "handling_ms" not in cpb.SubmitResponse.DESCRIPTOR.fields_by_name
+    with fed.client() as client:
+        result = client.query(PROJECT, BY_SEX, epsilon=0.1, query_id="no-timing")
+    text = result.to_json() + result.table() + result.to_csv()
+    assert "_ms" not in text and "handling" not in text
+    for trust in result.trusts:
+        assert set(vars(trust)) == {
+            "node_id", "state", "reason", "refusal", "epsilon_spent", "epsilon_left", "replayed"
+        }  # fmt: skip
+    from tests.integration.federation import log_lines
+
+    assert fed.coordinator is not None
+    logged = [e for e in log_lines(fed.coordinator) if e.get("query_id") == "no-timing"]
+    assert any(set(e.get("handling_ms", {})) == set(fed.nodes) for e in logged)
 
 
 def test_federated_count_is_near_the_pooled_truth(
@@ -144,6 +166,9 @@ def test_json_and_csv_outputs(fed: Federation) -> None:
         (PROJECT, BY_SEX, 5.0, Refusal.OUT_OF_SCOPE),
         (PROJECT, BY_SEX, float("nan"), Refusal.INVALID_EPSILON),
         (PROJECT, BY_SEX, -1.0, Refusal.INVALID_EPSILON),
+        # ε = 0 is refused, not read as "the project's default" (issue 7, defect 7)
+        (PROJECT, BY_SEX, 0.0, Refusal.INVALID_EPSILON),
+        (PROJECT, BY_SEX, -0.0, Refusal.INVALID_EPSILON),
         ("no-such-project", BY_SEX, 0.1, Refusal.NOT_AUTHORISED),
         ("BAD PROJECT", BY_SEX, 0.1, Refusal.INVALID_REQUEST),
         (PROJECT, "", 0.1, None),
@@ -410,6 +435,11 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
     assert csv_out.splitlines()[0].startswith("sex,n,")
     refused = fedtre("query", "--project", PROJECT, "SELECT * FROM patients")
     assert refused.returncode == 2 and "refused" in refused.stderr
+    spent = {n: fed.spent_units(n) for n in fed.nodes}
+    for zero in ("0", "-0", "0.0"):  # never "the project's default"
+        refused = fedtre("query", "--project", PROJECT, "--epsilon", zero, BY_SEX)
+        assert refused.returncode == 2 and "positive" in refused.stderr, refused.stderr
+    assert {n: fed.spent_units(n) for n in fed.nodes} == spent
     projects = fedtre("projects", "--format", "json")
     assert [p["project_id"] for p in json.loads(projects.stdout)] == [PARTIAL, PROJECT]
     budget = json.loads(fedtre("budget", "--project", PROJECT, "--format", "json").stdout)

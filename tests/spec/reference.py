@@ -6,7 +6,11 @@ group columns' public domains. Nothing here calls the compiler or builds SQL fro
 
 Semantics (the specification the compiler must meet):
 
-* a query reads only rows with ``_rank <= max_rows_per_person`` of its view;
+* a project approved up to tier T sees only the rows whose values all have a tier of at most T
+  (value tiers from the catalog); every other row does not exist for it, in the main view and
+  in cohorts alike, and values above T are not in the group domains;
+* a query reads only visible rows ranked ``<= max_rows_per_person`` in the view's rank column
+  for T's row level;
 * ``person_id [NOT] IN (SELECT person_id FROM v WHERE p)`` keeps rows whose person has (has no)
   row of ``v`` matching ``p``; the sub-view's rows are not capped;
 * COUNT(*) counts rows, COUNT(DISTINCT person_id) counts persons, SUM(col) sums values clamped
@@ -27,7 +31,7 @@ from typing import Any
 
 import duckdb
 
-from fedtre.catalog import Catalog, Column, ColumnType
+from fedtre.catalog import Catalog, Column, ColumnType, Tier, View
 from fedtre.plan import (
     AggregateKind,
     And,
@@ -74,14 +78,29 @@ def read_rows(path: Path, catalog: Catalog) -> dict[str, list[Row]]:
             con.close()
 
 
-def domain_of(column: Column) -> tuple[Any, ...]:
-    """The public values a GROUP BY on ``column`` returns, in catalog order."""
+def domain_of(column: Column, tier: Tier = Tier.HIGHLY_SENSITIVE) -> tuple[Any, ...]:
+    """The public values a GROUP BY on ``column`` returns, in catalog order, at ``tier``."""
     if column.type is ColumnType.BOOLEAN:
-        return (False, True)
-    if column.type is ColumnType.INTEGER:
+        values: tuple[Any, ...] = (False, True)
+    elif column.type is ColumnType.INTEGER:
         assert column.lower is not None and column.upper is not None
-        return tuple(range(column.lower, column.upper + 1))
-    return tuple(column.domain)
+        values = tuple(range(column.lower, column.upper + 1))
+    else:
+        values = tuple(column.domain)
+    return tuple(v for v in values if column.value_tiers.get(v, Tier.GENERAL) <= tier)
+
+
+def visible(row: Row, view: View, tier: Tier) -> bool:
+    """Whether a row exists for a project approved up to ``tier``: none of its values has a
+    value tier above it."""
+    return all(
+        col.value_tiers.get(row[col.name], Tier.GENERAL) <= tier for col in view.columns.values()
+    )
+
+
+def rank_of(row: Row, view: View, tier: Tier) -> int:
+    levels = [level for level in view.row_levels if level <= tier]
+    return row[f"_rank_{max(levels).value}"]
 
 
 class Reference:
@@ -95,7 +114,13 @@ class Reference:
 
     # -- predicates ---------------------------------------------------------------------------
 
-    def matches(self, pred: Predicate | None, row: Row, cohorts: dict[Cohort, set[int]]) -> bool:
+    def matches(
+        self,
+        pred: Predicate | None,
+        row: Row,
+        cohorts: dict[Cohort, set[int]],
+        tier: Tier = Tier.HIGHLY_SENSITIVE,
+    ) -> bool:
         if pred is None:
             return True
         if isinstance(pred, Compare):
@@ -106,47 +131,60 @@ class Reference:
             found = any(type(value) is type(v) and value == v for v in pred.values)
             return found != pred.negated
         if isinstance(pred, And):
-            return all(self.matches(p, row, cohorts) for p in pred.items)
+            return all(self.matches(p, row, cohorts, tier) for p in pred.items)
         if isinstance(pred, Or):
-            return any(self.matches(p, row, cohorts) for p in pred.items)
+            return any(self.matches(p, row, cohorts, tier) for p in pred.items)
         if isinstance(pred, Not):
-            return not self.matches(pred.item, row, cohorts)
+            return not self.matches(pred.item, row, cohorts, tier)
         if isinstance(pred, Cohort):
-            members = self.cohort(pred, cohorts)
+            members = self.cohort(pred, cohorts, tier)
             return (row["person_id"] in members) != pred.negated
         raise TypeError(f"not a predicate: {pred!r}")
 
-    def cohort(self, pred: Cohort, cohorts: dict[Cohort, set[int]]) -> set[int]:
-        """Persons with at least one row of the sub-view (uncapped) matching the sub-predicate."""
+    def cohort(
+        self, pred: Cohort, cohorts: dict[Cohort, set[int]], tier: Tier = Tier.HIGHLY_SENSITIVE
+    ) -> set[int]:
+        """Persons with at least one visible row of the sub-view (uncapped) matching the
+        sub-predicate."""
+        view = self.catalog.views[pred.view]
         if pred not in cohorts:
             cohorts[pred] = {
-                r["person_id"] for r in self.rows[pred.view] if self.matches(pred.where, r, cohorts)
+                r["person_id"]
+                for r in self.rows[pred.view]
+                if visible(r, view, tier) and self.matches(pred.where, r, cohorts, tier)
             }
         return cohorts[pred]
 
-    def selected_rows(self, plan: QueryPlan, capped: bool = True) -> list[Row]:
-        cap = self.catalog.views[plan.view].max_rows_per_person
+    def selected_rows(
+        self, plan: QueryPlan, capped: bool = True, tier: Tier = Tier.HIGHLY_SENSITIVE
+    ) -> list[Row]:
+        view = self.catalog.views[plan.view]
+        cap = view.max_rows_per_person
         cohorts: dict[Cohort, set[int]] = {}
         return [
             r
             for r in self.rows[plan.view]
-            if (not capped or r["_rank"] <= cap) and self.matches(plan.where, r, cohorts)
+            if visible(r, view, tier)
+            and (not capped or rank_of(r, view, tier) <= cap)
+            and self.matches(plan.where, r, cohorts, tier)
         ]
 
     # -- aggregates ---------------------------------------------------------------------------
 
-    def cells(self, plan: QueryPlan) -> list[tuple[Any, ...]]:
+    def cells(self, plan: QueryPlan, tier: Tier = Tier.HIGHLY_SENSITIVE) -> list[tuple[Any, ...]]:
         view = self.catalog.views[plan.view]
-        domains = [domain_of(view.columns[g]) for g in plan.group_by]
+        domains = [domain_of(view.columns[g], tier) for g in plan.group_by]
         return list(itertools.product(*domains))
 
-    def evaluate(self, plan: QueryPlan, capped: bool = True) -> list[list[int]]:
+    def evaluate(
+        self, plan: QueryPlan, capped: bool = True, tier: Tier = Tier.HIGHLY_SENSITIVE
+    ) -> list[list[int]]:
         view = self.catalog.views[plan.view]
-        cells = self.cells(plan)
+        cells = self.cells(plan, tier)
         buckets: dict[tuple[Any, ...], list[Row]] = {cell: [] for cell in cells}
         # Group values are matched by type as well: a boolean cell never takes an int.
         by_typed_key = {_typed(cell): cell for cell in cells}
-        for row in self.selected_rows(plan, capped):
+        for row in self.selected_rows(plan, capped, tier):
             cell = by_typed_key.get(_typed(tuple(row[g] for g in plan.group_by)))
             if cell is not None:  # outside the public domains: counted in no cell
                 buckets[cell].append(row)

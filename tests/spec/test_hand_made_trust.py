@@ -1,7 +1,7 @@
 """A tiny hand-made OMOP extract, loaded with the real loader, with answers worked out by hand.
 
-Eight persons; reference date 2024-12-31 (the latest observation period end), so ages are
-simply 2024 - year of birth. Person 6 has 30 condition rows, all in 2010, over the cap of 25.
+Eight persons; this test's catalog sets the federation's reference date to 2024-12-31, so ages
+are simply 2024 - year of birth. Person 6 has 30 condition rows, all in 2010, over the cap of 25.
 
     person  sex      born  age  band   ethnicity    conditions (group, year, linked visit)
     1       female   1990  34   25-34  white        depression 2020 (v101), anxiety 2021
@@ -27,11 +27,14 @@ simply 2024 - year of birth. Person 6 has 30 condition rows, all in 2010, over t
 from __future__ import annotations
 
 import csv
+import datetime as dt
+import tomllib
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from fedtre.catalog import Catalog
+from fedtre.catalog import Catalog, Tier, parse_catalog
 from fedtre.parse import parse_query
 from node.compiler import compile_plan, run_exact
 from node.database import open_research_db
@@ -99,7 +102,16 @@ def _write(path: Path, header: list[str], rows: list[tuple[object, ...]]) -> Non
 
 
 @pytest.fixture(scope="module")
-def tiny_db(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Path:
+def tiny_catalog() -> Catalog:
+    """The shipped catalog with the reference date this test's ages were worked out at."""
+    data = tomllib.loads(resources.files("fedtre").joinpath("data/catalog.toml").read_text())
+    data["reference_date"] = dt.date(2024, 12, 31)
+    return parse_catalog(data)
+
+
+@pytest.fixture(scope="module")
+def tiny_db(tmp_path_factory: pytest.TempPathFactory, tiny_catalog: Catalog) -> Path:
+    catalog = tiny_catalog
     src = tmp_path_factory.mktemp("tiny-omop")
     _write(
         src / "person.csv",
@@ -152,19 +164,20 @@ def tiny_db(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_db: Path, catalog: Catalog):
-    con = open_research_db(tiny_db, catalog)
+def tiny_run(tiny_db: Path, tiny_catalog: Catalog):
+    con = open_research_db(tiny_db, tiny_catalog)
 
     def run(sql: str) -> list[list[int]]:
-        return run_exact(con, compile_plan(parse_query(sql, catalog), catalog))
+        plan = parse_query(sql, tiny_catalog)
+        return run_exact(con, compile_plan(plan, tiny_catalog, Tier.HIGHLY_SENSITIVE))
 
     yield run
     con.close()
 
 
 @pytest.fixture(scope="module")
-def tiny_reference(tiny_db: Path, catalog: Catalog) -> Reference:
-    return Reference.from_db(tiny_db, catalog)
+def tiny_reference(tiny_db: Path, tiny_catalog: Catalog) -> Reference:
+    return Reference.from_db(tiny_db, tiny_catalog)
 
 
 HAND_COMPUTED = {
@@ -269,5 +282,9 @@ def test_loaded_views_match_the_hand_made_rows(tiny_reference):
         (8, "emergency", True, 2, 2024),
         (8, "other", False, 0, 2024),
     ]
-    ranks = sorted(r["_rank"] for r in tiny_reference.rows["conditions"] if r["person_id"] == 6)
+    ranks = sorted(
+        r["_rank_highly_sensitive"]
+        for r in tiny_reference.rows["conditions"]
+        if r["person_id"] == 6
+    )
     assert ranks == list(range(1, 31))

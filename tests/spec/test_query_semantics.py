@@ -10,10 +10,11 @@ from collections import Counter
 
 import pytest
 
+from fedtre.catalog import Tier
 from fedtre.errors import QueryRefused
-from fedtre.parse import parse_query
+from fedtre.parse import parse_query, query_tier
 from node.compiler import compile_plan, run_exact
-from tests.spec.reference import Reference
+from tests.spec.reference import Reference, visible
 
 DEPRESSION_COHORT = "SELECT person_id FROM conditions WHERE condition_group = 'depression'"
 
@@ -158,6 +159,18 @@ def test_exact_answer_equals_reference(sql, catalog, run_sql, reference: Referen
     assert run_sql(sql) == reference.evaluate(plan)
 
 
+@pytest.mark.parametrize("sql", QUERIES.values(), ids=QUERIES.keys())
+def test_exact_answer_at_the_mental_health_tier_equals_reference(
+    sql, catalog, run_sql, reference: Reference
+):
+    """The same queries for a project approved up to mental health: highly sensitive rows do
+    not exist for it (queries naming them are refused before they run)."""
+    plan = parse_query(sql, catalog)
+    if query_tier(plan, catalog) > Tier.MENTAL_HEALTH:
+        return
+    assert run_sql(sql, Tier.MENTAL_HEALTH) == reference.evaluate(plan, tier=Tier.MENTAL_HEALTH)
+
+
 def test_queries_are_not_trivial(catalog, reference: Reference):
     """Guard the table above: most queries must have some non-zero cell in the fixture."""
     nonzero = [
@@ -171,7 +184,7 @@ def test_queries_are_not_trivial(catalog, reference: Reference):
 
 def test_cells_cover_the_full_domain_in_catalog_order(catalog, research_con):
     sql = "SELECT sex, age_band, COUNT(*) FROM patients WHERE age > 200 GROUP BY sex, age_band"
-    compiled = compile_plan(parse_query(sql, catalog), catalog)
+    compiled = compile_plan(parse_query(sql, catalog), catalog, Tier.HIGHLY_SENSITIVE)
     view = catalog.views["patients"]
     expected = [(s, a) for s in view.columns["sex"].domain for a in view.columns["age_band"].domain]
     assert list(compiled.cells) == expected
@@ -180,7 +193,7 @@ def test_cells_cover_the_full_domain_in_catalog_order(catalog, research_con):
 
 def test_integer_group_cells_are_the_whole_range(catalog, run_sql, reference):
     sql = "SELECT year, COUNT(*) FROM conditions GROUP BY year"
-    compiled = compile_plan(parse_query(sql, catalog), catalog)
+    compiled = compile_plan(parse_query(sql, catalog), catalog, Tier.HIGHLY_SENSITIVE)
     assert [c[0] for c in compiled.cells] == list(range(1990, 2031))
     counts = run_sql(sql)[0]
     assert len(counts) == 41
@@ -189,7 +202,7 @@ def test_integer_group_cells_are_the_whole_range(catalog, run_sql, reference):
 
 
 def test_sum_clamps_to_the_catalog_bounds(catalog, run_sql, reference):
-    los = [r["length_of_stay"] for r in reference.rows["visits"] if r["_rank"] <= 10]
+    los = [r["length_of_stay"] for r in reference.rows["visits"] if r["_rank_general"] <= 10]
     assert max(los) > 180, "fixture must have stays over the bound to exercise clamping"
     assert run_sql("SELECT SUM(length_of_stay) FROM visits") == [[sum(min(v, 180) for v in los)]]
 
@@ -201,7 +214,7 @@ def test_average_is_clamped_sum_and_row_count(run_sql):
 
 
 def test_rows_outside_the_group_domain_count_in_no_cell(run_sql, reference):
-    capped = [r for r in reference.rows["visits"] if r["_rank"] <= 10]
+    capped = [r for r in reference.rows["visits"] if r["_rank_general"] <= 10]
     outside = [r for r in capped if r["length_of_stay"] > 180]
     assert outside, "fixture must have stays outside the group domain 0..180"
     (counts, _sums) = run_sql(
@@ -241,7 +254,7 @@ def test_cohort_sub_view_is_not_capped(run_sql, reference):
     for r in reference.rows["conditions"]:
         key = (r["condition_group"], r["year"])
         anywhere.setdefault(key, set()).add(r["person_id"])
-        if r["_rank"] <= 25:
+        if r["_rank_highly_sensitive"] <= 25:
             within_cap.setdefault(key, set()).add(r["person_id"])
     differing = sorted(k for k in anywhere if anywhere[k] != within_cap.get(k, set()))
     assert differing, "fixture has no person whose only rows of a kind lie beyond the cap"
@@ -254,13 +267,19 @@ def test_cohort_sub_view_is_not_capped(run_sql, reference):
 
 
 @pytest.mark.parametrize("view", ["patients", "conditions", "visits"])
-def test_rank_is_a_permutation_per_person(view, reference):
-    ranks: dict[int, list[int]] = {}
-    for row in reference.rows[view]:
-        ranks.setdefault(row["person_id"], []).append(row["_rank"])
-    assert ranks
-    for person, values in ranks.items():
-        assert sorted(values) == list(range(1, len(values) + 1)), person
+def test_rank_is_a_permutation_per_person_at_every_row_level(view, reference, catalog):
+    """At each row level, each person's visible rows are numbered 1..n; rows above the level
+    have no rank there."""
+    for level in catalog.views[view].row_levels:
+        ranks: dict[int, list[int]] = {}
+        for row in reference.rows[view]:
+            rank = row[f"_rank_{level.value}"]
+            assert (rank is None) == (not visible(row, catalog.views[view], level))
+            if rank is not None:
+                ranks.setdefault(row["person_id"], []).append(rank)
+        assert ranks
+        for person, values in ranks.items():
+            assert sorted(values) == list(range(1, len(values) + 1)), person
 
 
 def test_patients_has_one_row_per_person(reference):
@@ -299,3 +318,15 @@ def test_clauses_on_the_view_are_refused_not_ignored(sql, catalog):
     drop it and answer a different question from the one asked."""
     with pytest.raises(QueryRefused):
         parse_query(sql, catalog)
+
+
+def test_the_tier_filter_is_exercised(run_sql, reference):
+    """The fixture holds highly sensitive diagnoses, so a mental-health project sees fewer
+    condition rows, and its condition groups leave out the highly sensitive ones."""
+    assert any(r["condition_group"] == "self_harm" for r in reference.rows["conditions"])
+    (everything,) = run_sql("SELECT COUNT(*) FROM conditions")[0]
+    (visible_mh,) = run_sql("SELECT COUNT(*) FROM conditions", Tier.MENTAL_HEALTH)[0]
+    assert visible_mh < everything
+    grouped = "SELECT condition_group, COUNT(*) FROM conditions GROUP BY condition_group"
+    assert len(run_sql(grouped)[0]) == 13
+    assert len(run_sql(grouped, Tier.MENTAL_HEALTH)[0]) == 11

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from fedtre.catalog import Tier
 from fedtre.dp import count_interval, discrete_laplace_halfwidth, discrete_laplace_tail
 from fedtre.parse import parse_query
 from node.compiler import compile_plan, run_exact
@@ -29,7 +30,9 @@ UNITS = 50_000
 def _exact(node_db, catalog, sql: str) -> list[list[int]]:
     con = open_research_db(node_db, catalog)
     try:
-        return run_exact(con, compile_plan(parse_query(sql, catalog), catalog))
+        return run_exact(
+            con, compile_plan(parse_query(sql, catalog), catalog, Tier.HIGHLY_SENSITIVE)
+        )
     finally:
         con.close()
 

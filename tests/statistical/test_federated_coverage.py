@@ -6,7 +6,7 @@ and loaded with the node loader; each runs its own ``NodeEngine``. Every query i
 would send it), and the three answers of each round are combined with the output rules off.
 
 The truth is the pooled exact answer: plain DuckDB on each trust's database (rows with
-``_rank`` within the view's cap, as the query language defines), summed over trusts.
+``_rank_<level>`` within the view's cap, as the query language defines), summed over trusts.
 
 Expected coverage: the combined interval is value ± k with k = ``sum_halfwidth`` of the three
 scales, so its coverage is exactly p* = P(|X_1 + X_2 + X_3| <= k) (independent discrete Laplace;
@@ -69,13 +69,13 @@ class Federation:
 def _plain_truth(db: Path, catalog: Catalog) -> tuple[int, list[int], list[int]]:
     con = duckdb.connect(str(db), read_only=True)
     try:
-        ((n,),) = con.execute("SELECT COUNT(*) FROM patients WHERE _rank <= 1").fetchall()
+        ((n,),) = con.execute("SELECT COUNT(*) FROM patients WHERE _rank_general <= 1").fetchall()
         cap = catalog.views["conditions"].max_rows_per_person
         found = {
             g: (rows, persons)
             for g, rows, persons in con.execute(
                 "SELECT condition_group, COUNT(*), COUNT(DISTINCT person_id) FROM conditions "
-                "WHERE _rank <= ? GROUP BY condition_group",
+                "WHERE _rank_highly_sensitive <= ? GROUP BY condition_group",
                 [cap],
             ).fetchall()
         }

@@ -24,7 +24,17 @@ from fedtre.dp import (
     discrete_laplace_tail,
     units_to_epsilon,
 )
-from node.release import MECHANISM, laplace_measurement, release_statistic
+from fedtre.plan import Aggregate, AggregateKind
+from fedtre.result import ReleasedStatistic
+from node.compiler import Statistic
+from node.release import (
+    MECHANISM,
+    PlannedAggregate,
+    PlannedStatistic,
+    ReleasePlan,
+    laplace_measurement,
+    release,
+)
 
 N = 50_000
 SETTINGS = [  # (L1 sensitivity, ε in units)
@@ -34,6 +44,14 @@ SETTINGS = [  # (L1 sensitivity, ε in units)
     (13, 50_000),  # ε 0.05: scale 260 (grouped distinct persons on conditions)
     (3, 333_333),  # an ε that is not a round number
 ]
+
+
+def release_statistic(kind: str, values: list[int], l1: int, units: int) -> ReleasedStatistic:
+    """One statistic through the node's ``release``, with a plan of that one measurement."""
+    meas, scale = laplace_measurement(l1, units)
+    planned = PlannedStatistic(Statistic(kind), l1, units, scale, meas)
+    aggregate = PlannedAggregate(Aggregate(AggregateKind.COUNT, "n"), (planned,), None, None)
+    return release(ReleasePlan((aggregate,), units), [values])[0].statistics[0]
 
 
 def _ids(setting: tuple[int, int]) -> str:

@@ -40,7 +40,8 @@ def test_research_views_have_only_catalog_columns(node_db, catalog):
         for name, view in catalog.views.items():
             cols = {r[0] for r in con.execute(f'DESCRIBE "{name}"').fetchall()}
             assert cols == stored_columns(view)
-            assert "person_id" in cols and "_rank" in cols and set(view.columns) <= cols
+            assert "person_id" in cols and set(view.columns) <= cols
+            assert {f"_rank_{level.value}" for level in view.row_levels} <= cols
     finally:
         con.close()
 
@@ -49,9 +50,40 @@ def test_research_views_have_only_catalog_columns(node_db, catalog):
     ("tamper", "message"),
     [
         ('UPDATE patients SET "_clamped_age" = 500 WHERE person_id = 1', "breaks its bounds"),
-        ("UPDATE conditions SET _rank = 0 WHERE person_id = 1", "breaks its bounds"),
+        ("UPDATE conditions SET _rank_highly_sensitive = 0 WHERE person_id = 1", "bounds"),
         ('ALTER TABLE visits DROP COLUMN "_clamped_length_of_stay"', "does not match"),
         ("ALTER TABLE patients ADD COLUMN postcode VARCHAR", "does not match"),
+        # what privacy rests on (issue 7, defect 8): one row per person in patients ...
+        (
+            "INSERT INTO patients SELECT * FROM patients "
+            "WHERE person_id = (SELECT min(person_id) FROM patients)",
+            "not unique per person",
+        ),
+        # ... each rank unique per person in every event view, at every row level ...
+        (
+            "UPDATE conditions SET _rank_highly_sensitive = 1 WHERE person_id = "
+            "(SELECT person_id FROM conditions GROUP BY 1 HAVING count(*) > 1 LIMIT 1)",
+            "not unique per person",
+        ),
+        (
+            "UPDATE visits SET _rank_general = 1 WHERE person_id = "
+            "(SELECT person_id FROM visits GROUP BY 1 HAVING count(*) > 1 LIMIT 1)",
+            "not unique per person",
+        ),
+        # ... a rank exactly on the rows a tier may see ...
+        (
+            "UPDATE conditions SET _rank_mental_health = 99 WHERE condition_group = 'self_harm'",
+            "bounds",
+        ),
+        (
+            "UPDATE conditions SET _rank_mental_health = NULL WHERE condition_group = 'depression'",
+            "bounds",
+        ),
+        # ... and ages computed at the catalog's reference date.
+        (
+            "UPDATE _fedtre_meta SET value = '2031-06-30' WHERE key = 'reference_date'",
+            "computed ages at",
+        ),
     ],
 )
 def test_database_breaking_invariants_is_refused(tmp_path, node_db, catalog, tamper, message):

@@ -213,12 +213,32 @@ def test_out_of_scope_view_and_tier(node_config_factory):
         for i, sql in enumerate(
             [
                 "SELECT COUNT(*) FROM conditions WHERE condition_group = 'self_harm'",
-                "SELECT condition_group, COUNT(*) FROM conditions GROUP BY condition_group",
                 "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id "
                 "FROM conditions WHERE condition_group IN ('depression', 'eating_disorder'))",
+                "SELECT COUNT(*) FROM conditions WHERE condition_group NOT IN ('self_harm')",
             ]
         ):
             _assert_refused_without_spend(eng, request(sql, 0.1, query_id=f"t{i}"), "out_of_scope")
+        # Grouping is not refused: the groups above the approval are simply not in the domain.
+        grouped = eng.answer(
+            request("SELECT condition_group, COUNT(*) FROM conditions GROUP BY condition_group")
+        )
+        groups = [cell[0] for cell in grouped.cells]
+        assert "self_harm" not in groups and "eating_disorder" not in groups
+        assert len(groups) == 11
+    finally:
+        eng.close()
+    eng = NodeEngine(node_config_factory(max_tier="general"))
+    try:  # a view above the approval cannot be named at all, not even in a cohort
+        for i, sql in enumerate(
+            [
+                "SELECT COUNT(*) FROM conditions",
+                "SELECT COUNT(*) FROM patients WHERE person_id NOT IN "
+                "(SELECT person_id FROM conditions)",
+                "SELECT mental_health, COUNT(*) FROM visits GROUP BY mental_health",
+            ]
+        ):
+            _assert_refused_without_spend(eng, request(sql, 0.1, query_id=f"g{i}"), "out_of_scope")
     finally:
         eng.close()
 

@@ -31,6 +31,7 @@ def _result() -> NodeResult:
         project_id="study",
         view="patients",
         catalog_version="1.0.0",
+        reference_date="2025-03-31",
         group_by=("sex",),
         cells=(("female",), ("male",), ("unknown",)),
         aggregates=(
@@ -68,6 +69,7 @@ def _mutated(mutate) -> pb.NodeResult:  # type: ignore[no-untyped-def]
     [
         lambda m: m.ClearField("query_id"),
         lambda m: m.ClearField("node_id"),
+        lambda m: m.ClearField("reference_date"),
         lambda m: setattr(m, "view", "x" * 500),
         lambda m: setattr(m, "epsilon_units", 0),
         lambda m: setattr(m, "epsilon_units", 999),

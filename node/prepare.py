@@ -1,0 +1,100 @@
+"""Everything a node decides about a query before it touches the data.
+
+``prepare`` takes the request, the node's own policy and catalog, and either refuses with a
+plain, data-free reason or returns a ``PreparedQuery``: the plan, the SQL as the project's tier
+sees the data, and the release plan (the ε split over the statistics with every OpenDP
+measurement built and checked). Nothing here reads the research database, so no refusal and no
+cost can depend on the data or on how long it takes to read. (The budget itself is reserved by
+the engine, from the ledger, also before the data is read.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from fedtre.catalog import Catalog
+from fedtre.dp import epsilon_to_units, units_to_epsilon
+from fedtre.errors import QueryRefused, Refusal
+from fedtre.parse import parse_query, query_tier
+from fedtre.plan import QueryPlan, cohort_views
+from fedtre.request import QueryRequest
+from node.compiler import CompiledQuery, compile_plan
+from node.config import NodeConfig, ProjectPolicy
+from node.release import ReleasePlan, plan_release
+
+
+@dataclass(frozen=True)
+class PreparedQuery:
+    project: ProjectPolicy
+    plan: QueryPlan
+    compiled: CompiledQuery
+    release: ReleasePlan
+    units: int
+    fingerprint: str  # what a retry of the query id must match
+
+
+def prepare(request: QueryRequest, config: NodeConfig) -> PreparedQuery:
+    """Check the request against this node's policy and fix its cost; refuses otherwise."""
+    request.check_fields()
+    project = find_project(config, request.project_id)
+    units = epsilon_to_units(request.epsilon)
+    if units < config.min_units_per_query:
+        raise QueryRefused(
+            Refusal.INVALID_EPSILON,
+            f"ε {units_to_epsilon(units):g} is below this trust's minimum of "
+            f"{units_to_epsilon(config.min_units_per_query):g} per query.",
+        )
+    if units > project.max_units_per_query:
+        raise QueryRefused(
+            Refusal.OUT_OF_SCOPE,
+            f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
+            f"{units_to_epsilon(project.max_units_per_query):g}.",
+        )
+    plan = parse_query(request.sql, config.catalog)
+    return plan_query(plan, config.catalog, project, units)
+
+
+def plan_query(
+    plan: QueryPlan, catalog: Catalog, project: ProjectPolicy, units: int
+) -> PreparedQuery:
+    """Scope and tier checks, the SQL for the project's tier, and the release plan."""
+    check_scope(plan, catalog, project)
+    compiled = compile_plan(plan, catalog, project.max_tier)
+    release = plan_release(plan, compiled.view, len(compiled.cells), units)
+    fingerprint = _fingerprint(project.project_id, plan, units)
+    return PreparedQuery(project, plan, compiled, release, units, fingerprint)
+
+
+def find_project(config: NodeConfig, project_id: str) -> ProjectPolicy:
+    project = config.projects.get(project_id)
+    if project is None:
+        raise QueryRefused(
+            Refusal.UNKNOWN_PROJECT, "This trust has no approved project with that id."
+        )
+    return project
+
+
+def check_scope(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> None:
+    views = {plan.view} | cohort_views(plan.where)
+    outside = sorted(views - project.views)
+    if outside:
+        raise QueryRefused(
+            Refusal.OUT_OF_SCOPE,
+            f"This project is not approved to use the view(s): {', '.join(outside)}.",
+        )
+    tier = query_tier(plan, catalog)
+    if tier > project.max_tier:
+        raise QueryRefused(
+            Refusal.OUT_OF_SCOPE,
+            f"This query names {tier.value.replace('_', ' ')} data; the project is approved "
+            f"up to {project.max_tier.value.replace('_', ' ')}.",
+        )
+
+
+def _fingerprint(project_id: str, plan: QueryPlan, units: int) -> str:
+    text = json.dumps(
+        {"project": project_id, "plan": plan.canonical(), "units": units}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()

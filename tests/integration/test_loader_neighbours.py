@@ -1,0 +1,186 @@
+"""Named regressions of the loader's privacy defects, each as two extracts that differ in one
+person, loaded with the real loader (issue 7, defects 1-3).
+
+The general property (any person, any query) is ``tests/property/test_neighbour_stability.py``;
+these tests pin the concrete attacks that were found, so each stays fixed by name.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import duckdb
+
+from node.loader import load_omop
+from tests.property.exact_path import exact, l1
+from tests.property.omop_extracts import (
+    MAPPED,
+    Extract,
+    Ids,
+    PersonRows,
+    Schema,
+    build_extract,
+    load_extract,
+    ordinary_person,
+    with_person,
+    without_person,
+    write_extract,
+)
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def _trust(n: int, seed: int, schema: Schema | None = None) -> tuple[Extract, Ids, random.Random]:
+    rng = random.Random(seed)
+    ids = Ids(10_000)
+    persons = [ordinary_person(pid, rng, ids) for pid in range(1, n + 1)]
+    return build_extract(persons, schema or Schema(), rng), ids, rng
+
+
+# -- defect 1: the age reference date ---------------------------------------------------------
+
+
+def test_a_far_future_date_moves_no_one_elses_age(tmp_path, catalog):
+    base, ids, rng = _trust(60, seed=1)
+    far = ordinary_person(999, rng, ids)
+    far = replace(
+        far,
+        visits=(
+            {
+                "visit_occurrence_id": ids.take(),
+                "person_id": 999,
+                "visit_concept_id": 9201,
+                "visit_start_date": "2024-01-01",
+                "visit_end_date": "2031-06-30",
+            },
+        ),
+        observation=(
+            {
+                "person_id": 999,
+                "observation_period_start_date": "2020-01-01",
+                "observation_period_end_date": "2031-06-30",
+            },
+        ),
+    )
+    d = load_extract(base, tmp_path / "d", catalog)
+    d2 = load_extract(with_person(base, far, rng), tmp_path / "d2", catalog)
+    sql = "SELECT age_band, COUNT(*) FROM patients GROUP BY age_band"
+    assert l1(exact(d, catalog, sql), exact(d2, catalog, sql)) <= [1]
+    ages = "SELECT person_id, age, age_band FROM patients WHERE person_id <> 999 ORDER BY 1"
+    assert rows(d, ages) == rows(d2, ages)
+
+
+def test_every_trust_uses_the_catalogs_reference_date(tmp_path, catalog):
+    first, _, _ = _trust(20, seed=2)
+    second, _, _ = _trust(35, seed=3)
+    dates = set()
+    for name, extract in (("a", first), ("b", second)):
+        source = write_extract(extract, tmp_path / name / "omop", "parquet")
+        report = load_omop(source, tmp_path / name / "node.duckdb", catalog)
+        dates.add(report.reference_date)
+        meta = dict(rows(tmp_path / name / "node.duckdb", "SELECT key, value FROM _fedtre_meta"))
+        dates.add(meta["reference_date"])
+    assert dates == {catalog.reference_date, catalog.reference_date.isoformat()}
+
+
+# -- defect 2: per-person row ranks ----------------------------------------------------------
+
+
+def _heavy(pid: int, ids: Ids, n: int = 40) -> PersonRows:
+    groups = list(MAPPED.values())
+    conditions = tuple(
+        {
+            "condition_occurrence_id": ids.take(),
+            "person_id": pid,
+            "condition_concept_id": groups[i % len(groups)],
+            "condition_start_date": f"20{10 + i % 10}-0{1 + i % 9}-1{i % 9}",
+            "visit_occurrence_id": None,
+        }
+        for i in range(n)
+    )
+    person = (
+        {
+            "person_id": pid,
+            "gender_concept_id": 8532,
+            "year_of_birth": 1980,
+            "race_concept_id": 8527,
+            "person_source_value": f"p{pid}",
+        },
+    )
+    return PersonRows(pid, person, (), conditions, ())
+
+
+def test_removing_one_person_does_not_change_which_rows_others_keep(tmp_path, catalog):
+    """No condition_occurrence_id in the source: ranks once came from the row's position."""
+    ids = Ids(0)
+    schema = Schema(condition_ids=False, visit_links=False, ancestors=False, observation=False)
+    extract = Extract(schema=schema)
+    # B's rows come first in the file; five heavy persons over the 25-row cap follow.
+    extract = replace(
+        extract, **_concat(_heavy(1, ids, n=7), *(_heavy(p, ids) for p in range(2, 7)))
+    )
+    d = load_extract(extract, tmp_path / "d", catalog)
+    d2 = load_extract(without_person(extract, 1), tmp_path / "d2", catalog)
+    sql = "SELECT condition_group, COUNT(*) FROM conditions GROUP BY condition_group"
+    assert l1(exact(d, catalog, sql), exact(d2, catalog, sql)) <= [25]
+    kept = "SELECT * FROM conditions WHERE person_id <> 1 ORDER BY ALL"
+    assert rows(d, kept) == rows(d2, kept)
+
+
+def _concat(*persons: PersonRows) -> dict[str, tuple]:
+    return {
+        "person": tuple(r for p in persons for r in p.person),
+        "visits": tuple(r for p in persons for r in p.visits),
+        "conditions": tuple(r for p in persons for r in p.conditions),
+        "observation": tuple(r for p in persons for r in p.observation),
+        "persons": tuple(p.person_id for p in persons),
+    }
+
+
+# -- defect 3: derived flags ----------------------------------------------------------------
+
+
+def test_another_persons_rows_cannot_flip_a_visits_flag(tmp_path, catalog):
+    ids = Ids(0)
+    a_visits = tuple(
+        {
+            "visit_occurrence_id": 100 + i,
+            "person_id": 1,
+            "visit_concept_id": 9201,
+            "visit_start_date": f"2020-01-{10 + i}",
+            "visit_end_date": f"2020-01-{11 + i}",
+        }
+        for i in range(10)
+    )
+    a = replace(_heavy(1, ids, n=0), visits=a_visits)
+    # B's diagnoses point at A's visits (a malformed source, or an attacker).
+    b = replace(
+        _heavy(2, ids, n=0),
+        conditions=tuple(
+            {
+                "condition_occurrence_id": ids.take(),
+                "person_id": 2,
+                "condition_concept_id": MAPPED["depression"],
+                "condition_start_date": "2020-01-10",
+                "visit_occurrence_id": 100 + i,
+            }
+            for i in range(10)
+        ),
+    )
+    extract = replace(Extract(schema=Schema()), **_concat(a, b))
+    d = load_extract(extract, tmp_path / "d", catalog)
+    d2 = load_extract(without_person(extract, 2), tmp_path / "d2", catalog)
+    sql = "SELECT COUNT(*) FROM visits WHERE mental_health = TRUE"
+    assert exact(d, catalog, sql).values == exact(d2, catalog, sql).values == ((0,),)
+    report = load_omop(
+        write_extract(extract, tmp_path / "r", "csv"), tmp_path / "r.duckdb", catalog
+    )
+    assert report.conditions_other_persons_visit == 10
