@@ -17,8 +17,10 @@ for every query (node ``total_epsilon`` and ``node_epsilon_ceiling`` 1e6).
 * sequential: after ``--warmup`` queries, ``--queries`` queries one after another through
   ``fedtre.client.Client``, each with a fresh query id. Per query: end-to-end wall time at the
   client (e2e), the slowest trust's own handling time (``handling_ms``, measured inside the node
-  around the engine call) and overhead = e2e - max over trusts of handling_ms. Also the CPU time
-  each process used per query (client, coordinator, all nodes), from /proc.
+  around the engine call, read from the coordinator's operator log: researchers never receive
+  it) and overhead = e2e - max over trusts of handling_ms. Also the CPU time each process used
+  per query (client, coordinator, all nodes), from /proc. Nodes run with the answer slot off
+  (``answer_slot_ms = 0``): this measures the federation, ``benchmarks/timing.py`` the slot.
 * throughput: ``--concurrency`` researcher threads, each with its own certificate and its own
   ``Client``, submit queries back to back for ``--duration`` seconds: queries/s and latency.
 * rounds: every setting is run ``--rounds`` times with fresh processes (rounds outermost, so
@@ -185,7 +187,9 @@ class Federation:
         workers = "" if self.node_workers is None else f"max_workers = {self.node_workers}\n"
         (home / "config.toml").write_text(
             f'node_id = "{name}"\ndatabase = "{self.databases[name]}"\nstate_dir = "state"\n'
-            f"node_epsilon_ceiling = 1000000.0\nduckdb_threads = {self.duckdb_threads}\n\n"
+            f"node_epsilon_ceiling = 1000000.0\nduckdb_threads = {self.duckdb_threads}\n"
+            # the federation's own overhead, not the answer slot (benchmarks/timing.py)
+            "answer_slot_ms = 0\n\n"
             f'[server]\nlisten = "127.0.0.1:0"\ncoordinator = "{COORDINATOR}"\n'
             f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n{workers}\n'
             f"[projects.{PROJECT}]\ntotal_epsilon = 1000000.0\nmax_epsilon_per_query = 1.0\n"
@@ -311,10 +315,21 @@ def own_cpu_seconds() -> float:
 
 @dataclass
 class Sample:
+    query_id: str
     e2e_ms: float
-    max_node_ms: float
-    min_node_ms: float
-    sum_node_ms: float
+    node_ms: tuple[float, ...] = ()  # each trust's own handling, from the coordinator's log
+
+    @property
+    def max_node_ms(self) -> float:
+        return max(self.node_ms)
+
+    @property
+    def min_node_ms(self) -> float:
+        return min(self.node_ms)
+
+    @property
+    def sum_node_ms(self) -> float:
+        return sum(self.node_ms)
 
     @property
     def overhead_ms(self) -> float:
@@ -329,8 +344,20 @@ def one_query(client: Client, sql: str, epsilon: float, trusts: int) -> Sample:
     if not result.released or len(answered) != trusts or any(t.replayed for t in answered):
         states = {t.node_id: t.state for t in result.trusts}
         raise RuntimeError(f"query not fully answered: {result.withheld_reason or states}")
-    handling = [t.handling_ms for t in answered]
-    return Sample(e2e, max(handling), min(handling), sum(handling))
+    return Sample(result.query_id, e2e)
+
+
+def with_node_times(fed: Federation, samples: list[Sample]) -> list[Sample]:
+    """Each trust's handling time per query, from the coordinator's operator log (researchers
+    never receive per-trust timings)."""
+    assert fed.coordinator is not None
+    times: dict[str, tuple[float, ...]] = {}
+    for line in fed.coordinator.log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "query.trusts":
+                times[event["query_id"]] = tuple(event["handling_ms"].values())
+    return [Sample(s.query_id, s.e2e_ms, times[s.query_id]) for s in samples]
 
 
 class PySpy:
@@ -405,6 +432,7 @@ def sequential(
     wall = time.perf_counter() - meter.start_wall
     cpu = meter.stop()
     spy.stop()
+    samples = with_node_times(fed, samples)
     return {
         "queries": args.queries,
         "completed": len(samples),
@@ -463,7 +491,7 @@ def throughput(
     elapsed = max(ends) - start
     cpu = meter.stop()
     spy.stop()
-    samples = [s for r in records for s in r]
+    samples = with_node_times(fed, [s for r in records for s in r])
     errs = [e for r in errors for e in r]
     done = max(len(samples), 1)
     return {

@@ -1,7 +1,7 @@
 """Timing channel benchmark: can a caller tell, from a node's answer times alone, whether one
 person is in the data? With the answer slot off, and on.
 
-    python -m benchmarks.timing [--probes 2000] [--persons 20000] [--slot-ms 50] [--no-control]
+    python -m benchmarks.timing [--probes 2000] [--persons 20000] [--slot-ms 100] [--no-control]
 
 Two trusts over mutual TLS on loopback (real ``fedtre node serve`` processes, started by the
 integration tests' launcher): trust-a holds dataset D, trust-b holds D' = D plus one person P,
@@ -105,7 +105,7 @@ def _append(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open(newline="") as f:
         header = next(csv.reader(f))
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=header, restval="")
+        writer = csv.DictWriter(f, fieldnames=header, restval="", lineterminator="\n")
         writer.writerows({k: v for k, v in r.items() if k in header} for r in rows)
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--probes", type=int, default=2000, help="probes per arm")
     parser.add_argument("--persons", type=int, default=20_000)
-    parser.add_argument("--slot-ms", type=int, default=50)
+    parser.add_argument("--slot-ms", type=int, default=100)
     parser.add_argument("--no-control", action="store_true")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedtre-timing-") as tmp:

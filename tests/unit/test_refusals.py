@@ -72,6 +72,10 @@ BAD_SQL = {
     "schema_prefix": ("SELECT COUNT(*) FROM main.patients", "unsupported_query"),
     "unknown_column": ("SELECT COUNT(*) FROM patients WHERE postcode = 'AB1'", "unknown_column"),
     "rank_column": ("SELECT COUNT(*) FROM conditions WHERE _rank = 1", "unknown_column"),
+    "tier_rank_column": (
+        "SELECT COUNT(*) FROM conditions WHERE _rank_mental_health IS NULL",
+        "unsupported_query",
+    ),
     "high_cardinality_group": (
         "SELECT visit_type, mental_health, length_of_stay, year, COUNT(*) FROM visits "
         "GROUP BY visit_type, mental_health, length_of_stay, year",
