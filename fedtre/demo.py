@@ -44,6 +44,13 @@ QUERIES = (
         0.5,
     ),
     (
+        "Persons by condition group. The project is approved up to mental health, so for it "
+        "self-harm and eating-disorder diagnoses do not exist: their groups are not in the answer",
+        "SELECT condition_group, COUNT(DISTINCT person_id) AS persons FROM conditions "
+        "GROUP BY condition_group",
+        0.5,
+    ),
+    (
         "Mean length of stay of mental-health inpatient admissions",
         "SELECT AVG(length_of_stay) AS mean_stay_days, COUNT(*) AS admissions FROM visits "
         "WHERE visit_type = 'inpatient' AND mental_health = TRUE",
@@ -252,11 +259,14 @@ class Demo:
     # -- queries ---------------------------------------------------------------------------
 
     def _queries(self, profile: Profile) -> int:
-        _say(f"4. Researcher '{RESEARCHER}' queries project '{PROJECT}' across all trusts\n")
+        _say(
+            f"4. Researcher '{RESEARCHER}' queries project '{PROJECT}' across all trusts "
+            "(each trust answers on its fixed time slot, 500 ms by default)\n"
+        )
         with Client(profile) as client:
             results = []
             for title, sql, epsilon in QUERIES:
-                _say(f"-- {title}\n{textwrap.fill(sql, 100)}\n")
+                _say(f"{textwrap.fill(f'-- {title}', 100)}\n{textwrap.fill(sql, 100)}\n")
                 result = client.query(PROJECT, sql, epsilon)
                 results.append(result)
                 _say(textwrap.indent(result.table(), "   "))

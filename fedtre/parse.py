@@ -19,6 +19,7 @@ Refusal messages quote only what the researcher wrote or what the catalog publis
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,9 +49,14 @@ MAX_SQL_CHARS = 10_000
 MAX_AGGREGATES = 16
 MAX_GROUP_COLUMNS = 4
 MAX_CELLS = 10_000
+# Noisy values one answer may hold (cells × statistics; a mean is two statistics). Drawing the
+# noise is most of the work of a wide answer, so this bounds how long any answer can take, and
+# lets a node's answer slot cover every query.
+MAX_RELEASED_VALUES = 20_000
 MAX_IN_VALUES = 256
 MAX_PREDICATE_NODES = 200
 MAX_COHORT_DEPTH = 3
+MAX_COHORTS = 8  # cohort sub-queries in one query, at any depth: bounds the work of an answer
 
 _COMPARE: dict[type[exp.Expression], CompareOp] = {
     exp.EQ: CompareOp.EQ,
@@ -151,6 +157,7 @@ class _Parser:
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.predicate_nodes = 0
+        self.cohorts = 0
 
     def query(self, select: exp.Select) -> QueryPlan:
         self._only_allowed_clauses(select)
@@ -193,6 +200,15 @@ class _Parser:
         if len(set(names)) != len(names):
             raise _refuse("Output column names must be distinct.")
         where = self._where(select, view, depth=0)
+        cells = math.prod(len(view.columns[g].group_domain or ()) for g in group_by)
+        values = cells * sum(2 if a.kind is AggregateKind.AVG else 1 for a in aggregates)
+        if values > MAX_RELEASED_VALUES:
+            raise _refuse(
+                f"This query would release {values:,} noisy values; at most "
+                f"{MAX_RELEASED_VALUES:,} per query (cells × aggregates, a mean counting twice). "
+                "Group by fewer columns or ask for fewer aggregates.",
+                Refusal.TOO_LARGE,
+            )
         return QueryPlan(view.name, tuple(selected_groups), tuple(aggregates), where)
 
     def _only_allowed_clauses(self, select: exp.Select) -> None:
@@ -408,6 +424,9 @@ class _Parser:
             and (not left.table or left.table.lower() == view.name)
         ):
             raise _refuse("Sub-queries are only allowed as person_id IN (SELECT person_id ...).")
+        self.cohorts += 1
+        if self.cohorts > MAX_COHORTS:
+            raise _refuse(f"At most {MAX_COHORTS} cohort sub-queries per query.", Refusal.TOO_LARGE)
         if depth + 1 > MAX_COHORT_DEPTH:
             raise _refuse(
                 f"Cohort sub-queries nest at most {MAX_COHORT_DEPTH} deep.", Refusal.TOO_LARGE

@@ -14,7 +14,6 @@ printed. Times are for trust IT; they stay on the node's console.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import statistics
@@ -26,7 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtre.catalog import Catalog, ColumnType, Tier, View
-from fedtre.parse import MAX_CELLS, MAX_COHORT_DEPTH, MAX_GROUP_COLUMNS, parse_query
+from fedtre.errors import QueryRefused
+from fedtre.parse import (
+    MAX_AGGREGATES,
+    MAX_CELLS,
+    MAX_COHORT_DEPTH,
+    MAX_GROUP_COLUMNS,
+    MAX_RELEASED_VALUES,
+    parse_query,
+)
 from node.compiler import run_exact
 from node.config import NodeConfig, ProjectPolicy
 from node.database import ResearchDatabase
@@ -72,41 +79,96 @@ class Calibration:
 
 
 def heavy_shapes(catalog: Catalog) -> list[Shape]:
-    """The most expensive queries the language allows, per view: the widest grouping with every
-    aggregate, and the deepest chain of cohorts through the largest views."""
+    """The most expensive queries the language allows, per view: the widest grouping with as many
+    aggregates as still fit the limit on released values, the most aggregates with the widest
+    grouping that fits, and as many three-deep cohort chains, each with a filter at every
+    level, as the parser's limit on conditions allows."""
     shapes = []
     for view in catalog.views.values():
-        groups = _widest_grouping(view)
-        numeric = [c.name for c in view.columns.values() if c.type is ColumnType.INTEGER]
-        aggregates = ["COUNT(*) AS n", "COUNT(DISTINCT person_id) AS p"]
-        aggregates += [f"SUM({c}) AS s_{c}" for c in numeric]
-        aggregates += [f"AVG({c}) AS a_{c}" for c in numeric]
-        select = ", ".join([*groups, *aggregates])
-        sql = f"SELECT {select} FROM {view.name}"
-        if groups:
-            sql += " GROUP BY " + ", ".join(groups)
-        shapes.append(Shape(f"{view.name}: widest grouping, every aggregate", sql))
-    views = sorted(catalog.views)
-    for main in views:
-        chain = ""
-        for depth, sub in enumerate(itertools.islice(itertools.cycle(views), MAX_COHORT_DEPTH)):
-            negated = "NOT " if depth % 2 else ""
-            inner = f"SELECT person_id FROM {sub}"
-            chain = f"person_id {negated}IN ({inner}{' WHERE ' + chain if chain else ''})"
-        sql = f"SELECT COUNT(*) AS n, COUNT(DISTINCT person_id) AS p FROM {main} WHERE {chain}"
-        shapes.append(Shape(f"{main}: cohorts {MAX_COHORT_DEPTH} deep", sql))
+        wide = _widest_grouping(view, MAX_CELLS)
+        shapes.append(_grouped(view, wide, "widest grouping"))
+        most = _aggregates(view, MAX_AGGREGATES, 2 * MAX_AGGREGATES)
+        statistics = 2 + 2 * (len(most) - 2)
+        groups = _widest_grouping(view, MAX_RELEASED_VALUES // statistics)
+        shapes.append(_grouped(view, groups, f"{len(most)} aggregates"))
+    for main in sorted(catalog.views):
+        shapes.append(_most_cohorts(catalog, main))
     return shapes
 
 
-def _widest_grouping(view: View) -> list[str]:
-    """Group columns (at most the parser's limits) with the most cells."""
+def _grouped(view: View, groups: list[str], label: str) -> Shape:
+    cells = math.prod(len(view.columns[g].group_domain or ()) for g in groups)
+    budget = MAX_RELEASED_VALUES // max(cells, 1)
+    aggregates = _aggregates(view, MAX_AGGREGATES, budget)
+    sql = f"SELECT {', '.join([*groups, *aggregates])} FROM {view.name}"
+    if groups:
+        sql += " GROUP BY " + ", ".join(groups)
+    return Shape(f"{view.name}: {label}, {cells:,} cells × {len(aggregates)} aggregates", sql)
+
+
+def _aggregates(view: View, count: int, statistics: int) -> list[str]:
+    """Counts, then means (two statistics each) while they fit ``statistics``."""
+    numeric = [c.name for c in view.columns.values() if c.type is ColumnType.INTEGER]
+    out = ["COUNT(*) AS n"]
+    used = 1
+    if statistics >= 2:
+        out.append("COUNT(DISTINCT person_id) AS p")
+        used += 1
+    i = 0
+    while numeric and len(out) < count and used + 2 <= statistics:
+        out.append(f"AVG({numeric[i % len(numeric)]}) AS a{i}")
+        used += 2
+        i += 1
+    return out
+
+
+def _most_cohorts(catalog: Catalog, main: str) -> Shape:
+    """OR'd chains of cohorts three deep through every view, with a filter at each level; as
+    many chains as the parser accepts."""
+    views = sorted(catalog.views)
+    chains = []
+    for i in range(64):
+        chain = ""
+        for depth in range(MAX_COHORT_DEPTH):
+            sub = views[(i + depth) % len(views)]
+            where = _a_filter(catalog.views[sub], i + depth)
+            if chain:
+                where = f"{where} AND {chain}"
+            negated = "NOT " if (i + depth) % 2 else ""
+            chain = f"person_id {negated}IN (SELECT person_id FROM {sub} WHERE {where})"
+        chains.append(f"({chain})")
+    while chains:
+        sql = f"SELECT COUNT(*) AS n, COUNT(DISTINCT person_id) AS p FROM {main} WHERE " + (
+            " OR ".join(chains)
+        )
+        try:
+            parse_query(sql, catalog)
+        except QueryRefused:
+            chains.pop()
+            continue
+        return Shape(f"{main}: {len(chains)} OR'd cohort chains, {MAX_COHORT_DEPTH} deep", sql)
+    raise ValueError("no cohort shape fits the parser's limits")
+
+
+def _a_filter(view: View, i: int) -> str:
+    """A condition on one of the view's columns that keeps most rows."""
+    col = list(view.columns.values())[i % len(view.columns)]
+    if col.type is ColumnType.INTEGER:
+        return f"{col.name} >= {int(col.lower or 0)}"
+    if col.type is ColumnType.BOOLEAN:
+        return f"{col.name} IN (TRUE, FALSE)"
+    return f"{col.name} <> '{col.domain[-1]}'"
+
+
+def _widest_grouping(view: View, max_cells: int) -> list[str]:
+    """Group columns (within the parser's limits and ``max_cells``) with the most cells."""
     columns = [c for c in view.columns.values() if c.group_domain is not None]
     columns.sort(key=lambda c: len(c.group_domain or ()), reverse=True)
     chosen: list[str] = []
     cells = 1
     for col in columns:
         size = len(col.group_domain or ())
-        if len(chosen) < MAX_GROUP_COLUMNS and cells * size <= MAX_CELLS:
+        if len(chosen) < MAX_GROUP_COLUMNS and cells * size <= max_cells:
             chosen.append(col.name)
             cells *= size
     return chosen

@@ -17,7 +17,8 @@ Contribution bounding: the loader stores, per row level, ``_rank_<level>``: each
 visible at that level numbered 1, 2, ... in a fixed order that depends only on the person's own
 rows (NULL on rows above the level). A query reads only rows with
 ``_rank_<level> <= max_rows_per_person``, so no person contributes more rows than the catalog
-allows, at no cost at query time; a cohort reads every visible row (``IS NOT NULL``).
+allows, at no cost at query time. Cohorts read the same capped rows: for a project, a person's
+rows in a view are the first ``cap`` of them in that order, wherever the view is used.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _predicate_sql(
             inner = f"c{depth + 1}"
             sql = (
                 f'SELECT {inner}.person_id FROM "{sub.name}" AS {inner} '
-                f'WHERE {inner}."{_rank(sub, tier)}" IS NOT NULL'
+                f'WHERE {inner}."{_rank(sub, tier)}" <= {int(sub.max_rows_per_person)}'
             )
             if where is not None:
                 sql += " AND " + _predicate_sql(where, inner, catalog, tier, params, depth + 1)

@@ -7,7 +7,8 @@ What the privacy of every answer rests on is checked when the database is opened
 from the loader: the database was built for this catalog and its reference date; every view has
 exactly the catalog's columns; clamped copies lie within the catalog bounds; each row level's
 rank is present exactly on the rows visible at that level, starts at 1 and is unique per person;
-and a view with a cap of one row per person (``patients``) has one row per person.
+no row lies beyond the cap at every level (so one person's records bound a query's work); and a
+view with a cap of one row per person (``patients``) has one row per person.
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ def _check_views(con, catalog: Catalog) -> None:
         if columns != stored_columns(view):
             raise DatabaseError(f"node database view {name} does not match the catalog: reload it")
         tier = row_tier_sql(view)
-        checks = ["person_id IS NULL"]
+        cap = int(view.max_rows_per_person)
+        within = " OR ".join(
+            f"COALESCE({rank_column(level)} <= {cap}, FALSE)" for level in view.row_levels
+        )
+        checks = ["person_id IS NULL", f"NOT ({within})"]  # rows beyond every cap: not stored
         for level in view.row_levels:
             rank = rank_column(level)
             # present exactly on the rows visible at this level, and from 1 up

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class LoadReport:
     conditions_other_persons_visit: int
     unmapped_concepts: int
     unmapped_condition_rows: int
+    concepts_mixed_tiers: int
     persons_over_cap: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -145,7 +147,9 @@ class LoadReport:
             "of another person: their setting is 'unknown'",
             f"unmapped concepts  {self.unmapped_concepts:,} condition concepts, "
             f"{self.unmapped_condition_rows:,} rows: counted as 'other'",
-            f"over the row cap   {over} persons (their extra rows are never counted)",
+            f"mixed tiers        {self.concepts_mixed_tiers:,} concepts match groups of "
+            "different tiers: each counts in its highest-tier group",
+            f"over the row cap   {over} persons (their extra rows are not stored)",
             f"took               {self.seconds:.1f} s",
         ]
 
@@ -172,7 +176,7 @@ def load_omop(
     try:
         _no_type_pushdown(con)
         found = _stage_sources(con, source, say)
-        _stage_mapping(con, groups, "concept_ancestor" in found, say)
+        mixed_tiers = _stage_mapping(con, groups, "concept_ancestor" in found, catalog, say)
         ref = catalog.reference_date
         say(f"reference date for ages: {ref.isoformat()} (from the catalog)")
         _stage_opt_out(con, opt_out)
@@ -193,7 +197,7 @@ def load_omop(
     except duckdb.Error as exc:
         con.close()
         _remove(tmp)
-        raise LoadError(f"loading failed: {exc}") from exc
+        raise LoadError(f"loading failed: {_described(exc)}") from exc
     except BaseException:
         con.close()
         _remove(tmp)
@@ -204,7 +208,23 @@ def load_omop(
         database=out,
         reference_date=ref,
         seconds=time.perf_counter() - started,
+        concepts_mixed_tiers=mixed_tiers,
         **report,
+    )
+
+
+def _described(exc: duckdb.Error) -> str:
+    """DuckDB's error without the values it quotes (a row of the extract, a number): its kind,
+    and the line of a CSV file when it names one. For trust IT, on the node's console."""
+    text = str(exc)
+    kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(exc).__name__.removesuffix("Exception")).lower()
+    line = re.search(r"CSV Error on Line: (\d+)", text)
+    path = re.search(r'(?:sniffing file "|\bfile = )([^"\n]+)', text)
+    where = f" at line {line.group(1)}" if line else ""
+    where += f" of {path.group(1).strip()}" if path else (" of a CSV file" if line else "")
+    return (
+        f"{kind or 'error'}{where}. Check that every file is valid CSV (comma-separated, "
+        "double quotes, a header row, UTF-8) or Parquet."
     )
 
 
@@ -270,6 +290,17 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _csv_dialect(path: Path) -> str:
+    """Every field as text, with the dialect fixed rather than sniffed: the loader casts each
+    value itself, so one malformed value cannot fail the load or retype a column, and no
+    person's text (a leading '#', a run of ';') can change how other persons' lines are read."""
+    delim = "\\t" if path.name.lower().endswith(".tsv") else ","
+    return (
+        f"header = true, all_varchar = true, delim = E'{delim}', quote = '\"', escape = '\"', "
+        "skip = 0, comment = ''"
+    )
+
+
 def _stage_sources(con, source: Path, say: Progress) -> set[str]:
     tables = {**REQUIRED, **OPTIONAL_TABLES}
     found: set[str] = set()
@@ -285,9 +316,7 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
             elif path.name.lower().endswith(".parquet"):
                 reader = f"read_parquet({_sql_str(str(path))})"
             else:
-                # Every field as text: the loader casts each value itself, so one malformed
-                # value can never fail the load or change how other rows are typed.
-                reader = f"read_csv({_sql_str(str(path))}, header = true, all_varchar = true)"
+                reader = f"read_csv({_sql_str(str(path))}, {_csv_dialect(path)})"
             con.execute(f"CREATE TEMP VIEW src_{table} AS SELECT * FROM {reader}")
             found.add(table)
     else:
@@ -310,43 +339,83 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
             schema, name = available[table]
             con.execute(f'CREATE TEMP VIEW src_{table} AS SELECT * FROM omop."{schema}"."{name}"')
             found.add(table)
-    con.execute("CREATE TEMP TABLE src_columns (table_name VARCHAR, column_name VARCHAR)")
+    con.execute(
+        "CREATE TEMP TABLE src_columns (table_name VARCHAR, column_name VARCHAR, type VARCHAR)"
+    )
     for table in (t for t in tables if t in found):
         try:
-            columns = {r[0].lower() for r in con.execute(f"DESCRIBE src_{table}").fetchall()}
+            described = con.execute(f"DESCRIBE src_{table}").fetchall()
         except duckdb.Error as exc:
-            raise LoadError(f"cannot read the {table} source: {exc}") from exc
+            raise LoadError(f"cannot read the {table} source: {_described(exc)}") from exc
+        columns = {r[0].lower(): str(r[1]).upper() for r in described}
         missing = [c for c in tables[table] if c not in columns]
         if missing:
             raise LoadError(f"{table} is missing required column(s): {', '.join(missing)}")
-        con.executemany("INSERT INTO src_columns VALUES (?, ?)", [(table, c) for c in columns])
+        con.executemany(
+            "INSERT INTO src_columns VALUES (?, ?, ?)",
+            [(table, name, ctype) for name, ctype in columns.items()],
+        )
         say(f"found {table}")
     return found
 
 
-def _stage_mapping(con, groups: list[tuple[int, str, bool, int]], ancestors: bool, say: Progress):
+def _stage_mapping(
+    con,
+    groups: list[tuple[int, str, bool, int]],
+    ancestors: bool,
+    catalog: Catalog,
+    say: Progress,
+) -> int:
+    """Map condition concepts to groups; returns how many concepts matched groups of different
+    tiers.
+
+    A concept that matches several groups takes the group of the highest tier first (a
+    diagnosis that is both self-harm and depression is self-harm, so it never reaches a project
+    approved only for mental health), then the most specific match (a concept listed in the
+    mapping beats any descendant; descendants are at least one level down, whatever the source's
+    ``concept_ancestor`` says), then the mapping file's order.
+    """
+    column = catalog.views["conditions"].columns["condition_group"]
     con.execute(
         "CREATE TEMP TABLE map_direct (concept_id BIGINT, grp VARCHAR, descend BOOLEAN, prio INT)"
     )
     con.executemany("INSERT INTO map_direct VALUES (?, ?, ?, ?)", groups)
+    con.execute("CREATE TEMP TABLE group_tier (grp VARCHAR, tier INT)")
+    con.executemany(
+        "INSERT INTO group_tier VALUES (?, ?)",
+        [(str(g), column.tier_of(g).rank) for g in column.domain],
+    )
     expanded = ""
     if ancestors:
-        expanded = """
+        descendant = _number(con, "concept_ancestor", "descendant_concept_id")
+        ancestor = _number(con, "concept_ancestor", "ancestor_concept_id")
+        levels = _number(con, "concept_ancestor", "min_levels_of_separation")
+        expanded = f"""
             UNION ALL
-            SELECT CAST(a.descendant_concept_id AS BIGINT), m.grp,
-                   CAST(a.min_levels_of_separation AS INT), m.prio
-            FROM map_direct m JOIN src_concept_ancestor a
-              ON CAST(a.ancestor_concept_id AS BIGINT) = m.concept_id
-            WHERE m.descend"""
+            SELECT {descendant}, m.grp, LEAST(GREATEST(COALESCE({levels}, 1), 1), 999999), m.prio
+            FROM map_direct m JOIN src_concept_ancestor a ON {ancestor} = m.concept_id
+            WHERE m.descend AND {descendant} IS NOT NULL"""
     con.execute(
-        f"""CREATE TEMP TABLE concept_group AS
-            SELECT concept_id, arg_min(grp, lvl * 1000000 + prio) AS grp FROM (
+        f"""CREATE TEMP TABLE concept_candidates AS
+            SELECT c.concept_id, c.grp, c.lvl, c.prio, t.tier FROM (
                 SELECT concept_id, grp, 0 AS lvl, prio FROM map_direct {expanded}
-            ) GROUP BY concept_id"""
+            ) c JOIN group_tier t ON t.grp = c.grp"""
+    )
+    con.execute(
+        """CREATE TEMP TABLE concept_group AS
+            SELECT concept_id,
+                   arg_min(grp, (9 - tier) * 1000000000000 + lvl * 1000000 + prio) AS grp
+            FROM concept_candidates GROUP BY concept_id"""
     )
     n = con.execute("SELECT count(*) FROM concept_group").fetchone()[0]
     how = "with descendants from concept_ancestor" if ancestors else "listed concepts only"
     say(f"condition mapping: {n:,} concepts in {len({g[1] for g in groups})} groups ({how})")
+    return int(
+        con.execute(
+            "SELECT count(*) FROM (SELECT concept_id FROM concept_candidates "
+            "GROUP BY concept_id HAVING count(DISTINCT tier) > 1)"
+        ).fetchone()[0]
+    )
 
 
 def _stage_opt_out(con, opt_out: Path | None) -> None:
@@ -387,14 +456,46 @@ def _case(column: str, mapping: dict[int, str], default: str) -> str:
     return f"CASE {column} {arms} ELSE {_sql_str(default)} END"
 
 
+_INTEGER_TYPES = {
+    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+    "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT",
+}  # fmt: skip
+_FRACTIONAL_TYPES = {"FLOAT", "DOUBLE", "REAL"}
+_WHOLE_NUMBER = "0|-?[1-9][0-9]{0,17}"
+
+
 def _number(con, table: str, column: str) -> str:
-    """A whole-number source column, NULL where missing or not a number (one bad value never
-    fails the load or changes how other rows are read)."""
-    return f"TRY_CAST({_col(con, table, column)} AS BIGINT)"
+    """A whole number from a source column, NULL where it is missing or is not written as one.
+
+    Integer-typed columns are taken as they are (NULL beyond BIGINT); float and decimal columns
+    only where the value is whole (1.5 is not 2). Text must read exactly as a plain whole
+    number: "02", " 2", "+2", "2.0", "2e0", "0x2" or "2_0" are not 2 (DuckDB's own cast would
+    say they are), so a malformed id can never be read as another person's id; it becomes
+    missing, and its row is dropped.
+    """
+    ctype = _col_type(con, table, column)
+    if ctype is None:
+        return "NULL"
+    if ctype in _INTEGER_TYPES:
+        return f"TRY_CAST({column} AS BIGINT)"
+    if ctype in _FRACTIONAL_TYPES or ctype.startswith("DECIMAL"):  # whole values only
+        return (
+            f"CASE WHEN isfinite({column}) AND {column} = trunc({column}) "
+            f"AND abs({column}) < 1e15 THEN CAST({column} AS BIGINT) END"
+        )
+    text = f"CAST({column} AS VARCHAR)"
+    return f"CASE WHEN regexp_full_match({text}, '{_WHOLE_NUMBER}') THEN CAST({text} AS BIGINT) END"
 
 
 def _date(con, table: str, column: str) -> str:
-    return f"TRY_CAST({_col(con, table, column)} AS DATE)"
+    """A calendar date, NULL where missing, malformed or infinite."""
+    value = f"TRY_CAST({_col(con, table, column)} AS DATE)"
+    return f"CASE WHEN isfinite({value}) THEN {value} END"
+
+
+def _in_range(expr: str, low: int, high: int) -> str:
+    """The value where it lies in [low, high] (a calendar field), else NULL."""
+    return f"CASE WHEN {expr} BETWEEN {low} AND {high} THEN CAST({expr} AS INTEGER) END"
 
 
 def _content_key(*exprs: str) -> str:
@@ -420,9 +521,9 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
         f"""CREATE TEMP TABLE person_src AS
         SELECT {_number(con, "person", "person_id")} AS person_id,
                {_number(con, "person", "gender_concept_id")} AS gender,
-               TRY_CAST({_col(con, "person", "year_of_birth")} AS INTEGER) AS yob,
-               TRY_CAST({_col(con, "person", "month_of_birth")} AS INTEGER) AS mob,
-               TRY_CAST({_col(con, "person", "day_of_birth")} AS INTEGER) AS dob,
+               {_in_range(_number(con, "person", "year_of_birth"), 1, 9999)} AS yob,
+               {_in_range(_number(con, "person", "month_of_birth"), 1, 12)} AS mob,
+               {_in_range(_number(con, "person", "day_of_birth"), 1, 31)} AS dob,
                {_number(con, "person", "race_concept_id")} AS race,
                {_number(con, "person", "ethnicity_concept_id")} AS eth
         FROM src_person"""
@@ -552,7 +653,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
     over_cap = {
         name: _scalar(
             con,
-            f'SELECT count(*) FROM (SELECT person_id FROM "{name}" '
+            f"SELECT count(*) FROM (SELECT person_id FROM stage_{name} "
             f"GROUP BY person_id HAVING count(*) > {catalog.views[name].max_rows_per_person})",
         )
         for name in ("conditions", "visits")
@@ -581,7 +682,11 @@ def _flag_groups(catalog: Catalog) -> list[str]:
 
 def _store_view(con, view: View) -> None:
     """Store a staged view: its columns, clamped copies of numeric columns, and per row level
-    each person's visible rows numbered by their content key (``node.database.rank_column``)."""
+    each person's visible rows numbered by their content key (``node.database.rank_column``).
+
+    Rows beyond the cap at every level are not stored: no query could count them, and a person
+    with a million rows then costs a query no more work than one with ``cap`` rows at each level
+    (the time an answer takes cannot be stretched by one person's records)."""
     columns = ", ".join(f'"{c}"' for c in view.columns)
     clamped = [
         f'LEAST(GREATEST("{c.name}", {int(c.lower or 0)}), {int(c.upper or 0)}) '
@@ -589,27 +694,37 @@ def _store_view(con, view: View) -> None:
         for c in view.columns.values()
         if c.type is ColumnType.INTEGER
     ]
+    # One order per person, shared by every level: rows with the same content are
+    # interchangeable, but each level must number them the same way round, or which of them
+    # lies within the cap (and so is stored) could differ between two loads of the same data.
     order = ", ".join(["_key", *(f'"{c}"' for c in view.columns)])
     ranks = [
         f"CASE WHEN _tier <= {level.rank} THEN row_number() OVER ("
-        f"PARTITION BY person_id, _tier <= {level.rank} ORDER BY {order}) END "
+        f"PARTITION BY person_id, _tier <= {level.rank} ORDER BY _ord) END "
         f'AS "{rank_column(level)}"'
         for level in view.row_levels
     ]
     select = ", ".join(["person_id", columns, *clamped, *ranks])
+    cap = int(view.max_rows_per_person)
+    within = " OR ".join(f'"{rank_column(level)}" <= {cap}' for level in view.row_levels)
     con.execute(
-        f'CREATE TABLE "{view.name}" AS SELECT {select} FROM ('
-        f"SELECT *, {row_tier_sql(view)} AS _tier FROM stage_{view.name}) ORDER BY person_id"
+        f'CREATE TABLE "{view.name}" AS SELECT * FROM (SELECT {select} FROM ('
+        f"SELECT *, {row_tier_sql(view)} AS _tier, "
+        f"row_number() OVER (PARTITION BY person_id ORDER BY {order}) AS _ord "
+        f"FROM stage_{view.name})) WHERE {within} ORDER BY person_id"
     )
 
 
 def _col(con, table: str, column: str) -> str:
     """The column's name if the source table has it, else NULL (for optional OMOP columns)."""
-    found = con.execute(
-        "SELECT count(*) FROM src_columns WHERE table_name = ? AND column_name = ?",
-        [table, column],
-    ).fetchone()[0]
-    return column if found else "NULL"
+    return column if _col_type(con, table, column) is not None else "NULL"
+
+
+def _col_type(con, table: str, column: str) -> str | None:
+    row = con.execute(
+        "SELECT type FROM src_columns WHERE table_name = ? AND column_name = ?", [table, column]
+    ).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _count(con, table: str) -> int:

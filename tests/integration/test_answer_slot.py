@@ -97,3 +97,24 @@ def test_slot_off_answers_at_once_and_warns(node_config_factory, caplog):
         assert took < SLOT_MS / 2
     finally:
         eng.close()
+
+
+def test_the_release_time_is_when_the_request_arrived_to_the_second(slotted, monkeypatch):
+    """``released_at`` is taken before any work, to the second: it cannot time the data read
+    (found by the attacker's review: it was taken after the budget reservation, to the ms)."""
+    import datetime as dt
+
+    import node.engine as engine_module
+
+    real = engine_module.run_exact
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(1.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run_exact", slow)
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    result = slotted.answer(request(GOOD, 0.1, query_id="when"))
+    released = dt.datetime.fromisoformat(result.released_at)
+    assert released.microsecond == 0 and "." not in result.released_at
+    assert before <= released <= before + dt.timedelta(seconds=1)  # not after the slow read

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from node.loader import load_omop
 from tests.property.exact_path import exact, l1
@@ -184,3 +185,136 @@ def test_another_persons_rows_cannot_flip_a_visits_flag(tmp_path, catalog):
         write_extract(extract, tmp_path / "r", "csv"), tmp_path / "r.duckdb", catalog
     )
     assert report.conditions_other_persons_visit == 10
+
+
+# -- found by the attacker's review of the fixes ----------------------------------------------
+
+
+def test_one_persons_many_rows_are_not_stored_beyond_the_caps(tmp_path, catalog):
+    """A person with thousands of rows costs a query no more work than one at the caps."""
+    base, ids, rng = _trust(20, seed=5)
+    heavy = replace(
+        _heavy(999, ids, n=5000),
+        visits=tuple(
+            {
+                "visit_occurrence_id": ids.take(),
+                "person_id": 999,
+                "visit_concept_id": 9201,
+                "visit_start_date": f"20{10 + i % 10}-01-01",
+                "visit_end_date": f"20{10 + i % 10}-01-0{1 + i % 5}",
+            }
+            for i in range(2000)
+        ),
+    )
+    db = load_extract(with_person(base, heavy, rng), tmp_path / "d", catalog)
+    for view in ("conditions", "visits"):
+        cap = catalog.views[view].max_rows_per_person
+        levels = len(catalog.views[view].row_levels)
+        ((n,),) = rows(db, f"SELECT count(*) FROM {view} WHERE person_id = 999")
+        assert cap <= n <= cap * levels
+
+
+ALIASES = ["02", " 2", "+2", "2.0", "2e0", "0x2", "2_0", "1.5", "2.4"]
+
+
+def test_a_malformed_id_is_missing_not_another_persons_id(tmp_path, catalog):
+    """ "02", "2.0", "0x2", ... once all read as person 2: their rows joined person 2's."""
+    base, ids, rng = _trust(6, seed=6)
+    d = load_extract(base, tmp_path / "d", catalog)
+    for i, alias in enumerate(ALIASES):
+        person = {
+            "person_id": alias,
+            "gender_concept_id": 0,
+            "year_of_birth": 1900,
+            "race_concept_id": 0,
+            "person_source_value": "alias",
+        }
+        visits = tuple(
+            {
+                "visit_occurrence_id": ids.take(),
+                "person_id": alias,
+                "visit_concept_id": 9203,
+                "visit_start_date": "2020-01-01",
+                "visit_end_date": "2020-01-02",
+            }
+            for _ in range(20)
+        )
+        aliased = PersonRows(10_000 + i, (person,), visits, (), ())
+        for fmt in ("csv", "parquet"):
+            d2 = load_extract(with_person(base, aliased, rng), tmp_path / f"{i}{fmt}", catalog, fmt)
+            everything = "SELECT * FROM {} ORDER BY ALL"
+            for view in catalog.views:
+                assert rows(d, everything.format(view)) == rows(d2, everything.format(view)), alias
+
+
+def test_a_float_typed_id_column_is_not_rounded_onto_another_person(tmp_path, catalog):
+    """Parquet written from pandas turns an integer column with gaps into floats: whole
+    numbers are still ids, 1.5 is not person 2 (nor person 1)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base, _, _ = _trust(6, seed=7)
+    source = write_extract(base, tmp_path / "omop", "parquet")
+    persons = pq.read_table(source / "person.parquet").to_pylist()
+    persons.append({**persons[0], "person_id": 1.5, "gender_concept_id": 0})
+    table = pa.Table.from_pylist([{**p, "person_id": float(p["person_id"])} for p in persons])
+    pq.write_table(table, source / "person.parquet")
+    load_omop(source, tmp_path / "n.duckdb", catalog)
+    got = rows(tmp_path / "n.duckdb", "SELECT person_id, sex FROM patients ORDER BY 1")
+    # 1.0, 2.0, ... are whole numbers written as floats: read as ids; 1.5 is not an id
+    assert [p for p, _ in got] == sorted(int(p["person_id"]) for p in persons[:-1])
+    assert 1 in [p for p, _ in got] and ("unknown" not in {s for p, s in got if p == 1})
+
+
+def test_values_that_once_failed_the_load_make_one_value_missing(tmp_path, catalog):
+    """Infinite dates, calendar fields far out of range, text a CSV sniffer could take for a
+    dialect: the load succeeds and no other person's rows change."""
+    base, ids, rng = _trust(10, seed=8)
+    odd = ordinary_person(777, rng, ids)
+    odd = replace(
+        odd,
+        person=(
+            {
+                **odd.person[0],
+                "month_of_birth": 2147483647,
+                "day_of_birth": -2147483648,
+                "person_source_value": "# ;;;;;;;; |\t|",
+            },
+        ),
+        visits=(
+            {
+                "visit_occurrence_id": ids.take(),
+                "person_id": 777,
+                "visit_concept_id": 9201,
+                "visit_start_date": "infinity",
+                "visit_end_date": "-infinity",
+            },
+            {
+                "visit_occurrence_id": ids.take(),
+                "person_id": 777,
+                "visit_concept_id": 99999999999999999999,
+                "visit_start_date": "2020-01-01",
+                "visit_end_date": "infinity",
+            },
+        ),
+    )
+    d = load_extract(base, tmp_path / "d", catalog)
+    d2 = load_extract(with_person(base, odd, rng), tmp_path / "d2", catalog)
+    for view in catalog.views:
+        others = f"SELECT * FROM {view} WHERE person_id <> 777 ORDER BY ALL"
+        assert rows(d, others) == rows(d2, others)
+    assert rows(d2, "SELECT count(*) FROM patients WHERE person_id = 777") == [(1,)]
+
+
+def test_a_load_error_names_no_values(tmp_path, catalog):
+    from node.errors import LoadError
+
+    base, _, _ = _trust(5, seed=9)
+    source = write_extract(base, tmp_path / "omop", "csv")
+    text = (source / "person.csv").read_bytes()
+    (source / "person.csv").write_bytes(text + b"6,8507,1959,12,18,8657,0,secret-\xff\xfe-value\n")
+    with pytest.raises(LoadError) as info:
+        load_omop(source, tmp_path / "n.duckdb", catalog)
+    message = str(info.value)
+    assert "secret" not in message and "8657" not in message and "1959" not in message
+    assert "person.csv" in message and "CSV" in message

@@ -70,3 +70,56 @@ def test_the_same_attack_reaches_the_rows_for_a_highly_sensitive_project(node_co
         assert _count(eng, ATTACKS["not_in_the_other_groups"], "control") > 300
     finally:
         eng.close()
+
+
+def test_a_concept_in_groups_of_two_tiers_counts_in_the_highest(tmp_path, catalog):
+    """A diagnosis that is both self-harm and depression in the vocabulary is self-harm, and a
+    bad ``concept_ancestor`` link (level 0 or negative) cannot move a highly sensitive concept
+    into a mental-health group (found by the attacker's review)."""
+    import random
+
+    import duckdb
+
+    from node.loader import load_omop
+    from tests.property.omop_extracts import (
+        DUAL,
+        MAPPED,
+        Ids,
+        Schema,
+        build_extract,
+        ordinary_person,
+        write_extract,
+    )
+
+    rng = random.Random(3)
+    ids = Ids(0)
+    persons = [ordinary_person(p, rng, ids) for p in range(1, 4)]
+    concepts = (DUAL, MAPPED["self_harm"], MAPPED["eating_disorder"], MAPPED["depression"])
+    conditions = tuple(
+        {
+            "condition_occurrence_id": ids.take(),
+            "person_id": 1,
+            "condition_concept_id": concept,
+            "condition_start_date": "2020-01-01",
+            "visit_occurrence_id": None,
+        }
+        for concept in concepts
+    )
+    persons[0] = type(persons[0])(1, persons[0].person, (), conditions, persons[0].observation)
+    extract = build_extract(persons, Schema(), rng)
+    source = write_extract(extract, tmp_path / "omop", "csv")
+    report = load_omop(source, tmp_path / "node.duckdb", catalog)
+    assert report.concepts_mixed_tiers == 3  # DUAL, self-harm and eating disorder
+    with duckdb.connect(str(tmp_path / "node.duckdb"), read_only=True) as con:
+        groups = sorted(
+            g
+            for (g,) in con.execute(
+                "SELECT condition_group FROM conditions WHERE person_id = 1"
+            ).fetchall()
+        )
+        visible = con.execute(
+            "SELECT count(*) FROM conditions WHERE person_id = 1 "
+            "AND _rank_mental_health IS NOT NULL"
+        ).fetchone()
+    assert groups == ["depression", "eating_disorder", "self_harm", "self_harm"]
+    assert visible == (1,)  # only the depression diagnosis exists for a mental-health project

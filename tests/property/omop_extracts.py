@@ -46,6 +46,7 @@ MAPPED = {
     "diabetes": 201826,
 }
 DESCENDANT = 90_000_001  # a child of depression in the extract's concept_ancestor
+DUAL = 90_000_002  # a child of both self-harm and depression (a poly-hierarchy): highly sensitive
 UNMAPPED = (12_345_678, 0)
 VISIT_CONCEPTS = (9201, 262, 9202, 9203, 581476, 5083, 38004193, 0, 44_818_517)
 SEX_CONCEPTS = (8532, 8507, 0, 8551)
@@ -87,6 +88,10 @@ TRICKS = (
     "no_person_row",
     "null_person_rows",
     "opted_out",
+    "id_aliases",
+    "infinite_dates",
+    "huge_numbers",
+    "csv_noise",
 )
 
 
@@ -210,17 +215,21 @@ def write_extract(extract: Extract, directory: Path, fmt: str) -> Path:
     for table, rows in extract.tables().items():
         _write_table(directory / f"{table}.{fmt}", columns[table], rows, fmt)
     if extract.schema.ancestors:
+        links = [  # (ancestor, descendant, levels), including the vocabulary's own oddities
+            (MAPPED["depression"], DESCENDANT, 1),
+            (MAPPED["depression"], MAPPED["depression"], 0),
+            (MAPPED["self_harm"], DUAL, 1),
+            (MAPPED["depression"], DUAL, 1),
+            (MAPPED["depression"], MAPPED["self_harm"], 0),  # a bad link at level 0
+            (MAPPED["anxiety"], MAPPED["eating_disorder"], -1),  # and a negative level
+        ]
         ancestors = [
             {
-                "ancestor_concept_id": MAPPED["depression"],
-                "descendant_concept_id": DESCENDANT,
-                "min_levels_of_separation": 1,
-            },
-            {
-                "ancestor_concept_id": MAPPED["depression"],
-                "descendant_concept_id": MAPPED["depression"],
-                "min_levels_of_separation": 0,
-            },
+                "ancestor_concept_id": a,
+                "descendant_concept_id": d,
+                "min_levels_of_separation": level,
+            }
+            for a, d, level in links
         ]
         _write_table(directory / f"concept_ancestor.{fmt}", ANCESTOR_COLUMNS, ancestors, fmt)
     return directory
@@ -251,7 +260,9 @@ def _write_table(path: Path, columns: Iterable[str], rows: Iterable[Row], fmt: s
 
 def _arrow_array(values: list[Any]) -> pa.Array:
     present = [v for v in values if v is not None]
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
+    if present and all(
+        isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63 for v in present
+    ):
         return pa.array(values, type=pa.int64())
     if present and all(isinstance(v, str) and _is_date(v) for v in present):
         return pa.array(
@@ -318,7 +329,9 @@ def ordinary_person(pid: int, rng: random.Random, ids: Ids) -> PersonRows:
             {
                 "condition_occurrence_id": ids.take(),
                 "person_id": pid,
-                "condition_concept_id": rng.choice([*MAPPED.values(), DESCENDANT, UNMAPPED[0]]),
+                "condition_concept_id": rng.choice(
+                    [*MAPPED.values(), DESCENDANT, DUAL, UNMAPPED[0]]
+                ),
                 "condition_start_date": visit["visit_start_date"] if visit else _date(rng),
                 "visit_occurrence_id": visit["visit_occurrence_id"] if visit else None,
             }
@@ -439,6 +452,31 @@ def adversarial_person(
         visits.append(new_visit(visit_end_date=pick(["soon", "2020-02-30", "31/12/2020"])))
         visits.append(new_visit(visit_concept_id="inpatient"))
         person[0]["year_of_birth"] = pick(["19x0", "", "nineteen"])
+    if "id_aliases" in tricks:  # rows whose person id spells another person's id differently
+        targets = [p for p in others.persons if p != pid] or [1]
+        for target in rng.sample(targets, min(3, len(targets))):
+            digits = str(target)
+            spelling = rng.choice(
+                [f"0{target}", f" {target}", f"+{target}", f"{target}.0", f"{target}e0",
+                 hex(target), f"{target}.4", f"{target - 0.5}", f"{digits[:-1]}_{digits[-1]}"]
+            )  # fmt: skip
+            person.append({**person[0], "person_id": spelling, "gender_concept_id": 0})
+            visits += [new_visit(person_id=spelling) for _ in range(12)]
+            conditions += [new_condition(person_id=spelling) for _ in range(30)]
+    if "infinite_dates" in tricks:
+        for value in ("infinity", "-infinity"):
+            visits.append(new_visit(visit_start_date=value, visit_end_date=value))
+            visits.append(new_visit(visit_start_date="2020-01-01", visit_end_date=value))
+            conditions.append(new_condition(condition_start_date=value))
+    if "huge_numbers" in tricks:
+        person[0]["month_of_birth"] = rng.choice([2147483647, -2147483648, 99999999999])
+        person[0]["day_of_birth"] = rng.choice([2147483647, 10**15])
+        visits.append(new_visit(visit_concept_id=99999999999999999999))
+        conditions.append(new_condition(condition_concept_id=-99999999999999999999))
+    if "csv_noise" in tricks:  # text a CSV sniffer could take for a dialect
+        person[0]["person_source_value"] = rng.choice(
+            [";;;;;;;;", "\t|\t|\t|", "# not a comment", '"quoted, value"', "a\r\nb", "x" * 5000]
+        )
     if "nulls" in tricks:
         for row in [*visits, *conditions, *person]:
             for key in list(row):

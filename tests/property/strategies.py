@@ -15,6 +15,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from fedtre.catalog import Catalog, Column, ColumnType, View
+from fedtre.parse import MAX_COHORTS, MAX_RELEASED_VALUES
 
 MAX_TEST_CELLS = 2_000  # the parser allows 10,000; fewer keeps the reference quick
 MAX_COHORT_NESTING = 2
@@ -119,8 +120,27 @@ def predicates(
     return f"({sql})", values
 
 
+def valid_queries(catalog: Catalog) -> st.SearchStrategy[Query]:
+    """Queries the parser accepts: within its limits on cohorts and released values."""
+    return _queries(catalog).filter(
+        lambda q: (
+            q.sql.count("SELECT person_id") <= MAX_COHORTS
+            and _released_values(q, catalog) <= MAX_RELEASED_VALUES
+        )
+    )
+
+
+def _released_values(query: Query, catalog: Catalog) -> int:
+    # the grouping's cells (from the query's own GROUP BY) times its statistics
+    view = catalog.views[query.view]
+    groups = query.sql.split(" GROUP BY ")[1].split(", ") if " GROUP BY " in query.sql else []
+    cells = math.prod(len(view.columns[g].group_domain or ()) for g in groups)
+    statistics = query.sql.count("COUNT(") + query.sql.count("SUM(") + 2 * query.sql.count("AVG(")
+    return cells * statistics
+
+
 @st.composite
-def valid_queries(draw: st.DrawFn, catalog: Catalog) -> Query:
+def _queries(draw: st.DrawFn, catalog: Catalog) -> Query:
     view = catalog.views[draw(st.sampled_from(sorted(catalog.views)))]
     groupable = sorted(n for n, c in view.columns.items() if c.group_domain is not None)
     group = draw(st.lists(st.sampled_from(groupable), unique=True, max_size=3))

@@ -12,7 +12,7 @@ Semantics (the specification the compiler must meet):
 * a query reads only visible rows ranked ``<= max_rows_per_person`` in the view's rank column
   for T's row level;
 * ``person_id [NOT] IN (SELECT person_id FROM v WHERE p)`` keeps rows whose person has (has no)
-  row of ``v`` matching ``p``; the sub-view's rows are not capped;
+  row of ``v`` matching ``p`` among the same capped, visible rows a query of ``v`` reads;
 * COUNT(*) counts rows, COUNT(DISTINCT person_id) counts persons, SUM(col) sums values clamped
   to the column's [min, max], AVG(col) is released as (clamped sum, row count);
 * every cell of the group domains is present, in catalog order, zero when empty; rows whose
@@ -144,14 +144,16 @@ class Reference:
     def cohort(
         self, pred: Cohort, cohorts: dict[Cohort, set[int]], tier: Tier = Tier.HIGHLY_SENSITIVE
     ) -> set[int]:
-        """Persons with at least one visible row of the sub-view (uncapped) matching the
+        """Persons with at least one visible row of the sub-view within the cap matching the
         sub-predicate."""
         view = self.catalog.views[pred.view]
         if pred not in cohorts:
             cohorts[pred] = {
                 r["person_id"]
                 for r in self.rows[pred.view]
-                if visible(r, view, tier) and self.matches(pred.where, r, cohorts, tier)
+                if visible(r, view, tier)
+                and rank_of(r, view, tier) <= view.max_rows_per_person
+                and self.matches(pred.where, r, cohorts, tier)
             }
         return cohorts[pred]
 

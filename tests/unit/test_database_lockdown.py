@@ -79,6 +79,12 @@ def test_research_views_have_only_catalog_columns(node_db, catalog):
             "UPDATE conditions SET _rank_mental_health = NULL WHERE condition_group = 'depression'",
             "bounds",
         ),
+        # ... no row beyond the cap at every level (one person's rows bound a query's work) ...
+        (
+            "UPDATE conditions SET _rank_highly_sensitive = 1000 WHERE rowid = "
+            "(SELECT min(rowid) FROM conditions WHERE _rank_mental_health IS NULL)",
+            "bounds",
+        ),
         # ... and ages computed at the catalog's reference date.
         (
             "UPDATE _fedtre_meta SET value = '2031-06-30' WHERE key = 'reference_date'",

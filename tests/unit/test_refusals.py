@@ -111,6 +111,20 @@ BAD_SQL = {
         "SELECT COUNT(*) FROM patients WHERE " + "(" * 300 + "age = 1" + ")" * 300,
         None,
     ),
+    "many_cohorts": (
+        "SELECT COUNT(*) FROM patients WHERE "
+        + " OR ".join(
+            f"person_id IN (SELECT person_id FROM visits WHERE year = {y})"
+            for y in range(2000, 2009)
+        ),
+        "too_large",
+    ),
+    "many_released_values": (
+        "SELECT condition_group, setting, year, COUNT(*) AS a, COUNT(DISTINCT person_id) AS b, "
+        "AVG(year) AS c, AVG(year) AS d, AVG(year) AS e FROM conditions "
+        "GROUP BY condition_group, setting, year",
+        "too_large",
+    ),
     "deep_cohorts": (
         "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT person_id FROM conditions "
         "WHERE person_id IN (SELECT person_id FROM visits WHERE person_id IN (SELECT person_id "
