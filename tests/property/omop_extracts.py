@@ -103,6 +103,8 @@ class Schema:
     visit_links: bool = True  # condition_occurrence has visit_occurrence_id
     ancestors: bool = True  # a concept_ancestor table is present
     observation: bool = True  # an observation_period table is present
+    parts: bool = False  # Parquet tables written as folders of two parts, typed separately
+    opt_out_by_source: bool = False  # the opt-out register lists person_source_value
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Extract:
     conditions: tuple[Row, ...] = ()
     observation: tuple[Row, ...] = ()
     opt_out: tuple[int, ...] = ()
+    opt_out_sources: tuple[str, ...] = ()  # the register by source value (Schema.opt_out_by_source)
     persons: tuple[int, ...] = field(default=())  # ids of the persons it holds
 
     def tables(self) -> dict[str, tuple[Row, ...]]:
@@ -204,7 +207,8 @@ def condition_columns(schema: Schema) -> tuple[str, ...]:
 
 
 def write_extract(extract: Extract, directory: Path, fmt: str) -> Path:
-    """Write one file per table (``csv`` or ``parquet``) and return the folder."""
+    """Write one file per table (``csv`` or ``parquet``; with ``Schema.parts``, Parquet tables
+    as folders of two parts, each typed from its own rows) and return the folder."""
     directory.mkdir(parents=True, exist_ok=True)
     columns = {
         "person": PERSON_COLUMNS,
@@ -213,6 +217,12 @@ def write_extract(extract: Extract, directory: Path, fmt: str) -> Path:
         "observation_period": OBSERVATION_COLUMNS,
     }
     for table, rows in extract.tables().items():
+        if fmt == "parquet" and extract.schema.parts:
+            (directory / table).mkdir()
+            half = len(rows) // 2
+            for i, part in enumerate((rows[:half], rows[half:])):
+                _write_table(directory / table / f"part-{i}.parquet", columns[table], part, fmt)
+            continue
         _write_table(directory / f"{table}.{fmt}", columns[table], rows, fmt)
     if extract.schema.ancestors:
         links = [  # (ancestor, descendant, levels), including the vocabulary's own oddities
@@ -236,11 +246,15 @@ def write_extract(extract: Extract, directory: Path, fmt: str) -> Path:
 
 
 def write_opt_out(extract: Extract, path: Path) -> Path:
+    """The trust's opt-out register: by ``person_id``, or by the persons' source values."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["person_id"])
-        for pid in extract.opt_out:
-            writer.writerow([pid])
+        if not extract.schema.opt_out_by_source:
+            writer.writerow(["person_id"])
+            writer.writerows([pid] for pid in extract.opt_out)
+            return path
+        writer.writerow(["person_source_value"])
+        writer.writerows([v] for v in extract.opt_out_sources)
     return path
 
 
@@ -516,7 +530,10 @@ def build_extract(persons: list[PersonRows], schema: Schema, rng: random.Random)
 
 # -- Hypothesis strategies ---------------------------------------------------------------------
 
-schemas = st.builds(Schema, st.booleans(), st.booleans(), st.booleans(), st.booleans())
+schemas = st.builds(
+    Schema, st.booleans(), st.booleans(), st.booleans(), st.booleans(), st.booleans(),
+    st.booleans(),
+)  # fmt: skip
 trick_sets = st.frozensets(st.sampled_from(TRICKS), min_size=1, max_size=5)
 
 
@@ -551,7 +568,13 @@ def neighbourhoods(draw: st.DrawFn, max_added: int = 3) -> Neighbourhood:
         adversarial_person(900 + i, rng, ids, tricks, base) for i, tricks in enumerate(added_tricks)
     )
     # The opt-out register is public and fixed: it lists an added person in D as well as in D'.
-    base = replace(base, opt_out=(*base.opt_out, *(p.person_id for p in added if p.opted_out)))
+    opted = [p for p in [*persons, *added] if p.opted_out]
+    sources = {r.get("person_source_value") for p in opted for r in p.person}
+    base = replace(
+        base,
+        opt_out=(*base.opt_out, *(p.person_id for p in added if p.opted_out)),
+        opt_out_sources=tuple(sorted(str(v) for v in sources if v and str(v).strip())),
+    )
     removed = tuple(draw(st.lists(st.sampled_from(base.persons), max_size=2, unique=True)))
     return Neighbourhood(base, added, removed, seed, fmt, (*base_tricks, *added_tricks))
 
@@ -561,7 +584,8 @@ def load_extract(extract: Extract, directory: Path, catalog: Any, fmt: str = "cs
     from node.loader import load_omop
 
     source = write_extract(extract, directory / "omop", fmt)
-    opt_out = write_opt_out(extract, directory / "opt_out.csv") if extract.opt_out else None
+    listed = extract.opt_out_sources if extract.schema.opt_out_by_source else extract.opt_out
+    opt_out = write_opt_out(extract, directory / "opt_out.csv") if listed else None
     out = directory / "node.duckdb"
     load_omop(source, out, catalog, opt_out=opt_out)
     return out

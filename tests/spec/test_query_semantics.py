@@ -82,6 +82,14 @@ QUERIES = {
         "GROUP BY setting"
     ),
     "in_integers": "SELECT COUNT(*) FROM visits WHERE length_of_stay IN (0, 1, 2, 3)",
+    # lists longer than node.compiler.LONG_LIST are matched as one bound list
+    "in_long_list": "SELECT sex, COUNT(*) FROM patients WHERE age IN ("
+    + ", ".join(str(a) for a in range(0, 120, 3))
+    + ") GROUP BY sex",
+    "not_in_long_list_in_cohort": "SELECT COUNT(*) FROM patients WHERE person_id IN (SELECT "
+    "person_id FROM conditions WHERE year NOT IN ("
+    + ", ".join(str(y) for y in range(1995, 2025, 2))
+    + ", 2040, 2041, 2042))",
     "between": "SELECT age_band, COUNT(*) FROM patients WHERE age BETWEEN 18 AND 24 "
     "GROUP BY age_band",
     "not_between": "SELECT COUNT(*) FROM conditions WHERE year NOT BETWEEN 2005 AND 2020",
