@@ -239,30 +239,32 @@ class Ledger:
 
     def debits(self, project_id: str | None = None) -> list[Debit]:
         """Every debit: reservations, and answers stored before reservations existed."""
-        sql = (
-            "SELECT query_id, project_id, units, reserved_at FROM reservations UNION ALL "
+        rows = self._listing(
+            "SELECT query_id, project_id, units, reserved_at AS at FROM reservations UNION ALL "
             "SELECT query_id, project_id, units, released_at FROM releases r WHERE NOT EXISTS "
-            "(SELECT 1 FROM reservations s WHERE s.query_id = r.query_id)"
+            "(SELECT 1 FROM reservations s WHERE s.query_id = r.query_id)",
+            project_id,
         )
-        sql = f"SELECT * FROM ({sql})"
-        args: tuple[str, ...] = ()
-        if project_id is not None:
-            sql += " WHERE project_id = ?"
-            args = (project_id,)
-        try:
-            rows = self._con().execute(sql + " ORDER BY 4, 1", args).fetchall()
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
         return [Debit(*r) for r in rows]
 
     def releases(self, project_id: str | None = None) -> list[StoredRelease]:
-        sql = "SELECT query_id, project_id, fingerprint, units, result, released_at FROM releases"
-        args: tuple[str, ...] = ()
-        if project_id is not None:
-            sql += " WHERE project_id = ?"
-            args = (project_id,)
+        rows = self._listing(
+            "SELECT query_id, project_id, fingerprint, units, result, released_at AS at "
+            "FROM releases",
+            project_id,
+        )
+        return [StoredRelease(*r) for r in rows]
+
+    def _listing(self, sql: str, project_id: str | None) -> list[tuple]:
+        """Rows of ``sql`` (which names its time ``at``), of one project or all, oldest first."""
+        where, args = (
+            ("WHERE project_id = ?", (project_id,)) if project_id is not None else ("", ())
+        )
         try:
-            rows = self._con().execute(sql + " ORDER BY released_at, query_id", args).fetchall()
+            return (
+                self._con()
+                .execute(f"SELECT * FROM ({sql}) {where} ORDER BY at, query_id", args)
+                .fetchall()
+            )
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
-        return [StoredRelease(*r) for r in rows]
