@@ -15,9 +15,10 @@ exist for it, and such values are not in the group domains.
 
 Contribution bounding: the loader stores, per row level, ``_rank_<level>``: each person's rows
 visible at that level numbered 1, 2, ... in a fixed order that depends only on the person's own
-rows (NULL on rows above the level). A query reads only rows with
-``_rank_<level> <= max_rows_per_person``, so no person contributes more rows than the catalog
-allows, at no cost at query time. Cohorts read the same capped rows: for a project, a person's
+rows (NULL on rows above the level), and the flag ``_kept_<level>`` (``_rank_<level> <=
+max_rows_per_person``). A query reads only rows whose flag is set, so no person contributes more
+rows than the catalog allows; the loader stores rows in blocks by these flags, so the filter
+costs (almost) nothing at query time. Cohorts read the same capped rows: for a project, a person's
 rows in a view are the first ``cap`` of them in that order, wherever the view is used.
 """
 
@@ -38,7 +39,7 @@ from fedtre.plan import (
     Predicate,
     QueryPlan,
 )
-from node.database import clamped_column, rank_column
+from node.database import clamped_column, kept_column
 
 LONG_LIST = 16  # IN lists longer than this are matched as one bound list (see _predicate_sql)
 
@@ -87,7 +88,7 @@ def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery
     params: list[Value | list[Value]] = []
     select = [f't."{g}"' for g in plan.group_by]
     select += [_statistic_sql(s, view) for s in stats]
-    where = [f't."{_rank(view, tier)}" <= {int(view.max_rows_per_person)}']
+    where = [f't."{_kept(view, tier)}"']
     if plan.where is not None:
         where.append(_predicate_sql(plan.where, "t", catalog, tier, params, depth=0))
     sql = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE {" AND ".join(where)}'
@@ -98,11 +99,11 @@ def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery
     return CompiledQuery(sql, tuple(params), view, plan.group_by, cells, tuple(stats))
 
 
-def _rank(view: View, tier: Tier) -> str:
+def _kept(view: View, tier: Tier) -> str:
     level = view.level_for(tier)
     if level is None:  # refused before compiling; never read a view above the approval
         raise ValueError(f"view {view.name} is above tier {tier.value}")
-    return rank_column(level)
+    return kept_column(level)
 
 
 def _statistic_sql(stat: Statistic, view: View) -> str:
@@ -149,7 +150,7 @@ def _predicate_sql(
             inner = f"c{depth + 1}"
             sql = (
                 f'SELECT {inner}.person_id FROM "{sub.name}" AS {inner} '
-                f'WHERE {inner}."{_rank(sub, tier)}" <= {int(sub.max_rows_per_person)}'
+                f'WHERE {inner}."{_kept(sub, tier)}"'
             )
             if where is not None:
                 sql += " AND " + _predicate_sql(where, inner, catalog, tier, params, depth + 1)

@@ -6,9 +6,10 @@ locked, so even a compiler bug could not make DuckDB read or write anything but 
 What the privacy of every answer rests on is checked when the database is opened, not assumed
 from the loader: the database was built for this catalog and its reference date; every view has
 exactly the catalog's columns; clamped copies lie within the catalog bounds; each row level's
-rank is present exactly on the rows visible at that level, starts at 1 and is unique per person;
-no row lies beyond the cap at every level (so one person's records bound a query's work); and a
-view with a cap of one row per person (``patients``) has one row per person.
+rank is present exactly on the rows visible at that level, starts at 1 and is unique per person,
+and the level's cap flag (what queries read) agrees with it; no row lies beyond the cap at every
+level (so one person's records bound a query's work); and a view with a cap of one row per
+person (``patients``) has one row per person.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def rank_column(level: Tier) -> str:
     return f"_rank_{level.value}"
 
 
+def kept_column(level: Tier) -> str:
+    """Whether a row is among its person's first ``max_rows_per_person`` rows at ``level``
+    (``rank_column(level) <= cap``; FALSE above the level): the cap filter queries read."""
+    return f"_kept_{level.value}"
+
+
 def stored_columns(view: View) -> set[str]:
     """Exactly the columns the loader stores for a research view."""
     numeric = [c.name for c in view.columns.values() if c.type is ColumnType.INTEGER]
     ranks = [rank_column(level) for level in view.row_levels]
-    return {"person_id", *ranks, *view.columns, *map(clamped_column, numeric)}
+    kept = [kept_column(level) for level in view.row_levels]
+    return {"person_id", *ranks, *kept, *view.columns, *map(clamped_column, numeric)}
 
 
 def row_tier_sql(view: View, alias: str = "") -> str:
@@ -124,10 +132,12 @@ def _check_views(con, catalog: Catalog) -> None:
         )
         checks = ["person_id IS NULL", f"NOT ({within})"]  # rows beyond every cap: not stored
         for level in view.row_levels:
-            rank = rank_column(level)
+            rank, kept = rank_column(level), kept_column(level)
             # present exactly on the rows visible at this level, and from 1 up
             checks.append(f"({rank} IS NULL) <> ({tier} > {level.rank})")
             checks.append(f"{rank} < 1")
+            # the flag queries read says exactly what the rank says
+            checks.append(f"{kept} IS NULL OR {kept} <> COALESCE({rank} <= {cap}, FALSE)")
         for col in view.columns.values():
             if col.type is ColumnType.INTEGER:
                 c, lo, hi = clamped_column(col.name), int(col.lower or 0), int(col.upper or 0)

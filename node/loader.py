@@ -46,6 +46,7 @@ from fedtre.catalog import Catalog, ColumnType, View
 from node.database import (
     META_TABLE,
     clamped_column,
+    kept_column,
     rank_column,
     row_tier_sql,
     stored_columns,
@@ -726,12 +727,22 @@ def _store_view(con, view: View) -> None:
     ]
     select = ", ".join(["person_id", columns, *clamped, *ranks])
     cap = int(view.max_rows_per_person)
-    within = " OR ".join(f'"{rank_column(level)}" <= {cap}' for level in view.row_levels)
+    kept = [
+        f'COALESCE("{rank_column(level)}" <= {cap}, FALSE) AS "{kept_column(level)}"'
+        for level in view.row_levels
+    ]
+    within = " OR ".join(f'"{kept_column(level)}"' for level in view.row_levels)
+    # Stored in blocks of rows kept at the same levels (highest level first), so that for
+    # every level the rows it keeps lie in a few long runs: DuckDB's zone maps then prove the
+    # cap filter true (or false) for whole row groups and skip it (1.58x plain DuckDB -> 1.02x
+    # on 1M persons). The order is storage only; no answer depends on it.
+    order_blocks = ", ".join(f'"{kept_column(level)}" DESC' for level in reversed(view.row_levels))
     con.execute(
-        f'CREATE TABLE "{view.name}" AS SELECT * FROM (SELECT {select} FROM ('
+        f'CREATE TABLE "{view.name}" AS SELECT * FROM (SELECT *, {", ".join(kept)} FROM ('
+        f"SELECT {select} FROM ("
         f"SELECT *, {row_tier_sql(view)} AS _tier, "
         f"row_number() OVER (PARTITION BY person_id ORDER BY {order}) AS _ord "
-        f"FROM stage_{view.name})) WHERE {within} ORDER BY person_id"
+        f"FROM stage_{view.name}))) WHERE {within} ORDER BY {order_blocks}, person_id"
     )
 
 

@@ -85,6 +85,19 @@ def test_research_views_have_only_catalog_columns(node_db, catalog):
             "(SELECT min(rowid) FROM conditions WHERE _rank_mental_health IS NULL)",
             "bounds",
         ),
+        # ... the cap flag queries read agreeing with the rank: not set above the tier ...
+        (
+            "UPDATE conditions SET _kept_mental_health = TRUE WHERE condition_group = 'self_harm'",
+            "bounds",
+        ),
+        # ... nor beyond the cap, nor missing ...
+        (
+            "UPDATE conditions SET _kept_highly_sensitive = TRUE, "
+            "_rank_highly_sensitive = 26 WHERE rowid = (SELECT min(rowid) FROM conditions)",
+            "bounds",
+        ),
+        ("UPDATE visits SET _kept_general = NULL WHERE person_id = 1", "bounds"),
+        ("UPDATE patients SET _kept_general = FALSE WHERE person_id = 1", "bounds"),
         # ... and ages computed at the catalog's reference date.
         (
             "UPDATE _fedtre_meta SET value = '2031-06-30' WHERE key = 'reference_date'",
