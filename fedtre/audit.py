@@ -13,6 +13,7 @@ Tamper evidence (hash chain and signed checkpoints) comes with the auditing work
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,18 +28,48 @@ MAX_FIELD_CHARS = 10_000
 
 
 class AuditLog:
-    def __init__(self, path: Path, actor: str, role: str = "node") -> None:
+    """Append-only JSON lines with group commit.
+
+    ``write`` returns once its line is durable: lines appended by concurrent writers share one
+    fsync (the first waiter syncs everything appended so far while the others wait for it), and
+    no lock is held across the fsync, so appends never queue behind the disk. ``note`` appends
+    a line without waiting for the disk: for outcomes whose authoritative record is durable
+    elsewhere (the ledger's reservation and stored answer). Such a line survives a crash of the
+    process at once (it is in the kernel), and is fsynced by the next ``write`` or within
+    ``flush_seconds`` by a background flusher, so only a power loss in that window can lose it.
+    """
+
+    def __init__(
+        self, path: Path, actor: str, role: str = "node", flush_seconds: float = 0.5
+    ) -> None:
         self.path = path
         self.actor = actor
         self.role = role
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # appends only; never held across an fsync
+        self._sync = threading.Condition()
+        self._appended = 0  # lines appended
+        self._synced = 0  # lines known to be durable
+        self._syncing = False
+        self._stop = threading.Event()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             raise AuditUnavailable(f"cannot open audit log {path}: {exc.strerror}") from exc
+        self._flusher = threading.Thread(
+            target=self._flush_every, args=(flush_seconds,), name="audit-flush", daemon=True
+        )
+        self._flusher.start()
 
     def write(self, event: str, **fields: Any) -> None:
+        """Append one record and return once it is on disk (before acting on it)."""
+        self._sync_to(self._append(event, fields))
+
+    def note(self, event: str, **fields: Any) -> None:
+        """Append one record; it reaches the disk with the next ``write`` or flush."""
+        self._append(event, fields)
+
+    def _append(self, event: str, fields: dict[str, Any]) -> int:
         record = {
             "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
             self.role: self.actor,
@@ -53,11 +84,46 @@ class AuditLog:
                 written = os.write(self._fd, line)
                 if written != len(line):
                     raise OSError(28, "short write to audit log")
-                os.fsync(self._fd)
             except OSError as exc:
                 raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
+            self._appended += 1
+            return self._appended
+
+    def _sync_to(self, seq: int) -> None:
+        """Group commit: return once line ``seq`` is durable; one fsync covers every line
+        appended before it started."""
+        with self._sync:
+            while self._synced < seq:
+                if self._syncing:  # another writer's fsync is under way: it may cover us
+                    self._sync.wait()
+                    continue
+                self._syncing = True
+                target = self._appended  # every line counted here was written before
+                self._sync.release()
+                try:
+                    os.fsync(self._fd)
+                    failure = None
+                except OSError as exc:
+                    failure = exc
+                finally:
+                    self._sync.acquire()
+                    self._syncing = False
+                    self._sync.notify_all()
+                if failure is not None:
+                    raise AuditUnavailable(f"cannot write audit log {self.path}: {failure}")
+                self._synced = max(self._synced, target)
+
+    def _flush_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            if self._synced < self._appended:
+                with contextlib.suppress(AuditUnavailable):  # the next write reports it
+                    self._sync_to(self._appended)
 
     def close(self) -> None:
+        self._stop.set()
+        self._flusher.join()
+        with contextlib.suppress(AuditUnavailable):
+            self._sync_to(self._appended)
         with self._lock:
             os.close(self._fd)
 

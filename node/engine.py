@@ -14,6 +14,11 @@ Order of work (each step refuses with a data-free reason before the next can run
    OpenDP noise, and store the noisy result under the query id;
 6. audit the release, and hand it over on the answer slot: every answer leaves a multiple of
    ``answer_slot_ms`` after it was received, so its timing does not depend on the data.
+
+Three fsyncs per release: the request's audit line (group commit across concurrent requests),
+the ledger's reservation and the ledger's stored answer. The ``query.reserved`` and
+``query.released`` lines are appended at once but reach the disk with the next durable write
+or flush: their authoritative records (the reservation, the stored answer) are already durable.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from node.config import NodeConfig
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
 from node.ledger import NODE_SCOPE, Ledger, Reservation, project_scope
-from node.prepare import PreparedQuery, find_project, prepare
+from node.prepare import Planner, PreparedQuery, find_project
 from node.release import release
 
 log = logs.get("node")
@@ -88,6 +93,7 @@ class NodeEngine:
         self.catalog = config.catalog
         self.audit = AuditLog(config.audit_path, config.node_id)
         self.ledger = Ledger(config.ledger_path)
+        self.planner = Planner(config)
         self.database = ResearchDatabase(
             config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
         )
@@ -167,8 +173,9 @@ class NodeEngine:
             raise
         # A replay spends nothing now; it names the units charged when the answer was first
         # stored, so the audit log reconciles with the ledger even if that release's own audit
-        # line was never written.
-        self.audit.write(
+        # line was never written. The ledger's stored answer (durable before this line) is the
+        # release record; this line reaches the disk with the next fsync (group commit).
+        self.audit.note(
             "query.replayed" if replayed else "query.released",
             query_id=request.query_id,
             project=request.project_id,
@@ -250,7 +257,7 @@ class NodeEngine:
         time_left: float | None,
     ) -> tuple[NodeResult, bool, int]:
         """(result, replayed, units this request charged)."""
-        prepared = prepare(request, self.config)
+        prepared = self.planner.prepare(request)
         stored = self.ledger.lookup(request.query_id)
         if stored is not None:
             return self._replay(stored.fingerprint, stored.result, prepared.fingerprint), True, 0
@@ -281,7 +288,7 @@ class NodeEngine:
         if reservation.stored is not None:  # a concurrent request of this id stored it first
             return NodeResult.from_json(reservation.stored.result), True, 0
         if reservation.created:  # the debit is in the audit log before any data is read
-            self.audit.write(
+            self.audit.note(  # the ledger's reservation (durable) is the authoritative record
                 "query.reserved",
                 query_id=request.query_id,
                 project=request.project_id,

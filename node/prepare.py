@@ -1,15 +1,16 @@
 """Everything a node decides about a query before it touches the data.
 
-``prepare`` takes the request, the node's own policy and catalog, and either refuses with a
-plain, data-free reason or returns a ``PreparedQuery``: the plan, the SQL as the project's tier
-sees the data, and the release plan (the ε split over the statistics with every OpenDP
-measurement built and checked). Nothing here reads the research database, so no refusal and no
-cost can depend on the data or on how long it takes to read. (The budget itself is reserved by
-the engine, from the ledger, also before the data is read.)
+``Planner.prepare`` takes the request, the node's own policy and catalog, and either refuses
+with a plain, data-free reason or returns a ``PreparedQuery``: the plan, the SQL as the
+project's tier sees the data, and the release plan (the ε split over the statistics with every
+OpenDP measurement built and checked). Nothing here reads the research database, so no refusal
+and no cost can depend on the data or on how long it takes to read. (The budget itself is
+reserved by the engine, from the ledger, also before the data is read.)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -35,25 +36,42 @@ class PreparedQuery:
     fingerprint: str  # what a retry of the query id must match
 
 
-def prepare(request: QueryRequest, config: NodeConfig) -> PreparedQuery:
-    """Check the request against this node's policy and fix its cost; refuses otherwise."""
-    request.check_fields()
-    project = find_project(config, request.project_id)
-    units = epsilon_to_units(request.epsilon)
-    if units < config.min_units_per_query:
-        raise QueryRefused(
-            Refusal.INVALID_EPSILON,
-            f"ε {units_to_epsilon(units):g} is below this trust's minimum of "
-            f"{units_to_epsilon(config.min_units_per_query):g} per query.",
-        )
-    if units > project.max_units_per_query:
-        raise QueryRefused(
-            Refusal.OUT_OF_SCOPE,
-            f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
-            f"{units_to_epsilon(project.max_units_per_query):g}.",
-        )
-    plan = parse_query(request.sql, config.catalog)
-    return plan_query(plan, config.catalog, project, units)
+class Planner:
+    """``prepare`` for one node, with bounded caches: parsed plans by SQL text, and prepared
+    queries (SQL for the tier, release plan with its OpenDP measurements) by (SQL, project
+    policy, ε units). Both are pure functions of those keys and the node's fixed catalog, so a
+    question asked again skips parsing, checking and building; refusals are never cached."""
+
+    def __init__(self, config: NodeConfig, size: int = 512) -> None:
+        self.config = config
+        self._parsed = functools.lru_cache(maxsize=size)(self._parse)
+        self._prepared = functools.lru_cache(maxsize=size)(self._plan)
+
+    def prepare(self, request: QueryRequest) -> PreparedQuery:
+        """Check the request against this node's policy and fix its cost; refuses otherwise."""
+        config = self.config
+        request.check_fields()
+        project = find_project(config, request.project_id)
+        units = epsilon_to_units(request.epsilon)
+        if units < config.min_units_per_query:
+            raise QueryRefused(
+                Refusal.INVALID_EPSILON,
+                f"ε {units_to_epsilon(units):g} is below this trust's minimum of "
+                f"{units_to_epsilon(config.min_units_per_query):g} per query.",
+            )
+        if units > project.max_units_per_query:
+            raise QueryRefused(
+                Refusal.OUT_OF_SCOPE,
+                f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
+                f"{units_to_epsilon(project.max_units_per_query):g}.",
+            )
+        return self._prepared(request.sql, project, units)
+
+    def _parse(self, sql: str) -> QueryPlan:
+        return parse_query(sql, self.config.catalog)
+
+    def _plan(self, sql: str, project: ProjectPolicy, units: int) -> PreparedQuery:
+        return plan_query(self._parsed(sql), self.config.catalog, project, units)
 
 
 def plan_query(

@@ -23,6 +23,7 @@ the planned measurements to the exact values.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -61,8 +62,10 @@ def sensitivity(stat: Statistic, view: View, cells: int) -> int:
     raise InternalError(f"unknown statistic {stat.kind}")
 
 
+@functools.lru_cache(maxsize=1024)
 def laplace_measurement(l1: int, epsilon_units: int):
-    """The OpenDP measurement for this sensitivity and ε share, with its scale.
+    """The OpenDP measurement for this sensitivity and ε share, with its scale (built once per
+    pair: a measurement is an immutable function of these two integers).
 
     The scale starts at l1/ε and is nudged up until OpenDP's privacy map confirms the loss is
     within the share, so float rounding can never make a release cost more than was debited.
