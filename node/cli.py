@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     load.add_argument("--catalog", type=Path, help="catalog file (default: built-in)")
     load.add_argument("--mapping", type=Path, help="condition group mapping CSV")
     load.add_argument("--opt-out", type=Path, help="CSV of person_id or person_source_value")
+    load.add_argument(
+        "--memory-limit",
+        help="DuckDB's memory for the load, e.g. 4GB (default: a quarter of this machine's "
+        "memory, at most 4GB; work beyond it spills to disk next to --out)",
+    )
+    load.add_argument("--threads", type=int, help="DuckDB worker threads (default: every core)")
     load.set_defaults(func=_load)
 
     query = node_sub.add_parser(
@@ -88,7 +94,9 @@ def _load(args: argparse.Namespace) -> int:
         catalog,
         mapping=args.mapping,
         opt_out=args.opt_out,
-        progress=lambda msg: print(f"  {msg}", file=sys.stderr),
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        memory_limit=args.memory_limit,
+        threads=args.threads,
     )
     print("\n".join(report.lines()))
     return 0
@@ -138,7 +146,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         config,
         repeats=args.repeats,
         concurrency=args.concurrency,
-        progress=lambda msg: print(f"  {msg}", file=sys.stderr),
+        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
     )
     if args.format == "json":
         doc = {

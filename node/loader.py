@@ -32,6 +32,7 @@ import datetime as dt
 import io
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -133,6 +134,10 @@ class LoadReport:
     persons_over_cap: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def stored_rows(self) -> int:
+        return self.persons + self.conditions + self.visits
+
     def lines(self) -> list[str]:
         over = ", ".join(f"{v}: {n:,}" for v, n in self.persons_over_cap.items()) or "none"
         return [
@@ -152,8 +157,22 @@ class LoadReport:
             f"mixed tiers        {self.concepts_mixed_tiers:,} concepts match groups of "
             "different tiers: each counts in its highest-tier group",
             f"over the row cap   {over} persons (their extra rows are not stored)",
-            f"took               {self.seconds:.1f} s",
+            f"took               {self.seconds:.1f} s "
+            f"({self.stored_rows / max(self.seconds, 1e-9):,.0f} stored rows/s)",
         ]
+
+
+MEMORY_LIMIT_PATTERN = r"\d{1,6}(\.\d+)?\s?[KMGT]i?B"
+
+
+def default_memory_limit() -> str:
+    """A quarter of the machine's memory, at most 4 GB: a trust's server runs other services
+    (DuckDB's own default is 80%). Work beyond the limit spills to disk next to the output."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return "1GB"
+    return f"{max(256, min(4096, total // 4 // 2**20))}MB"
 
 
 def load_omop(
@@ -163,9 +182,23 @@ def load_omop(
     mapping: Path | None = None,
     opt_out: Path | None = None,
     progress: Progress | None = None,
+    memory_limit: str | None = None,
+    threads: int | None = None,
 ) -> LoadReport:
-    say = progress or (lambda _msg: None)
+    """Build the node database ``out`` from an OMOP extract. ``memory_limit`` (e.g. "4GB";
+    default ``default_memory_limit()``) caps DuckDB's memory; ``threads`` its worker threads
+    (default: every core)."""
     started = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(f"[{time.perf_counter() - started:6.1f} s] {message}")
+
+    memory_limit = memory_limit or default_memory_limit()
+    if not re.fullmatch(MEMORY_LIMIT_PATTERN, memory_limit):
+        raise LoadError(f"memory limit {memory_limit!r} must look like '4GB' or '512MB'")
+    if threads is not None and not 1 <= threads <= 256:
+        raise LoadError("threads must be a whole number from 1 to 256")
     _check_catalog(catalog)
     if not source.exists():
         raise LoadError(f"source {source} does not exist")
@@ -174,7 +207,18 @@ def load_omop(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)
-    con = duckdb.connect(str(tmp))
+    spill = tmp.with_name(tmp.name + ".spill")
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "memory_limit": memory_limit,
+        "temp_directory": str(spill),
+        # Insertion order is never relied on (ranks follow each row's content; the final
+        # tables are written with ORDER BY), and keeping it costs memory on large loads.
+        "preserve_insertion_order": False,
+    }
+    if threads is not None:
+        config["threads"] = threads
+    con = duckdb.connect(str(tmp), config=config)
+    say(f"DuckDB memory limit {memory_limit}, spilling to {spill}")
     try:
         _no_type_pushdown(con)
         found = _stage_sources(con, source, say)
@@ -204,6 +248,8 @@ def load_omop(
         con.close()
         _remove(tmp)
         raise
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
     os.replace(tmp, out)
     say(f"node database written: {out}")
     return LoadReport(

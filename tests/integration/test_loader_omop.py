@@ -155,3 +155,28 @@ def test_database_for_another_catalog_version_is_refused(tmp_path, omop_dir):
     load_omop(omop_dir, out, old)
     with pytest.raises(DatabaseError, match="reload it"):
         open_research_db(out, load_catalog())
+
+
+def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, omop_dir, capsys):
+    out = tmp_path / "small-memory.duckdb"
+    code = main(
+        ["node", "load", "--source", str(omop_dir), "--out", str(out)]
+        + ["--memory-limit", "64MB", "--threads", "1"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "DuckDB memory limit 64MB" in captured.err
+    assert "s] building conditions" in captured.err  # progress lines carry elapsed time
+    assert "stored rows/s" in captured.out
+    open_research_db(out, load_catalog()).close()
+    assert not list(tmp_path.glob("*.spill"))  # spilled work is cleaned up
+
+
+@pytest.mark.parametrize("limit", ["lots", "4 gigabytes", "-1GB", "1e9"])
+def test_a_malformed_memory_limit_is_refused_before_anything_is_written(
+    tmp_path, catalog, omop_dir, limit
+):
+    out = tmp_path / "never.duckdb"
+    with pytest.raises(LoadError, match="memory limit"):
+        load_omop(omop_dir, out, catalog, memory_limit=limit)
+    assert list(tmp_path.iterdir()) == []
