@@ -13,6 +13,13 @@ A crash after (1) leaves a debit and no result: nothing was released, and a retr
 id computes and stores the answer without a second debit. Only a stored result is returned to
 anyone, so nothing is released without a durable debit.
 
+One fsync per release: (1) commits without waiting for the disk (``synchronous=NORMAL``): it
+is visible at once to every connection and process, so budget checks hold, and it survives a
+crash of the process. (2) commits with ``synchronous=FULL``: its fsync of the write-ahead log
+makes every earlier frame durable too, the reservation included, so an answer is never durable
+without its debit. Only a power loss between (1) and (2) can lose a reservation, and then no
+answer was released under it.
+
 Totals are not stored: they come from the node's configuration at every call, so the ledger
 records what was spent and the operator's current policy decides what may still be spent.
 """
@@ -166,6 +173,10 @@ class Ledger:
         """
         con = self._con()
         try:
+            # Committed (visible to every connection and process, so the budget check holds)
+            # without waiting for the disk: the reservation becomes durable with the next
+            # fsync of the write-ahead log, at the latest with this query's stored answer.
+            con.execute("PRAGMA synchronous=NORMAL")
             con.execute("BEGIN IMMEDIATE")
             try:
                 existing = self._existing(query_id)
@@ -218,7 +229,9 @@ class Ledger:
     def store(self, reservation: Reservation, result: str) -> StoredRelease:
         """Keep the answer of a reserved query id; the first stored answer wins and is returned."""
         try:  # one statement: its own durable transaction
-            self._con().execute(
+            con = self._con()
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute(
                 "INSERT OR IGNORE INTO releases (query_id, project_id, fingerprint, units, "
                 "result, released_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (
