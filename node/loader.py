@@ -566,10 +566,12 @@ def _in_range(expr: str, low: int, high: int) -> str:
 
 
 def _content_key(*exprs: str) -> str:
-    """A text key made of a row's own values only (NULLs spelled out), hashed: the order of a
-    person's rows for the per-person cap. It never depends on other rows or on file order."""
-    parts = " || '|' || ".join(f"COALESCE(CAST({e} AS VARCHAR), '\\N')" for e in exprs)
-    return f"md5({parts})"
+    """A key made of a row's own values only, hashed: the order of a person's rows for the
+    per-person cap. It never depends on other rows or on file order. DuckDB's 64-bit ``hash``
+    (no seed: the same values give the same key in every load by the same DuckDB version; an
+    upgrade may choose another order, equally made of each row's own values). Rows whose keys
+    collide are ordered by their stored values, so which of them is kept cannot matter."""
+    return f"hash({', '.join(exprs)})"
 
 
 def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
@@ -617,7 +619,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
     con.execute(
         f"""CREATE TEMP TABLE stage_patients AS
         SELECT person_id, sex, CASE {band} ELSE '85+' END AS age_band, age, ethnicity,
-               md5(CAST(person_id AS VARCHAR)) AS _key
+               hash(person_id) AS _key
         FROM person_clean c
         WHERE NOT EXISTS (SELECT 1 FROM opt_out o WHERE o.person_id = c.person_id)"""
     )
@@ -764,11 +766,17 @@ def _store_view(con, view: View) -> None:
     # One order per person, shared by every level: rows with the same content are
     # interchangeable, but each level must number them the same way round, or which of them
     # lies within the cap (and so is stored) could differ between two loads of the same data.
+    # So every level's rank is a running count over the same window (one sort per view): at
+    # level L, a visible row's rank is the number of the person's rows visible at L up to it.
     order = ", ".join(["_key", *(f'"{c}"' for c in view.columns)])
     ranks = [
-        f"CASE WHEN _tier <= {level.rank} THEN row_number() OVER ("
-        f"PARTITION BY person_id, _tier <= {level.rank} ORDER BY _ord) END "
-        f'AS "{rank_column(level)}"'
+        f"CASE WHEN _tier <= {level.rank} THEN "
+        + (
+            "row_number() OVER w"
+            if level == view.row_levels[-1] and len(view.row_levels) == 1
+            else f"sum(CASE WHEN _tier <= {level.rank} THEN 1 ELSE 0 END) OVER w"
+        )
+        + f' END AS "{rank_column(level)}"'
         for level in view.row_levels
     ]
     select = ", ".join(["person_id", columns, *clamped, *ranks])
@@ -785,10 +793,10 @@ def _store_view(con, view: View) -> None:
     order_blocks = ", ".join(f'"{kept_column(level)}" DESC' for level in reversed(view.row_levels))
     con.execute(
         f'CREATE TABLE "{view.name}" AS SELECT * FROM (SELECT *, {", ".join(kept)} FROM ('
-        f"SELECT {select} FROM ("
-        f"SELECT *, {row_tier_sql(view)} AS _tier, "
-        f"row_number() OVER (PARTITION BY person_id ORDER BY {order}) AS _ord "
-        f"FROM stage_{view.name}))) WHERE {within} ORDER BY {order_blocks}, person_id"
+        f"SELECT {select} FROM (SELECT *, {row_tier_sql(view)} AS _tier "
+        f"FROM stage_{view.name}) WINDOW w AS (PARTITION BY person_id ORDER BY {order} "
+        "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW))) "
+        f"WHERE {within} ORDER BY {order_blocks}, person_id"
     )
 
 
