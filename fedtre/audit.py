@@ -32,11 +32,19 @@ class AuditLog:
 
     ``write`` returns once its line is durable: lines appended by concurrent writers share one
     fsync (the first waiter syncs everything appended so far while the others wait for it), and
-    no lock is held across the fsync, so appends never queue behind the disk. ``note`` appends
-    a line without waiting for the disk: for outcomes whose authoritative record is durable
-    elsewhere (the ledger's reservation and stored answer). Such a line survives a crash of the
-    process at once (it is in the kernel), and is fsynced by the next ``write`` or within
-    ``flush_seconds`` by a background flusher, so only a power loss in that window can lose it.
+    no lock is held across the fsync, so appends never queue behind the disk.
+
+    ``begin`` appends a line and starts its fsync on the flusher thread at once; ``wait`` returns
+    when it is done. The node logs a request with ``begin`` before acting on it and ``wait``s
+    before anything leaves, so the fsync runs while the data is read instead of before.
+
+    ``note`` appends a line without waiting for the disk: for outcomes whose authoritative
+    record is durable elsewhere (the ledger's reservation and stored answer). It is fsynced by
+    the next ``write``/``begin`` or within ``flush_seconds``.
+
+    A line appended is in the kernel at once and survives a crash of the process; only a power
+    loss before its fsync can lose it, and the node returns nothing before the request's own
+    line is durable.
     """
 
     def __init__(
@@ -51,6 +59,7 @@ class AuditLog:
         self._synced = 0  # lines known to be durable
         self._syncing = False
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a line is waiting for its fsync
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -62,12 +71,22 @@ class AuditLog:
         self._flusher.start()
 
     def write(self, event: str, **fields: Any) -> None:
-        """Append one record and return once it is on disk (before acting on it)."""
+        """Append one record and return once it is on disk."""
         self._sync_to(self._append(event, fields))
 
-    def note(self, event: str, **fields: Any) -> None:
-        """Append one record; it reaches the disk with the next ``write`` or flush."""
-        self._append(event, fields)
+    def begin(self, event: str, **fields: Any) -> int:
+        """Append one record and start its fsync now; ``wait`` with the returned number."""
+        seq = self._append(event, fields)
+        self._wake.set()
+        return seq
+
+    def wait(self, seq: int) -> None:
+        """Return once record ``seq`` (from ``begin`` or ``note``) is on disk."""
+        self._sync_to(seq)
+
+    def note(self, event: str, **fields: Any) -> int:
+        """Append one record; it reaches the disk with the next fsync or flush."""
+        return self._append(event, fields)
 
     def _append(self, event: str, fields: dict[str, Any]) -> int:
         record = {
@@ -114,13 +133,16 @@ class AuditLog:
                 self._synced = max(self._synced, target)
 
     def _flush_every(self, seconds: float) -> None:
-        while not self._stop.wait(seconds):
+        while not self._stop.is_set():
+            self._wake.wait(seconds)
+            self._wake.clear()
             if self._synced < self._appended:
-                with contextlib.suppress(AuditUnavailable):  # the next write reports it
+                with contextlib.suppress(AuditUnavailable):  # the waiting writer reports it
                     self._sync_to(self._appended)
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._flusher.join()
         with contextlib.suppress(AuditUnavailable):
             self._sync_to(self._appended)

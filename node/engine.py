@@ -2,7 +2,8 @@
 
 Order of work (each step refuses with a data-free reason before the next can run):
 
-1. write the request to the audit log (fsync): nothing is acted on before it is logged;
+1. write the request to the audit log: nothing is acted on before it is logged (its fsync
+   starts at once, runs while steps 2-5 do, and has finished before anything is returned);
 2. decide everything that can refuse without touching the data (``node.prepare``): ids,
    project, ε (the node's minimum and the project's per-query cap), plan, views, tier, and the
    split of ε over the statistics, with every OpenDP measurement built;
@@ -15,10 +16,11 @@ Order of work (each step refuses with a data-free reason before the next can run
 6. audit the release, and hand it over on the answer slot: every answer leaves a multiple of
    ``answer_slot_ms`` after it was received, so its timing does not depend on the data.
 
-Three fsyncs per release: the request's audit line (group commit across concurrent requests),
-the ledger's reservation and the ledger's stored answer. The ``query.reserved`` and
-``query.released`` lines are appended at once but reach the disk with the next durable write
-or flush: their authoritative records (the reservation, the stored answer) are already durable.
+Per release, one fsync waits in line: the ledger's stored answer (which also makes the
+reservation durable). The request's audit line is fsynced alongside the work (shared by
+concurrent requests), and the ``query.reserved`` and ``query.released`` lines reach the disk
+with the next fsync or flush: their authoritative records (the reservation, the stored answer)
+are the ledger's. A refusal's line is durable before the refusal is returned.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ class NodeEngine:
         cancelled: Callable[[], bool] | None,
         time_left: float | None,
     ) -> Answer:
-        self.audit.write(
+        # Logged before anything is acted on; its fsync runs on the audit log's flusher while
+        # the request is checked and the data read, and it is durable before anything leaves.
+        received = self.audit.begin(
             "query.received",
             query_id=str(request.query_id)[:128],
             project=str(request.project_id)[:64],
@@ -184,6 +188,7 @@ class NodeEngine:
             charged_epsilon_units=result.epsilon_units,
             released_at=result.released_at,
         )
+        self.audit.wait(received)
         return Answer(result, replayed)
 
     def _audit_outcome(self, request: QueryRequest, exc: Exception) -> None:

@@ -160,8 +160,10 @@ def test_database_for_another_catalog_version_is_refused(tmp_path, omop_dir):
 def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, omop_dir, capsys):
     out = tmp_path / "small-memory.duckdb"
     code = main(
-        ["node", "load", "--source", str(omop_dir), "--out", str(out)]
-        + ["--memory-limit", "64MB", "--threads", "1"]
+        [
+            *("node", "load", "--source", str(omop_dir), "--out", str(out)),
+            *("--memory-limit", "64MB", "--threads", "1"),
+        ]
     )
     assert code == 0
     captured = capsys.readouterr()

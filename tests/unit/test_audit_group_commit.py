@@ -89,3 +89,21 @@ def test_a_failed_fsync_is_reported_to_the_writer(tmp_path, monkeypatch):
     monkeypatch.undo()
     log.write("query.received", query_id="r")  # the disk is back: writes are durable again
     log.close()
+
+
+def test_begin_starts_the_fsync_at_once_and_wait_returns_when_it_is_done(tmp_path, monkeypatch):
+    disk = SlowDisk()
+    monkeypatch.setattr(audit_module.os, "fsync", disk)
+    log = AuditLog(tmp_path / "audit.jsonl", "n1", flush_seconds=60)  # no timed flush
+    seq = log.begin("query.received", query_id="q")
+    size = os.path.getsize(tmp_path / "audit.jsonl")
+    deadline = time.monotonic() + 5
+    while disk.durable_size < size and time.monotonic() < deadline:  # the flusher, not wait()
+        time.sleep(0.001)
+    assert disk.durable_size >= size
+    log.note("query.released", query_id="q")
+    log.wait(seq)  # already durable: returns at once
+    later = log.begin("query.received", query_id="r")
+    log.wait(later)
+    assert disk.durable_size == os.path.getsize(tmp_path / "audit.jsonl")
+    log.close()
