@@ -642,7 +642,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
         FROM src_visit_occurrence"""
     )
     con.execute(
-        f"""CREATE TEMP TABLE cond_src AS
+        f"""CREATE TEMP VIEW cond_src AS
         SELECT {_number(con, "condition_occurrence", "person_id")} AS person_id,
                {_number(con, "condition_occurrence", "condition_concept_id")} AS concept_id,
                {_date(con, "condition_occurrence", "condition_start_date")} AS d,
@@ -708,7 +708,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
     say(f"conditions: {conditions:,} rows")
     foreign = _scalar(
         con,
-        """SELECT count(*) FROM cond_src c
+        """SELECT count(*) FROM cond_grouped c
            WHERE c.visit_id IS NOT NULL AND c.person_id IS NOT NULL
              AND NOT EXISTS (SELECT 1 FROM visit_setting v
                              WHERE v.person_id = c.person_id AND v.visit_id = c.visit_id)
@@ -733,7 +733,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
         "visits": visits,
         "persons_dropped": source_persons - persons - opted,
         "opted_out": opted,
-        "conditions_dropped": _count(con, "cond_src") - conditions,
+        "conditions_dropped": _count(con, "cond_grouped") - conditions,
         "visits_dropped": _count(con, "visit_src") - visits,
         "conditions_other_persons_visit": foreign,
         "unmapped_concepts": int(unmapped[0]),
@@ -827,16 +827,17 @@ def _validate(con, catalog: Catalog) -> None:
         expected = stored_columns(view)
         if cols != expected:
             raise LoadError(f"internal: view {name} has columns {sorted(cols)}")
+        # One scan per view: per column, values missing or outside the column's domain.
+        checks = []
         for col in view.columns.values():
+            bad = f'"{col.name}" IS NULL'
             if col.type is ColumnType.CATEGORY:
                 domain = ", ".join(_sql_str(str(v)) for v in col.domain)
-                bad = _scalar(
-                    con,
-                    f'SELECT count(*) FROM "{name}" WHERE "{col.name}" IS NULL '
-                    f'OR "{col.name}" NOT IN ({domain})',
+                bad += f' OR "{col.name}" NOT IN ({domain})'
+            checks.append(f"count(*) FILTER (WHERE {bad})")
+        counts = con.execute(f'SELECT {", ".join(checks)} FROM "{name}"').fetchone()
+        for col, count in zip(view.columns.values(), counts, strict=True):
+            if count:
+                raise LoadError(
+                    f"internal: {name}.{col.name} has missing values or values outside its domain"
                 )
-                if bad:
-                    raise LoadError(f"internal: {name}.{col.name} has values outside its domain")
-            nulls = _scalar(con, f'SELECT count(*) FROM "{name}" WHERE "{col.name}" IS NULL')
-            if nulls:
-                raise LoadError(f"internal: {name}.{col.name} has missing values")
