@@ -60,6 +60,8 @@ class AuditLog:
         self._syncing = False
         self._stop = threading.Event()
         self._wake = threading.Event()  # a line is waiting for its fsync
+        self._failure: str | None = None  # a failed fsync: final
+        self._closed = False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -99,6 +101,7 @@ class AuditLog:
             json.dumps(record, ensure_ascii=True, sort_keys=True, allow_nan=False) + "\n"
         ).encode()
         with self._lock:
+            self._check_usable()
             try:
                 written = os.write(self._fd, line)
                 if written != len(line):
@@ -108,11 +111,24 @@ class AuditLog:
             self._appended += 1
             return self._appended
 
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise AuditUnavailable(f"audit log {self.path} is closed")
+        if self._failure is not None:
+            raise AuditUnavailable(
+                f"audit log {self.path} lost writes ({self._failure}): restart the node"
+            )
+
     def _sync_to(self, seq: int) -> None:
         """Group commit: return once line ``seq`` is durable; one fsync covers every line
-        appended before it started."""
+        appended before it started.
+
+        A failed fsync is final: the kernel reports a lost write to one fsync only, so a later
+        fsync that succeeds proves nothing about the lines before it. Every later append and
+        wait then fails (the node stops serving) until the node is restarted."""
         with self._sync:
             while self._synced < seq:
+                self._check_usable()
                 if self._syncing:  # another writer's fsync is under way: it may cover us
                     self._sync.wait()
                     continue
@@ -129,6 +145,7 @@ class AuditLog:
                     self._syncing = False
                     self._sync.notify_all()
                 if failure is not None:
+                    self._failure = str(failure)
                     raise AuditUnavailable(f"cannot write audit log {self.path}: {failure}")
                 self._synced = max(self._synced, target)
 
@@ -137,7 +154,8 @@ class AuditLog:
             self._wake.wait(seconds)
             self._wake.clear()
             if self._synced < self._appended:
-                with contextlib.suppress(AuditUnavailable):  # the waiting writer reports it
+                # A failure is recorded (``_failure``) and reported to every later writer.
+                with contextlib.suppress(AuditUnavailable):
                     self._sync_to(self._appended)
 
     def close(self) -> None:
@@ -146,7 +164,10 @@ class AuditLog:
         self._flusher.join()
         with contextlib.suppress(AuditUnavailable):
             self._sync_to(self._appended)
-        with self._lock:
+        with self._lock, self._sync:
+            while self._syncing:  # another thread's fsync of this descriptor is under way
+                self._sync.wait()
+            self._closed = True  # later writes fail instead of reaching a reused descriptor
             os.close(self._fd)
 
 

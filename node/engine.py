@@ -293,7 +293,7 @@ class NodeEngine:
         if reservation.stored is not None:  # a concurrent request of this id stored it first
             return NodeResult.from_json(reservation.stored.result), True, 0
         if reservation.created:  # the debit is in the audit log before any data is read
-            self.audit.note(  # the ledger's reservation (durable) is the authoritative record
+            self.audit.note(  # the ledger's reservation is the authoritative record
                 "query.reserved",
                 query_id=request.query_id,
                 project=request.project_id,

@@ -165,6 +165,16 @@ class LoadReport:
 MEMORY_LIMIT_PATTERN = r"\d{1,6}(\.\d+)?\s?[KMGT]i?B"
 
 
+def _bytes(limit: str) -> float:
+    """'4GB' -> bytes (KB/MB/GB/TB in powers of 1000, KiB/MiB/... of 1024, as DuckDB reads)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s?([KMGT])(i?)B", limit, re.IGNORECASE)
+    if match is None:
+        return 0.0
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return float(number) * base ** ("KMGT".index(unit.upper()) + 1)
+
+
 def default_memory_limit() -> str:
     """A quarter of the machine's memory, at most 4 GB: a trust's server runs other services
     (DuckDB's own default is 80%). Work beyond the limit spills to disk next to the output."""
@@ -195,8 +205,13 @@ def load_omop(
             progress(f"[{time.perf_counter() - started:6.1f} s] {message}")
 
     memory_limit = memory_limit or default_memory_limit()
-    if not re.fullmatch(MEMORY_LIMIT_PATTERN, memory_limit):
-        raise LoadError(f"memory limit {memory_limit!r} must look like '4GB' or '512MB'")
+    if (
+        not re.fullmatch(MEMORY_LIMIT_PATTERN, memory_limit, re.IGNORECASE)
+        or _bytes(memory_limit) < 64e6
+    ):
+        raise LoadError(
+            f"memory limit {memory_limit!r} must look like '4GB' or '512MB', at least 64MB"
+        )
     if threads is not None and not 1 <= threads <= 256:
         raise LoadError("threads must be a whole number from 1 to 256")
     _check_catalog(catalog)

@@ -174,7 +174,7 @@ def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, 
     assert not list(tmp_path.glob("*.spill"))  # spilled work is cleaned up
 
 
-@pytest.mark.parametrize("limit", ["lots", "4 gigabytes", "-1GB", "1e9"])
+@pytest.mark.parametrize("limit", ["lots", "4 gigabytes", "-1GB", "1e9", "0MB", "1KB", "63MB"])
 def test_a_malformed_memory_limit_is_refused_before_anything_is_written(
     tmp_path, catalog, omop_dir, limit
 ):

@@ -78,17 +78,62 @@ def test_noted_lines_are_flushed_without_another_write(tmp_path, monkeypatch):
     log.close()
 
 
-def test_a_failed_fsync_is_reported_to_the_writer(tmp_path, monkeypatch):
-    def failing(fd: int) -> None:
-        raise OSError(5, "Input/output error")
+def test_a_failed_fsync_is_final_for_every_later_writer(tmp_path, monkeypatch):
+    """Linux reports a lost write to one fsync only: after a failure, a later fsync that
+    succeeds proves nothing, so the log refuses every later write until the node restarts."""
+    failures = [OSError(5, "Input/output error")]
+
+    def once(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        _real_fsync(fd)
 
     log = AuditLog(tmp_path / "audit.jsonl", "n1", flush_seconds=60)
-    monkeypatch.setattr(audit_module.os, "fsync", failing)
+    monkeypatch.setattr(audit_module.os, "fsync", once)
     with pytest.raises(AuditUnavailable):
         log.write("query.received", query_id="q")
-    monkeypatch.undo()
-    log.write("query.received", query_id="r")  # the disk is back: writes are durable again
+    assert failures == []  # the disk "recovers"
+    with pytest.raises(AuditUnavailable, match="restart"):
+        log.write("query.received", query_id="r")
+    with pytest.raises(AuditUnavailable, match="restart"):
+        log.begin("query.received", query_id="s")
     log.close()
+
+
+def test_a_failed_fsync_on_the_flusher_reaches_the_waiting_request(tmp_path, monkeypatch):
+    """The request's line is fsynced by the flusher; if that fsync fails, ``wait`` must not
+    report the line durable (a retried fsync would succeed and say nothing)."""
+    failures = [OSError(5, "Input/output error")]
+
+    def once(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        _real_fsync(fd)
+
+    monkeypatch.setattr(audit_module.os, "fsync", once)
+    log = AuditLog(tmp_path / "audit.jsonl", "n1", flush_seconds=60)
+    seq = log.begin("query.received", query_id="q")
+    deadline = time.monotonic() + 5
+    while failures and time.monotonic() < deadline:  # the flusher's fsync takes the failure
+        time.sleep(0.001)
+    assert failures == []
+    with pytest.raises(AuditUnavailable):
+        log.wait(seq)
+    log.close()
+
+
+def test_writes_after_close_fail_instead_of_reaching_another_file(tmp_path):
+    log = AuditLog(tmp_path / "audit.jsonl", "n1")
+    log.close()
+    other = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # may reuse the descriptor
+    try:
+        with pytest.raises(AuditUnavailable, match="closed"):
+            log.begin("query.received", query_id="late")
+        with pytest.raises(AuditUnavailable, match="closed"):
+            log.write("query.received", query_id="late")
+    finally:
+        os.close(other)
+    assert os.path.getsize(tmp_path / "other") == 0
 
 
 def test_begin_starts_the_fsync_at_once_and_wait_returns_when_it_is_done(tmp_path, monkeypatch):
