@@ -167,7 +167,7 @@ def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, 
     )
     assert code == 0
     captured = capsys.readouterr()
-    assert "DuckDB memory limit 64MB" in captured.err
+    assert "memory limit 64MB (DuckDB 42MiB)" in captured.err
     assert "s] building conditions" in captured.err  # progress lines carry elapsed time
     assert "stored rows/s" in captured.out
     open_research_db(out, load_catalog()).close()
