@@ -732,8 +732,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
            WHERE c.visit_id IS NOT NULL AND c.person_id IS NOT NULL
              AND NOT EXISTS (SELECT 1 FROM visit_setting v
                              WHERE v.person_id = c.person_id AND v.visit_id = c.visit_id)
-             AND EXISTS (SELECT 1 FROM visit_setting v
-                         WHERE v.visit_id = c.visit_id AND v.person_id <> c.person_id)""",
+             AND c.visit_id IN (SELECT visit_id FROM visit_setting)""",  # so: another person's
     )
     unmapped = con.execute(
         "SELECT count(DISTINCT concept_id), count(*) FROM cond_grouped WHERE grp = 'other' "
