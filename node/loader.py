@@ -697,6 +697,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
         WHERE v.s IS NOT NULL"""
     )
     visits = _count(con, "stage_visits")
+    say(f"visits staged: {visits:,} rows; numbering each person's rows and storing")
     _store_view(con, catalog.views["visits"])
     say(f"visits: {visits:,} rows")
 
@@ -724,6 +725,7 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
         WHERE c.d IS NOT NULL"""
     )
     conditions = _count(con, "stage_conditions")
+    say(f"conditions staged: {conditions:,} rows; numbering each person's rows and storing")
     _store_view(con, catalog.views["conditions"])
     say(f"conditions: {conditions:,} rows")
     foreign = _scalar(
