@@ -20,6 +20,7 @@ from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import ConfigError, QueryRefused
 from fedtre.request import PROJECT_ID
 from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
+from node.memory import MEMORY_LIMIT_PATTERN
 
 NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -118,7 +119,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
     if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 256:
         raise ConfigError(f"{source}: duckdb_threads must be a whole number from 1 to 256")
     memory = data.get("duckdb_memory_limit", "4GB")
-    if not isinstance(memory, str) or not re.fullmatch(r"\d{1,6}(\.\d+)?\s?[KMGT]i?B", memory):
+    if not isinstance(memory, str) or not re.fullmatch(MEMORY_LIMIT_PATTERN, memory):
         raise ConfigError(f"{source}: duckdb_memory_limit must look like '4GB'")
     server = _server(data["server"], base_dir, f"{source}: server") if "server" in data else None
     min_units = _epsilon(

@@ -53,6 +53,7 @@ from node.database import (
     stored_columns,
 )
 from node.errors import LoadError
+from node.memory import DUCKDB_SHARE, MEMORY_LIMIT_PATTERN, default_memory_limit, memory_bytes
 
 Progress = Callable[[str], None]
 
@@ -162,30 +163,6 @@ class LoadReport:
         ]
 
 
-DUCKDB_SHARE = 0.7  # of the load's memory limit, for DuckDB's own
-MEMORY_LIMIT_PATTERN = r"\d{1,6}(\.\d+)?\s?[KMGT]i?B"
-
-
-def _bytes(limit: str) -> float:
-    """'4GB' -> bytes (KB/MB/GB/TB in powers of 1000, KiB/MiB/... of 1024, as DuckDB reads)."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s?([KMGT])(i?)B", limit, re.IGNORECASE)
-    if match is None:
-        return 0.0
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return float(number) * base ** ("KMGT".index(unit.upper()) + 1)
-
-
-def default_memory_limit() -> str:
-    """A quarter of the machine's memory, at most 4 GB: a trust's server runs other services
-    (DuckDB's own default is 80%). Work beyond the limit spills to disk next to the output."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return "1GB"
-    return f"{max(256, min(4096, total // 4 // 2**20))}MB"
-
-
 def load_omop(
     source: Path,
     out: Path,
@@ -208,7 +185,7 @@ def load_omop(
     memory_limit = memory_limit or default_memory_limit()
     if (
         not re.fullmatch(MEMORY_LIMIT_PATTERN, memory_limit, re.IGNORECASE)
-        or _bytes(memory_limit) < 64e6
+        or memory_bytes(memory_limit) < 64e6
     ):
         raise LoadError(
             f"memory limit {memory_limit!r} must look like '4GB' or '512MB', at least 64MB"
@@ -227,7 +204,7 @@ def load_omop(
     # DuckDB's limit covers its buffer pool; reading files, its other allocations and Python
     # take the rest (measured: peak RSS about 1.2x DuckDB's limit), so the whole load stays
     # within the limit given.
-    duckdb_limit = f"{int(_bytes(memory_limit) * DUCKDB_SHARE / 2**20)}MiB"
+    duckdb_limit = f"{int(memory_bytes(memory_limit) * DUCKDB_SHARE / 2**20)}MiB"
     config: dict[str, str | bool | int | float | list[str]] = {
         "memory_limit": duckdb_limit,
         "temp_directory": str(spill),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.loader import DUCKDB_SHARE, _bytes, default_memory_limit
+from node.memory import DUCKDB_SHARE, default_memory_limit, memory_bytes
 
 
 @pytest.mark.parametrize(
@@ -20,10 +20,10 @@ from node.loader import DUCKDB_SHARE, _bytes, default_memory_limit
     ],
 )
 def test_limits_read_as_duckdb_reads_them(limit, expected):
-    assert _bytes(limit) == expected
+    assert memory_bytes(limit) == expected
 
 
 def test_the_default_leaves_most_of_the_machine_to_other_services():
     limit = default_memory_limit()
-    assert 256e6 * 0.99 <= _bytes(limit) <= 4096 * 2**20 * 1.01
+    assert 256e6 * 0.99 <= memory_bytes(limit) <= 4096 * 2**20 * 1.01
     assert 0 < DUCKDB_SHARE < 1  # the rest is for reading files and Python
