@@ -106,7 +106,8 @@ def prepare(persons: int) -> Path:
     return db
 
 
-def node_config(db: Path, state: Path) -> Path:
+def node_config(db: Path, state: Path, max_tier: str = "highly_sensitive") -> Path:
+    """A node config for benchmarks: project ``bench``, answer slot off, ample budget."""
     path = state / "node.toml"
     path.write_text(
         textwrap.dedent(
@@ -122,7 +123,7 @@ def node_config(db: Path, state: Path) -> Path:
             total_epsilon = 1000000.0
             max_epsilon_per_query = 1.0
             views = ["patients", "conditions", "visits"]
-            max_tier = "highly_sensitive"
+            max_tier = "{max_tier}"
             """
         )
     )

@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import uuid
@@ -48,11 +47,12 @@ import duckdb
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.run import node_config  # noqa: E402
 from fedtre.request import QueryRequest  # noqa: E402
 from node.config import load_node_config  # noqa: E402
 from node.engine import NodeEngine  # noqa: E402
 
-PROJECT = "bench"
+PROJECT = "bench"  # the project benchmarks.run.node_config declares
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def main() -> int:
     for persons in args.persons:
         db, load = prepare(persons, args.memory_limit)
         with tempfile.TemporaryDirectory() as tmp:
-            engine = NodeEngine(load_node_config(node_config(db, Path(tmp))))
+            engine = NodeEngine(load_node_config(node_config(db, Path(tmp), "mental_health")))
             try:
                 size = {"persons": persons, "load": load}
                 size["shapes"] = measure_shapes(engine, args.rounds)
@@ -172,29 +172,6 @@ def prepare(persons: int, memory_limit: str | None) -> tuple[Path, dict[str, Any
     }
     facts.write_text(json.dumps(load, indent=2))
     return db, load
-
-
-def node_config(db: Path, state: Path) -> Path:
-    path = state / "node.toml"
-    path.write_text(
-        textwrap.dedent(
-            f"""\
-            node_id = "bench"
-            database = "{db}"
-            state_dir = "{state / "state"}"
-            node_epsilon_ceiling = 1000000.0
-            # The node's own work: the answer slot (on by default) is off here;
-            # benchmarks/timing.py measures what the slot costs and what it hides.
-            answer_slot_ms = 0
-            [projects.{PROJECT}]
-            total_epsilon = 1000000.0
-            max_epsilon_per_query = 1.0
-            views = ["patients", "conditions", "visits"]
-            max_tier = "mental_health"
-            """
-        )
-    )
-    return path
 
 
 def _request(sql: str) -> QueryRequest:
