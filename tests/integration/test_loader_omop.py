@@ -182,3 +182,13 @@ def test_a_malformed_memory_limit_is_refused_before_anything_is_written(
     with pytest.raises(LoadError, match="memory limit"):
         load_omop(omop_dir, out, catalog, memory_limit=limit)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [0, -1, 257])
+def test_a_bad_thread_count_is_refused_before_anything_is_written(
+    tmp_path, catalog, omop_dir, threads
+):
+    out = tmp_path / "never.duckdb"
+    with pytest.raises(LoadError, match="threads must be a whole number from 1 to 256"):
+        load_omop(omop_dir, out, catalog, threads=threads)
+    assert list(tmp_path.iterdir()) == []
