@@ -55,8 +55,8 @@ from fedtre.catalog import load_catalog  # noqa: E402
 from fedtre.pki import Role, init_ca, issue  # noqa: E402
 from fedtre.synthetic import generate  # noqa: E402
 from fedtre.tls import TlsFiles, channel_credentials, channel_options  # noqa: E402
-from fedtre.v1 import node_pb2 as npb  # noqa: E402
-from fedtre.v1 import node_pb2_grpc  # noqa: E402
+from fedtre.v2 import node_pb2 as npb  # noqa: E402
+from fedtre.v2 import node_pb2_grpc  # noqa: E402
 from node.loader import load_omop  # noqa: E402
 from tests.integration.federation import PROJECT, Federation, log_lines  # noqa: E402
 
@@ -138,16 +138,20 @@ def probe_run(
         warmup = 50
         for i in range(warmup + probes):
             for name, stub in stubs.items():  # alternate the arms
-                request = npb.AnswerRequest(
+                request = npb.PrepareRequest(
                     query_id=f"probe-{uuid.uuid4()}",
                     project_id=PROJECT,
                     sql=PROBE,
                     epsilon_units=EPSILON_UNITS,
                     researcher="attacker",
                 )
-                start = time.perf_counter()
-                stub.Answer(request, timeout=30)
+                start = time.perf_counter()  # phase 1 is the one that reads the data
+                stub.Prepare(request, timeout=30)
                 took = (time.perf_counter() - start) * 1000
+                decision = npb.DecisionRequest(
+                    query_id=request.query_id, project_id=request.project_id
+                )
+                stub.Commit(decision, timeout=30)
                 if i >= warmup:
                     times[name].append(took)
             if i and i % 500 == 0:

@@ -3,50 +3,38 @@
 1. audit the request (before acting on it);
 2. refuse what the coordinator can judge alone: fields, project, researcher, ε cap, the query
    against the catalog; nothing is sent to any trust then, and nothing is spent;
-3. fan out to the project's trusts in parallel, each call with the deadline;
-4. combine the answers of the trusts that answered (noisy values only) and apply the project's
-   output rules; release only if every trust answered or the project allows partial results;
-5. audit the outcome with the trusts covered and the ε each charged.
-A retry with the same query id replays every trust's stored answer: same numbers, no new debit.
+3. phase 1: ask every trust of the project to prepare (validate, reserve ε, compute and store
+   its noisy answer; nothing data-dependent comes back), each call with the deadline;
+4. phase 2: if the project's rule is met (every trust prepared, or at least one when the
+   project allows partial results), commit at the prepared trusts and collect their answers;
+   otherwise abort them, so that a withheld answer spends nothing anywhere;
+5. combine the committed answers (noisy values only), apply the project's output rules, and
+   audit the outcome with the trusts covered and the ε each charged.
+A retry with the same query id replays every committed answer: same numbers, no new debit.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import replace
 
-from coordinator.combine import Combined, CombineError, combine
+from coordinator.combine import CombineError, combine
 from coordinator.config import CoordinatorConfig, Project
-from coordinator.fanout import TrustOutcome, Trusts, TrustState
+from coordinator.fanout import Trusts
+from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from fedtre import logs
 from fedtre.audit import AuditLog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query
-from fedtre.request import check_ids
-from fedtre.v1 import node_pb2 as npb
+from fedtre.protocol import NodeOutcome, OutcomeKind, PrepareRequest
+from fedtre.request import Submission, check_ids
 
 log = logs.get("coordinator")
 
 NO_PROJECT = "No project with that id is open to you. Ask the project lead to add your name."
-
-
-@dataclass(frozen=True)
-class Submission:
-    query_id: str
-    project_id: str
-    sql: str
-    epsilon: float | None  # None: the project's default; anything given is checked, 0 refused
-
-
-@dataclass(frozen=True)
-class Outcome:
-    query_id: str
-    project: Project
-    epsilon_units: int
-    trusts: tuple[TrustOutcome, ...]
-    combined: Combined | None  # None when withheld
-    withheld_reason: str = ""
+# Phase 2 is a ledger update at each trust: it gets its own short deadline.
+DECISION_SECONDS = 10.0
 
 
 class CoordinatorEngine:
@@ -85,14 +73,14 @@ class CoordinatorEngine:
                 reason=exc.message,
             )
             raise
-        request = npb.AnswerRequest(
+        request = PrepareRequest(
             query_id=query_id,
             project_id=project.project_id,
             sql=sub.sql,
             epsilon_units=units,
             researcher=researcher,
         )
-        outcomes = tuple(self.trusts.answer(project.trusts, request, self.config.deadline_seconds))
+        outcomes = self._two_phases(project, request)
         outcome = self._combine(query_id, project, units, outcomes)
         # Per-trust timings go to the operator log only: never to researchers.
         log.info(
@@ -100,6 +88,7 @@ class CoordinatorEngine:
             extra={
                 "query_id": query_id,
                 "handling_ms": {o.node_id: round(o.handling_ms, 3) for o in outcomes},
+                "states": {o.node_id: o.state.value for o in outcome.trusts},
             },
         )
         self.audit.write(
@@ -108,12 +97,40 @@ class CoordinatorEngine:
             project=project.project_id,
             researcher=researcher,
             epsilon_units=units,
-            trusts={o.node_id: o.state.value for o in outcomes},
-            charged={o.node_id: units for o in outcomes if o.state is TrustState.ANSWERED},
-            replayed=sorted(o.node_id for o in outcomes if o.replayed),
+            trusts={o.node_id: o.state.value for o in outcome.trusts},
+            charged={
+                o.node_id: units
+                for o in outcome.trusts
+                if o.state is TrustState.ANSWERED and not o.replayed
+            },
+            replayed=sorted(o.node_id for o in outcome.trusts if o.replayed),
             withheld_reason=outcome.withheld_reason or None,
         )
         return outcome
+
+    def _two_phases(self, project: Project, request: PrepareRequest) -> tuple[TrustOutcome, ...]:
+        trusts = project.trusts
+        prepared = self.trusts.prepare(trusts, request, self.config.deadline_seconds)
+        ready = [o.node_id for o in prepared if o.kind is OutcomeKind.PREPARED]
+        silent = [
+            o.node_id for o in prepared if o.kind in (OutcomeKind.UNAVAILABLE, OutcomeKind.FAILED)
+        ]
+        rule_met = bool(ready) and (len(ready) == len(trusts) or project.allow_partial)
+        final: dict[str, TrustOutcome] = {
+            o.node_id: _trust(o) for o in prepared if o.kind is not OutcomeKind.PREPARED
+        }
+        if silent:  # they may have prepared after all: free their reservations sooner
+            self.trusts.abort_later(silent, request, DECISION_SECONDS)
+        if rule_met:
+            for o in self.trusts.commit(ready, request, DECISION_SECONDS):
+                final[o.node_id] = _trust(o)
+        elif ready:
+            for o in self.trusts.abort(ready, request, DECISION_SECONDS):
+                final[o.node_id] = _withdrawn(o)
+        timing = {o.node_id: o.handling_ms for o in prepared}
+        return tuple(
+            _with_time(final[nid], timing.get(nid, 0.0) + final[nid].handling_ms) for nid in trusts
+        )
 
     def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int]:
         check_ids(query_id, sub.project_id)
@@ -141,16 +158,26 @@ class CoordinatorEngine:
             checked.append(o)
         outcomes = tuple(checked)
         answered = [o for o in outcomes if o.state is TrustState.ANSWERED]
-        missing = sorted(o.node_id for o in outcomes if o.state is not TrustState.ANSWERED)
+        missing = sorted(
+            o.node_id
+            for o in outcomes
+            if o.state not in (TrustState.ANSWERED, TrustState.WITHDRAWN)
+        )
         withheld = ""
-        if not answered:
-            withheld = "No trust answered, so there is nothing to release."
-        elif missing and not project.allow_partial:
+        if missing and (not answered or not project.allow_partial):
             withheld = (
-                f"Trust(s) {', '.join(missing)} did not answer and this project releases only "
-                "results that cover every trust. Retry with the same query id: trusts that "
-                "already answered return their stored answer at no extra cost."
+                f"Trust(s) {', '.join(missing)} did not answer"
+                + (
+                    " and this project releases only results that cover every trust"
+                    if not project.allow_partial
+                    else ""
+                )
+                + ". Nothing was spent at the trusts whose answers were withdrawn. Retry with "
+                "the same query id: a trust that already released its answer returns it "
+                "again at no extra cost."
             )
+        elif not answered:
+            withheld = "No trust answered, so there is nothing to release."
         if withheld:
             return Outcome(query_id, project, units, outcomes, None, withheld)
         try:
@@ -191,6 +218,52 @@ class CoordinatorEngine:
                 refusal=exc.refusal.value,
             )
             raise
-        return project, self.trusts.budget(
+        replies = self.trusts.budget(
             project.trusts, project.project_id, self.config.deadline_seconds
         )
+        return project, [_trust(o) for o in replies]
+
+
+_STATES = {
+    OutcomeKind.COMMITTED: TrustState.ANSWERED,
+    OutcomeKind.BUDGET: TrustState.ANSWERED,
+    OutcomeKind.UNAVAILABLE: TrustState.UNAVAILABLE,
+    OutcomeKind.REFUSED: TrustState.REFUSED,
+    OutcomeKind.FAILED: TrustState.FAILED,
+    OutcomeKind.ABORTED: TrustState.WITHDRAWN,
+    OutcomeKind.PREPARED: TrustState.FAILED,  # never final: prepared means phase 2 is due
+}
+
+
+def _trust(o: NodeOutcome) -> TrustOutcome:
+    return TrustOutcome(
+        node_id=o.node_id,
+        state=_STATES[o.kind],
+        result=o.result,
+        replayed=o.replayed,
+        refusal=o.refusal,
+        reason=o.reason,
+        remaining_units=o.remaining_units,
+        handling_ms=o.handling_ms,
+    )
+
+
+def _withdrawn(o: NodeOutcome) -> TrustOutcome:
+    """A prepared trust the coordinator aborted: nothing spent there (or, if the id had been
+    released earlier, nothing new)."""
+    if o.kind in (OutcomeKind.ABORTED, OutcomeKind.COMMITTED):
+        reason = "prepared, then withdrawn because other trusts did not answer: nothing spent"
+        if o.kind is OutcomeKind.COMMITTED:
+            reason = "withdrawn: this id's answer was released here earlier; nothing new spent"
+        return TrustOutcome(
+            o.node_id,
+            TrustState.WITHDRAWN,
+            reason=reason,
+            remaining_units=o.remaining_units,
+            handling_ms=o.handling_ms,
+        )
+    return _trust(o)  # the abort itself failed: its lease at the trust refunds it
+
+
+def _with_time(o: TrustOutcome, handling_ms: float) -> TrustOutcome:
+    return replace(o, handling_ms=handling_ms)

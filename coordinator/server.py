@@ -5,19 +5,20 @@ from __future__ import annotations
 import grpc
 
 from coordinator.config import CoordinatorConfig
+from coordinator.dial_in import DialInLink
 from coordinator.engine import CoordinatorEngine
 from coordinator.fanout import Trusts
 from coordinator.service import ResearcherServicer
 from fedtre import logs
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
-from fedtre.serde import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
+from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
-from fedtre.v1 import coordinator_pb2_grpc
+from fedtre.v2 import coordinator_pb2_grpc
 
 log = logs.get("coordinator")
-SERVICE_NAME = "fedtre.v1.ResearcherService"
+SERVICE_NAME = "fedtre.v2.ResearcherService"
 INSECURE_RESEARCHER = "dev"
 
 
@@ -25,7 +26,8 @@ def create_server(
     config: CoordinatorConfig, *, insecure: bool = False
 ) -> Running[CoordinatorEngine]:
     tls = None if insecure else _tls(config)
-    engine = CoordinatorEngine(config, Trusts(config.nodes, tls))
+    links = {nid: DialInLink(nid, e.address, tls) for nid, e in config.nodes.items()}
+    engine = CoordinatorEngine(config, Trusts(links))
     try:
 
         def researcher(context: grpc.ServicerContext) -> str:

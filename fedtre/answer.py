@@ -11,26 +11,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedtre.catalog import Value
-from fedtre.dp import units_to_epsilon
-from fedtre.serde import aggregate_kind_from_wire, cells_from_wire, refusal_from_wire
-from fedtre.v1 import coordinator_pb2 as cpb
 
 if TYPE_CHECKING:
     import pandas
     import pyarrow
 
-_STATE_NAMES = {
-    cpb.TRUST_STATE_ANSWERED: "answered",
-    cpb.TRUST_STATE_UNAVAILABLE: "unavailable",
-    cpb.TRUST_STATE_REFUSED: "refused",
-    cpb.TRUST_STATE_FAILED: "failed",
-}
-
 
 @dataclass(frozen=True)
 class TrustReport:
     node_id: str
-    state: str  # answered / unavailable / refused / failed
+    state: str  # answered / unavailable / refused / failed / withdrawn
     reason: str
     refusal: str | None
     epsilon_spent: float
@@ -51,8 +41,9 @@ class EstimateValue:
 @dataclass(frozen=True)
 class EstimateColumn:
     alias: str
-    kind: str
+    kind: str  # count / count_persons / sum / avg
     estimates: tuple[EstimateValue, ...]
+    column: str | None = None  # the view column summed or averaged
 
 
 @dataclass(frozen=True)
@@ -70,6 +61,7 @@ class QueryResult:
     epsilon: float
     notes: tuple[str, ...]
     reference_date: str = ""  # the date every covered trust computed ages at (YYYY-MM-DD)
+    catalog_version: str = ""
 
     # -- machine-readable ------------------------------------------------------------------
 
@@ -211,50 +203,20 @@ def _text(v: Value) -> str:
     return str(v)
 
 
-def result_from_wire(msg: cpb.SubmitResponse) -> QueryResult:
-    cells = cells_from_wire(msg.cells, len(msg.group_by))
-    columns = tuple(
-        EstimateColumn(
-            alias=c.alias,
-            kind=aggregate_kind_from_wire(c.kind).value,
-            estimates=tuple(
-                EstimateValue(
-                    available=e.available,
-                    suppressed=e.suppressed,
-                    value=e.value if e.available and not e.suppressed else None,
-                    low=e.ci_low if e.available and not e.suppressed else None,
-                    high=e.ci_high if e.available and not e.suppressed else None,
-                    display=e.display,
-                )
-                for e in c.estimates
-            ),
-        )
-        for c in msg.columns
-    )
-    trusts = tuple(
-        TrustReport(
-            node_id=t.node_id,
-            state=_STATE_NAMES.get(t.state, "unknown"),
-            reason=t.reason,
-            refusal=(r.value if (r := refusal_from_wire(t.refusal)) else None),
-            epsilon_spent=units_to_epsilon(t.epsilon_units),
-            epsilon_left=units_to_epsilon(t.remaining_units) if t.has_budget else None,
-            replayed=t.replayed,
-        )
-        for t in msg.trusts
-    )
-    return QueryResult(
-        query_id=msg.query_id,
-        project_id=msg.project_id,
-        view=msg.view,
-        released=msg.released,
-        withheld_reason=msg.withheld_reason,
-        group_by=tuple(msg.group_by),
-        cells=cells,
-        columns=columns,
-        trusts=trusts,
-        covered_trusts=tuple(msg.covered_trusts),
-        epsilon=msg.epsilon,
-        notes=tuple(msg.notes),
-        reference_date=msg.reference_date,
-    )
+@dataclass(frozen=True)
+class ProjectInfo:
+    """A project as a researcher on it sees it."""
+
+    project_id: str
+    title: str
+    trusts: tuple[str, ...]
+    max_epsilon_per_query: float
+    allow_partial: bool
+    suppress_below: int
+    round_to: int
+
+
+@dataclass(frozen=True)
+class ProjectBudget:
+    project_id: str
+    trusts: tuple[TrustReport, ...]  # epsilon_left per trust, or why it is unknown

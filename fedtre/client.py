@@ -21,15 +21,22 @@ from typing import Any
 
 import grpc
 
-from fedtre.answer import QueryResult, result_from_wire
-from fedtre.dp import units_to_epsilon
+from fedtre.answer import QueryResult
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
-from fedtre.serde import MAX_RESULT_BYTES
+from fedtre.request import Submission
+from fedtre.serde.common import MAX_RESULT_BYTES
+from fedtre.serde.coordinator import (
+    project_budget_from_proto,
+    project_budget_request_to_proto,
+    project_list_from_proto,
+    query_result_from_proto,
+    submission_to_proto,
+)
 from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
 from fedtre.status import failure_from
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
-from fedtre.v1 import coordinator_pb2 as cpb
-from fedtre.v1 import coordinator_pb2_grpc
+from fedtre.v2 import coordinator_pb2 as cpb
+from fedtre.v2 import coordinator_pb2_grpc
 
 PROFILE_ENV = "FEDTRE_PROFILE"
 
@@ -105,35 +112,21 @@ class Client:
     ) -> QueryResult:
         """Run a query across the project's trusts. ``epsilon`` is spent at each trust
         (default: the project's default). Raises ``QueryRefused`` with a plain reason."""
-        request = cpb.SubmitRequest(
-            query_id=query_id or f"q-{uuid.uuid4()}", project_id=project, sql=sql
-        )
-        if epsilon is not None:  # absent means the project's default; 0 is refused
-            request.epsilon = epsilon
-        return result_from_wire(self._call(self._stub.Submit, request))
+        sub = Submission(query_id or f"q-{uuid.uuid4()}", project, sql, epsilon)
+        return query_result_from_proto(self._call(self._stub.Submit, submission_to_proto(sub)))
 
     def projects(self) -> list[dict[str, Any]]:
         listing = self._call(self._stub.ListProjects, cpb.ListProjectsRequest())
-        return [
-            {
-                "project_id": p.project_id,
-                "title": p.title,
-                "trusts": list(p.trusts),
-                "max_epsilon_per_query": p.max_epsilon_per_query,
-                "allow_partial": p.allow_partial,
-                "suppress_below": p.suppress_below,
-                "round_to": p.round_to,
-            }
-            for p in listing.projects
-        ]
+        return [{**p.__dict__, "trusts": list(p.trusts)} for p in project_list_from_proto(listing)]
 
     def budget(self, project: str) -> list[dict[str, Any]]:
-        reply = self._call(self._stub.Budget, cpb.BudgetRequest(project_id=project))
+        request = project_budget_request_to_proto(project)
+        reply = project_budget_from_proto(self._call(self._stub.Budget, request))
         return [
             {
                 "trust": t.node_id,
-                "epsilon_left": units_to_epsilon(t.remaining_units) if t.has_budget else None,
-                "status": "answered" if t.has_budget else "unavailable",
+                "epsilon_left": t.epsilon_left,
+                "status": t.state,
                 "reason": t.reason,
             }
             for t in reply.trusts

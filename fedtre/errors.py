@@ -30,6 +30,7 @@ class Refusal(Enum):
     QUERY_ID_CONFLICT = "query_id_conflict"
     NOT_AUTHORISED = "not_authorised"
     DEADLINE_TOO_SHORT = "deadline_too_short"
+    NOT_PREPARED = "not_prepared"  # a commit for an id with no live prepared answer
 
 
 class FedtreError(Exception):

@@ -26,6 +26,16 @@ class QueryRequest:
             raise QueryRefused(Refusal.INVALID_REQUEST, "The query text is missing.")
 
 
+@dataclass(frozen=True)
+class Submission:
+    """A researcher's query as the coordinator receives it."""
+
+    query_id: str  # empty: the coordinator picks one
+    project_id: str
+    sql: str
+    epsilon: float | None  # None: the project's default; anything given is checked, 0 refused
+
+
 def check_ids(query_id: object, project_id: object) -> None:
     """Refuse a malformed query id or project id (node and coordinator alike)."""
     if not isinstance(query_id, str) or not QUERY_ID.match(query_id):

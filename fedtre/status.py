@@ -14,7 +14,7 @@ from typing import NoReturn
 import grpc
 
 from fedtre.errors import AuditUnavailable, Refusal, UserError
-from fedtre.serde import refusal_from_name
+from fedtre.serde.common import refusal_from_name
 
 REFUSAL_KEY = "fedtre-refusal"
 
@@ -32,6 +32,7 @@ _CODES = {
     Refusal.BUDGET_EXHAUSTED: grpc.StatusCode.FAILED_PRECONDITION,
     Refusal.QUERY_ID_CONFLICT: grpc.StatusCode.ALREADY_EXISTS,
     Refusal.DEADLINE_TOO_SHORT: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NOT_PREPARED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 assert set(_CODES) == set(Refusal), "every refusal needs a status code"
 

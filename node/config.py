@@ -50,6 +50,8 @@ class ServerSettings:
 DEFAULT_MIN_EPSILON = 0.001
 DEFAULT_ANSWER_SLOT_MS = 500
 MAX_ANSWER_SLOT_MS = 600_000
+DEFAULT_PREPARE_LEASE_SECONDS = 300.0
+MAX_PREPARE_LEASE_SECONDS = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class NodeConfig:
     # Every answer leaves the node on a multiple of this slot after receipt, so its timing does
     # not depend on the data (0: off, unsafe, for measurements only).
     answer_slot_ms: int = DEFAULT_ANSWER_SLOT_MS
+    # How long a prepared answer waits for the coordinator's commit or abort; then its
+    # reservation is refunded and the answer destroyed (a coordinator may die between phases).
+    prepare_lease_seconds: float = DEFAULT_PREPARE_LEASE_SECONDS
 
     @property
     def ledger_path(self) -> Path:
@@ -96,6 +101,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "duckdb_memory_limit",
         "min_epsilon_per_query",
         "answer_slot_ms",
+        "prepare_lease_seconds",
         "server",
     }
     required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
@@ -136,6 +142,17 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
             f"{source}: answer_slot_ms must be a whole number of milliseconds from 0 to "
             f"{MAX_ANSWER_SLOT_MS} (0 turns the time slot off: unsafe)"
         )
+    lease = data.get("prepare_lease_seconds", DEFAULT_PREPARE_LEASE_SECONDS)
+    if (
+        isinstance(lease, bool)
+        or not isinstance(lease, int | float)
+        or not math.isfinite(lease)
+        or not 1 <= lease <= MAX_PREPARE_LEASE_SECONDS
+    ):
+        raise ConfigError(
+            f"{source}: prepare_lease_seconds must be a number of seconds from 1 to "
+            f"{MAX_PREPARE_LEASE_SECONDS:g}"
+        )
     return NodeConfig(
         node_id=node_id,
         database=resolve_path(data["database"], base_dir, source),
@@ -148,6 +165,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         server=server,
         min_units_per_query=min_units,
         answer_slot_ms=slot,
+        prepare_lease_seconds=float(lease),
     )
 
 

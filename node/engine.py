@@ -1,36 +1,42 @@
 """Answering a query at a node: the one path every request takes, whoever dialled whom.
 
-Order of work (each step refuses with a data-free reason before the next can run):
+Phase 1, ``prepare`` (each step refuses with a data-free reason before the next can run):
 
 1. write the request to the audit log: nothing is acted on before it is logged (its fsync
    starts at once, runs while steps 2-5 do, and has finished before anything is returned);
 2. decide everything that can refuse without touching the data (``node.prepare``): ids,
    project, ε (the node's minimum and the project's per-query cap), plan, views, tier, and the
    split of ε over the statistics, with every OpenDP measurement built;
-3. a query id with a stored answer returns it (a different request under that id is refused);
-   a caller whose deadline cannot fit the answer slot, or who has gone, is refused;
-4. reserve the budget (project and node ceiling) in one durable transaction, the debit, and
-   audit it (``query.reserved``);
+3. a query id already prepared or committed reserves nothing new (a different request under
+   that id is refused); a caller whose deadline cannot fit the answer slot, or who has gone, is
+   refused;
+4. reserve the budget (project and node ceiling) in the ledger, with a lease, and audit it;
 5. only now read the data: run the compiled plan in the locked-down database, add the planned
-   OpenDP noise, and store the noisy result under the query id;
-6. audit the release, and hand it over on the answer slot: every answer leaves a multiple of
-   ``answer_slot_ms`` after it was received, so its timing does not depend on the data.
+   OpenDP noise, and store the noisy answer under the query id. Reply "prepared" on the answer
+   slot (every reply leaves a multiple of ``answer_slot_ms`` after receipt), and nothing else.
 
-Per release, one fsync waits in line: the ledger's stored answer (which also makes the
-reservation durable). The request's audit line is fsynced alongside the work (shared by
-concurrent requests), and the ``query.reserved`` and ``query.released`` lines reach the disk
-with the next fsync or flush: their authoritative records (the reservation, the stored answer)
-are the ledger's. A refusal's line is durable before the refusal is returned.
+Phase 2: ``commit`` releases the stored answer, durably committed in the ledger first (the one
+fsync per release that waits in line); ``abort`` refunds the reservation and destroys the
+answer; a lease that ends first does the same (``expire``). A committed id is never refunded,
+and a retry returns its stored answer verbatim. ``answer_detail`` runs both phases at once for
+a trust's own local queries.
+
+The request lines are fsynced alongside the work (shared by concurrent requests); the
+``query.reserved`` / ``query.prepared`` / ``query.released`` lines reach the disk with the next
+fsync or flush: their authoritative records are the ledger's. A refusal's line is durable
+before the refusal is returned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import duckdb
 
@@ -38,23 +44,36 @@ from fedtre import logs
 from fedtre.audit import AuditLog
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import InternalError, QueryRefused, Refusal, UserError
-from fedtre.request import QueryRequest
+from fedtre.request import QueryRequest, check_ids
 from fedtre.result import NodeResult
 from node.compiler import CompiledQuery, run_exact
 from node.config import NodeConfig
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
-from node.ledger import NODE_SCOPE, Ledger, Reservation, project_scope
+from node.ledger import NODE_SCOPE, Entry, Ledger, State, project_scope
 from node.prepare import Planner, PreparedQuery, find_project
 from node.release import release
 
 log = logs.get("node")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Answer:
     result: NodeResult
     replayed: bool  # the stored answer of an earlier request with this query id
+
+
+@dataclass(frozen=True)
+class Prepared:
+    units: int  # reserved for this query id at this trust
+    replayed: bool  # prepared (or committed) by an earlier request: nothing new reserved
+
+
+@dataclass(frozen=True)
+class Aborted:
+    refunded_units: int  # 0 when nothing was held
+    committed: bool  # the id had been committed already: never refunded
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,8 @@ class NodeEngine:
         self.database = ResearchDatabase(
             config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
         )
+        self._closing = threading.Event()
+        self._sweeper: threading.Thread | None = None
         self.audit.write("node.started", catalog_version=self.catalog.version)
         if config.answer_slot_ms == 0:
             log.warning(
@@ -106,7 +127,26 @@ class NodeEngine:
                 extra={"node": config.node_id},
             )
 
+    def start_expiry(self) -> None:
+        """Refund ended leases in the background (a server's job; every call also checks)."""
+        if self._sweeper is not None:
+            return
+        interval = min(5.0, self.config.prepare_lease_seconds / 4)
+
+        def sweep() -> None:
+            while not self._closing.wait(interval):
+                try:
+                    self.expire()
+                except InternalError as exc:  # the next request reports it to its caller
+                    log.error("lease expiry failed", extra={"error": type(exc).__name__})
+
+        self._sweeper = threading.Thread(target=sweep, name="lease-expiry", daemon=True)
+        self._sweeper.start()
+
     def close(self) -> None:
+        self._closing.set()
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=10)
         self.audit.write("node.stopped")
         self.database.close()
         self.audit.close()
@@ -124,39 +164,133 @@ class NodeEngine:
     def answer(self, request: QueryRequest) -> NodeResult:
         return self.answer_detail(request).result
 
+    # -- the two phases --------------------------------------------------------------------
+
+    def prepare(
+        self,
+        request: QueryRequest,
+        cancelled: Callable[[], bool] | None = None,
+        time_left: float | None = None,
+    ) -> Prepared:
+        """Phase 1, on the answer slot: check, reserve, compute and store the noisy answer.
+
+        ``time_left`` (seconds the caller will wait, if it has a deadline) must fit the slot, or
+        the request is refused at once; ``cancelled`` is asked just before the budget is
+        reserved, so a caller that has already given up costs nothing.
+        """
+        return self._slotted(
+            request, lambda at: self._prepare_audited(request, at, cancelled, time_left)
+        )
+
+    def commit(self, project_id: str, query_id: str, caller: str) -> Answer:
+        """Phase 2: release a prepared answer (durably committed before it is returned). A
+        committed id returns its stored answer again; anything else is refused, spending
+        nothing."""
+        received = self.audit.begin(
+            "query.commit",
+            query_id=str(query_id)[:128],
+            project=str(project_id)[:64],
+            caller=caller,
+        )
+        try:
+            check_ids(query_id, project_id)
+            find_project(self.config, project_id)
+            entry, committed = self.ledger.commit(project_id, query_id)
+            if entry is not None and entry.state is State.EXPIRED and not committed:
+                self._audit_expired([entry])
+            if entry is None or entry.state is not State.COMMITTED or entry.result is None:
+                raise QueryRefused(
+                    Refusal.NOT_PREPARED,
+                    "This trust holds no prepared answer for that query id (it was never "
+                    "prepared, was aborted, or its reservation expired); nothing was spent. "
+                    "Retry with the same query id.",
+                )
+        except Exception as exc:
+            self._audit_outcome(query_id, project_id, caller, exc)
+            raise
+        result = NodeResult.from_json(entry.result)
+        self.audit.note(
+            "query.released" if committed else "query.replayed",
+            query_id=query_id,
+            project=project_id,
+            caller=caller,
+            epsilon_units=entry.units if committed else 0,
+            charged_epsilon_units=result.epsilon_units,
+            released_at=result.released_at,
+        )
+        self.audit.wait(received)
+        return Answer(result, replayed=not committed)
+
+    def abort(self, project_id: str, query_id: str, caller: str) -> Aborted:
+        """Phase 2, the other way: refund a reserved or prepared id and destroy its answer. A
+        committed id is never refunded; an unknown id has nothing to refund."""
+        received = self.audit.begin(
+            "query.abort", query_id=str(query_id)[:128], project=str(project_id)[:64], caller=caller
+        )
+        try:
+            check_ids(query_id, project_id)
+            find_project(self.config, project_id)
+            entry, aborted = self.ledger.abort(project_id, query_id)
+        except Exception as exc:
+            self._audit_outcome(query_id, project_id, caller, exc)
+            raise
+        committed = entry is not None and entry.state is State.COMMITTED
+        refunded = entry.units if aborted and entry is not None else 0
+        self.audit.note(
+            "query.aborted" if aborted else "query.abort_ignored",
+            query_id=query_id,
+            project=project_id,
+            caller=caller,
+            refunded_epsilon_units=refunded,
+            state=None if entry is None else entry.state.value,
+        )
+        self.audit.wait(received)
+        return Aborted(refunded_units=refunded, committed=committed)
+
+    def expire(self) -> int:
+        """Refund every reservation whose lease has ended (audited); returns how many."""
+        expired = self.ledger.expire_due()
+        self._audit_expired(expired)
+        return len(expired)
+
     def answer_detail(
         self,
         request: QueryRequest,
         cancelled: Callable[[], bool] | None = None,
         time_left: float | None = None,
     ) -> Answer:
-        """Answer a request, on the answer slot.
+        """Both phases at once, on the answer slot: for a trust's own local queries."""
 
-        ``time_left`` (seconds the caller will wait, if it has a deadline) must fit the slot, or
-        the request is refused at once; ``cancelled`` is asked just before the budget is
-        reserved, so a caller that has already given up costs nothing.
-        """
+        def both(received_at: str) -> Answer:
+            self._prepare_audited(request, received_at, cancelled, time_left)
+            return self.commit(request.project_id, request.query_id, request.caller)
+
+        return self._slotted(request, both)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _slotted(self, request: QueryRequest, work: Callable[[str], T]) -> T:
         received = time.monotonic()
         # The release's timestamp: when the request arrived, to the second. Taken before any
         # work, so it says nothing about how long the data took to read.
         received_at = datetime.now(UTC).isoformat(timespec="seconds")
         try:
-            answer = self._audited(request, received_at, cancelled, time_left)
+            out = work(received_at)
         except _Unslotted as unslotted:
             raise unslotted.error from None
         except BaseException:
             self._hold(received, request)
             raise
         self._hold(received, request)
-        return answer
+        return out
 
-    def _audited(
+    def _prepare_audited(
         self,
         request: QueryRequest,
         received_at: str,
         cancelled: Callable[[], bool] | None,
         time_left: float | None,
-    ) -> Answer:
+    ) -> Prepared:
         # Logged before anything is acted on; its fsync runs on the audit log's flusher while
         # the request is checked and the data read, and it is durable before anything leaves.
         received = self.audit.begin(
@@ -168,41 +302,56 @@ class NodeEngine:
             sql=request.sql if isinstance(request.sql, str) else None,
         )
         try:
-            result, replayed, charged = self._answer(request, received_at, cancelled, time_left)
+            prepared = self._prepare(request, received_at, cancelled, time_left)
         except _Unslotted as unslotted:
-            self._audit_outcome(request, unslotted.error)
+            self._audit_outcome(
+                request.query_id, request.project_id, request.caller, unslotted.error
+            )
             raise
         except Exception as exc:
-            self._audit_outcome(request, exc)
+            self._audit_outcome(request.query_id, request.project_id, request.caller, exc)
             raise
-        # A replay spends nothing now; it names the units charged when the answer was first
-        # stored, so the audit log reconciles with the ledger even if that release's own audit
-        # line was never written. The ledger's stored answer (durable before this line) is the
-        # release record; this line reaches the disk with the next fsync (group commit).
         self.audit.note(
-            "query.replayed" if replayed else "query.released",
+            "query.prepared",
             query_id=request.query_id,
             project=request.project_id,
             caller=request.caller,
-            epsilon_units=charged,
-            charged_epsilon_units=result.epsilon_units,
-            released_at=result.released_at,
+            epsilon_units=prepared.units,
+            replayed=prepared.replayed,
         )
         self.audit.wait(received)
-        return Answer(result, replayed)
+        return prepared
 
-    def _audit_outcome(self, request: QueryRequest, exc: Exception) -> None:
+    def _audit_outcome(
+        self, query_id: object, project_id: object, caller: str, exc: Exception
+    ) -> None:
         if isinstance(exc, UserError):
             self.audit.write(
                 "query.refused",
-                query_id=str(request.query_id)[:128],
-                project=str(request.project_id)[:64],
-                caller=request.caller,
+                query_id=str(query_id)[:128],
+                project=str(project_id)[:64],
+                caller=caller,
                 refusal=exc.refusal.value,
                 reason=exc.message,
             )
         else:  # internal errors and bugs: audited, nothing released
-            self._audit_failure(request, exc)
+            with contextlib.suppress(InternalError):  # the audit log itself may have failed
+                self.audit.write(
+                    "query.failed",
+                    query_id=str(query_id)[:128],
+                    project=str(project_id)[:64],
+                    caller=caller,
+                    error=type(exc).__name__,
+                )
+
+    def _audit_expired(self, entries: list[Entry]) -> None:
+        for e in entries:
+            self.audit.write(
+                "query.expired",
+                query_id=e.query_id,
+                project=e.project_id,
+                refunded_epsilon_units=e.units,
+            )
 
     def _hold(self, received: float, request: QueryRequest) -> None:
         """Wait for the end of the answer slot: the first multiple of the slot after receipt
@@ -234,6 +383,7 @@ class NodeEngine:
         """A remote budget request: audited before it is answered, refusals included."""
         self.audit.write("budget.requested", project=str(project_id)[:64], caller=caller)
         try:
+            self.expire()
             return self.budget(project_id)
         except UserError as exc:
             self.audit.write(
@@ -244,28 +394,20 @@ class NodeEngine:
             )
             raise
 
-    def _audit_failure(self, request: QueryRequest, exc: Exception) -> None:
-        with contextlib.suppress(InternalError):  # the audit log itself may be what failed
-            self.audit.write(
-                "query.failed",
-                query_id=str(request.query_id)[:128],
-                project=str(request.project_id)[:64],
-                caller=request.caller,
-                error=type(exc).__name__,
-            )
-
-    def _answer(
+    def _prepare(
         self,
         request: QueryRequest,
         received_at: str,
         cancelled: Callable[[], bool] | None,
         time_left: float | None,
-    ) -> tuple[NodeResult, bool, int]:
-        """(result, replayed, units this request charged)."""
+    ) -> Prepared:
         prepared = self.planner.prepare(request)
-        stored = self.ledger.lookup(request.query_id)
-        if stored is not None:
-            return self._replay(stored.fingerprint, stored.result, prepared.fingerprint), True, 0
+        project_id, query_id = request.project_id, request.query_id
+        entry = self.ledger.entry(project_id, query_id)
+        if entry is not None and entry.fingerprint != prepared.fingerprint:
+            raise _conflict()
+        if entry is not None and entry.state in (State.PREPARED, State.COMMITTED):
+            return Prepared(entry.units, replayed=True)
         slot = self.config.answer_slot_ms / 1000.0
         if time_left is not None and time_left < slot:
             raise _Unslotted(
@@ -277,9 +419,10 @@ class NodeEngine:
             )
         if cancelled is not None and cancelled():
             raise _Unslotted(CallerGone("the caller gave up before the debit; nothing was spent"))
+        self.expire()  # refunds that are due count before this reservation is judged
         reservation = self.ledger.reserve(
-            request.query_id,
-            request.project_id,
+            project_id,
+            query_id,
             prepared.fingerprint,
             prepared.units,
             received_at,
@@ -287,30 +430,35 @@ class NodeEngine:
                 project_scope(prepared.project.project_id): prepared.project.total_units,
                 NODE_SCOPE: self.config.node_total_units,
             },
+            self.config.prepare_lease_seconds,
         )
-        if reservation.fingerprint != prepared.fingerprint:
+        entry = reservation.entry
+        if entry.fingerprint != prepared.fingerprint:
             raise _conflict()
-        if reservation.stored is not None:  # a concurrent request of this id stored it first
-            return NodeResult.from_json(reservation.stored.result), True, 0
+        if entry.state in (State.PREPARED, State.COMMITTED):  # a concurrent request won
+            return Prepared(entry.units, replayed=True)
         if reservation.created:  # the debit is in the audit log before any data is read
             self.audit.note(  # the ledger's reservation is the authoritative record
                 "query.reserved",
-                query_id=request.query_id,
-                project=request.project_id,
+                query_id=query_id,
+                project=project_id,
                 caller=request.caller,
                 epsilon_units=reservation.units,
             )
         # The cost is fixed and debited; only now is the data read.
-        result = self._compute(request, prepared, reservation)
-        text = result.to_json()
-        stored_release = self.ledger.store(reservation, text)
-        charged = reservation.units if reservation.created else 0
-        if stored_release.result != text:  # another request of this id stored its answer first
-            return NodeResult.from_json(stored_release.result), True, charged
-        return result, False, charged
+        result = self._compute(request, prepared, entry.reserved_at)
+        stored = self.ledger.prepare(entry, result.to_json())
+        if stored.state not in (State.PREPARED, State.COMMITTED):
+            # aborted or expired while the data was read: the answer is destroyed
+            raise QueryRefused(
+                Refusal.NOT_PREPARED,
+                "The reservation for this query id was aborted or expired while the answer "
+                "was computed; nothing was spent. Retry with the same query id.",
+            )
+        return Prepared(entry.units, replayed=not reservation.created)
 
     def _compute(
-        self, request: QueryRequest, prepared: PreparedQuery, reservation: Reservation
+        self, request: QueryRequest, prepared: PreparedQuery, released_at: str
     ) -> NodeResult:
         exact = self._run(prepared.compiled)
         aggregates = release(prepared.release, exact)
@@ -326,7 +474,7 @@ class NodeEngine:
             cells=prepared.compiled.cells,
             aggregates=aggregates,
             epsilon_units=prepared.units,
-            released_at=reservation.reserved_at,
+            released_at=released_at,
         )
 
     def _run(self, compiled: CompiledQuery) -> list[list[int]]:
@@ -338,11 +486,6 @@ class NodeEngine:
                 cursor.close()
         except duckdb.Error as exc:
             raise DatabaseError(f"query execution failed: {type(exc).__name__}") from exc
-
-    def _replay(self, stored_fingerprint: str, stored_result: str, fingerprint: str) -> NodeResult:
-        if stored_fingerprint != fingerprint:
-            raise _conflict()
-        return NodeResult.from_json(stored_result)
 
 
 def _conflict() -> QueryRefused:

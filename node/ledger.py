@@ -1,24 +1,29 @@
-"""The node's durable privacy-budget ledger and result store (SQLite, WAL, synchronous=FULL).
+"""The node's durable privacy-budget ledger and answer store (SQLite, WAL).
 
-Two steps, each one transaction (``BEGIN IMMEDIATE``):
+A query id belongs to one project (``(project_id, query_id)`` is the key): one project can
+neither learn nor block another's ids. Each query id moves through two phases, every step one
+``BEGIN IMMEDIATE`` transaction:
 
 1. ``reserve``, before the research database is touched: debit the project's budget and the
    node-wide ceiling with conditional updates that can never go negative, and record the query
-   id with what it costs. Whether a query may run is decided here, from the ledger alone, so no
-   refusal ever depends on the data or on how long it took to read.
-2. ``store``, after the noisy result is computed: keep it under its query id. The first stored
-   result of a query id is the only one ever returned; a retry returns it verbatim.
+   id with what it costs and when its lease ends (state ``reserved``). Whether a query may run
+   is decided here, from the ledger alone, so no refusal depends on the data or its timing.
+   ``prepare`` then keeps the noisy answer under the id (state ``prepared``). Nothing leaves.
+2. ``commit`` (state ``committed``): the answer may now be released, and the debit is final.
+   ``abort`` or the end of the lease (``expire_due``) refunds the debit and destroys the answer
+   (states ``aborted`` / ``expired``). A committed answer is never refunded; each id is
+   committed at most once, and a retry of a committed id returns the stored answer verbatim.
 
-A crash after (1) leaves a debit and no result: nothing was released, and a retry of the query
-id computes and stores the answer without a second debit. Only a stored result is returned to
-anyone, so nothing is released without a durable debit.
+An aborted or expired id may be prepared again (same request only): nothing was released
+under it, so a fresh answer releases nothing twice.
 
-One fsync per release: (1) commits without waiting for the disk (``synchronous=NORMAL``): it
-is visible at once to every connection and process, so budget checks hold, and it survives a
-crash of the process. (2) commits with ``synchronous=FULL``: its fsync of the write-ahead log
-makes every earlier frame durable too, the reservation included, so an answer is never durable
-without its debit. Only a power loss between (1) and (2) can lose a reservation, and then no
-answer was released under it.
+One fsync per release: reserve, prepare, abort and expiry commit without waiting for the disk
+(``synchronous=NORMAL``): they are visible at once to every connection and process, so budget
+checks hold, and they survive a crash of the process. ``commit`` waits for the disk
+(``synchronous=FULL``); the fsync of the write-ahead log makes every earlier frame durable too,
+so an answer is never released without its durable debit. A power loss before the commit can
+lose a reservation, and then nothing was released under it (the coordinator's commit is then
+refused and a retry prepares again).
 
 Totals are not stored: they come from the node's configuration at every call, so the ledger
 records what was spent and the operator's current policy decides what may still be spent.
@@ -26,38 +31,56 @@ records what was spent and the operator's current policy decides what may still 
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 from fedtre.errors import QueryRefused, Refusal
 from node.errors import LedgerUnavailable
 
 NODE_SCOPE = "node"
+T = TypeVar("T")
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spent (
     scope TEXT PRIMARY KEY,
     units INTEGER NOT NULL DEFAULT 0 CHECK (units >= 0)
 );
-CREATE TABLE IF NOT EXISTS reservations (
-    query_id TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS queries (
     project_id TEXT NOT NULL,
+    query_id TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
     units INTEGER NOT NULL CHECK (units > 0),
-    reserved_at TEXT NOT NULL
+    scopes TEXT NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('reserved', 'prepared', 'committed', 'aborted', 'expired')),
+    reserved_at TEXT NOT NULL,
+    expires_at REAL,
+    result TEXT,
+    decided_at TEXT,
+    PRIMARY KEY (project_id, query_id)
 );
-CREATE TABLE IF NOT EXISTS releases (
-    query_id TEXT PRIMARY KEY,
-    project_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    units INTEGER NOT NULL CHECK (units > 0),
-    result TEXT NOT NULL,
-    released_at TEXT NOT NULL
-);
+CREATE INDEX IF NOT EXISTS queries_open ON queries (expires_at) WHERE expires_at IS NOT NULL;
 """
+
+
+class State(Enum):
+    RESERVED = "reserved"  # debited; the answer is being computed
+    PREPARED = "prepared"  # debited; the answer is stored, waiting for commit or abort
+    COMMITTED = "committed"  # released: final
+    ABORTED = "aborted"  # refunded, answer destroyed
+    EXPIRED = "expired"  # the lease ended before a commit: refunded, answer destroyed
+
+    @property
+    def holds_budget(self) -> bool:
+        return self in (State.RESERVED, State.PREPARED, State.COMMITTED)
 
 
 def project_scope(project_id: str) -> str:
@@ -74,6 +97,31 @@ def budget_refusal(scope: str) -> QueryRefused:
 
 
 @dataclass(frozen=True)
+class Entry:
+    """One query id's row in the ledger."""
+
+    project_id: str
+    query_id: str
+    fingerprint: str
+    units: int
+    state: State
+    reserved_at: str  # ISO time the request was received: the answer's timestamp
+    expires_at: float | None  # unix time the lease ends (open states only)
+    result: str | None  # the stored noisy answer (prepared or committed)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    entry: Entry
+    created: bool  # this call debited the budget (False: an earlier request of this id did)
+
+    @property
+    def units(self) -> int:
+        return self.entry.units
+
+
+# Kept for readers of the ledger (tests, auditors): a released answer and a debit.
+@dataclass(frozen=True)
 class StoredRelease:
     query_id: str
     project_id: str
@@ -84,35 +132,42 @@ class StoredRelease:
 
 
 @dataclass(frozen=True)
-class Reservation:
-    query_id: str
-    project_id: str
-    fingerprint: str
-    units: int
-    reserved_at: str
-    created: bool  # this call debited the budget (False: an earlier request of this id did)
-    stored: StoredRelease | None = None  # the answer, if one is already stored
-
-
-@dataclass(frozen=True)
 class Debit:
-    """One query id's debit, whether or not its answer was stored."""
+    """One query id's debit that still holds budget (reserved, prepared or committed)."""
 
     query_id: str
     project_id: str
     units: int
     reserved_at: str
+    state: State
+
+
+_COLUMNS = "project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result"
+
+
+def _entry(row: tuple) -> Entry:
+    project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result = row
+    return Entry(
+        project_id, query_id, fingerprint, int(units), State(state), reserved_at, expires_at, result
+    )
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self._local = threading.local()
+        self._now = clock  # unix seconds: leases end by it (tests pass a fake clock)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             con = self._con()
             con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                _migrate(con)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
         except (sqlite3.Error, OSError) as exc:
             raise LedgerUnavailable(f"cannot open budget ledger {path}: {exc}") from exc
 
@@ -125,6 +180,8 @@ class Ledger:
             self._local.con = con
         return con
 
+    # -- reading ---------------------------------------------------------------------------
+
     def spent(self, scope: str) -> int:
         try:
             row = (
@@ -134,71 +191,231 @@ class Ledger:
             raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
         return int(row[0]) if row else 0
 
-    def lookup(self, query_id: str) -> StoredRelease | None:
-        """The stored answer of a query id, if there is one."""
-        row = self._one(
-            "SELECT query_id, project_id, fingerprint, units, result, released_at "
-            "FROM releases WHERE query_id = ?",
-            query_id,
-        )
-        return StoredRelease(*row) if row else None
-
-    def _reservation(self, query_id: str) -> tuple | None:
-        return self._one(
-            "SELECT query_id, project_id, fingerprint, units, reserved_at "
-            "FROM reservations WHERE query_id = ?",
-            query_id,
-        )
-
-    def _one(self, sql: str, query_id: str) -> tuple | None:
+    def entry(self, project_id: str, query_id: str) -> Entry | None:
         try:
-            return self._con().execute(sql, (query_id,)).fetchone()
+            row = (
+                self._con()
+                .execute(
+                    f"SELECT {_COLUMNS} FROM queries WHERE project_id = ? AND query_id = ?",
+                    (project_id, query_id),
+                )
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        return _entry(row) if row else None
+
+    def lookup(self, project_id: str, query_id: str) -> StoredRelease | None:
+        """The released (committed) answer of a query id, if there is one."""
+        e = self.entry(project_id, query_id)
+        if e is None or e.state is not State.COMMITTED or e.result is None:
+            return None
+        return StoredRelease(
+            e.query_id, e.project_id, e.fingerprint, e.units, e.result, e.reserved_at
+        )
+
+    def debits(self, project_id: str | None = None) -> list[Debit]:
+        """Every query id that holds budget: reserved, prepared or committed."""
+        rows = self._listing("state IN ('reserved', 'prepared', 'committed')", project_id)
+        return [Debit(e.query_id, e.project_id, e.units, e.reserved_at, e.state) for e in rows]
+
+    def releases(self, project_id: str | None = None) -> list[StoredRelease]:
+        rows = self._listing("state = 'committed'", project_id)
+        return [
+            StoredRelease(
+                e.query_id, e.project_id, e.fingerprint, e.units, e.result or "", e.reserved_at
+            )
+            for e in rows
+        ]
+
+    def entries(self, project_id: str | None = None) -> list[Entry]:
+        return self._listing("1 = 1", project_id)
+
+    def _listing(self, where: str, project_id: str | None) -> list[Entry]:
+        args: tuple[str, ...] = ()
+        if project_id is not None:
+            where, args = f"{where} AND project_id = ?", (project_id,)
+        try:
+            rows = (
+                self._con()
+                .execute(
+                    f"SELECT {_COLUMNS} FROM queries WHERE {where} "
+                    "ORDER BY reserved_at, project_id, query_id",
+                    args,
+                )
+                .fetchall()
+            )
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        return [_entry(r) for r in rows]
+
+    # -- phase 1 ---------------------------------------------------------------------------
 
     def reserve(
         self,
-        query_id: str,
         project_id: str,
+        query_id: str,
         fingerprint: str,
         units: int,
         reserved_at: str,
         limits: Mapping[str, int],
+        lease_seconds: float,
     ) -> Reservation:
         """Debit every scope in ``limits`` (scope -> total units allowed) for this query id.
 
-        A query id that is already reserved or stored debits nothing: its reservation (and its
-        stored answer, if any) is returned with ``created=False``. Raises
+        An id that holds budget already (reserved, prepared or committed) debits nothing: its
+        entry is returned with ``created=False`` (the caller checks its fingerprint). An
+        aborted or expired id with the same fingerprint is reserved afresh. Raises
         ``QueryRefused(BUDGET_EXHAUSTED)`` if any scope would exceed its total.
         """
+
+        def work(con: sqlite3.Connection) -> Reservation:
+            existing = self._get(con, project_id, query_id)
+            if existing is not None and (
+                existing.state.holds_budget or existing.fingerprint != fingerprint
+            ):
+                return Reservation(existing, created=False)
+            for scope, total in limits.items():
+                con.execute("INSERT OR IGNORE INTO spent (scope, units) VALUES (?, 0)", (scope,))
+                cur = con.execute(
+                    "UPDATE spent SET units = units + ? WHERE scope = ? AND units + ? <= ?",
+                    (units, scope, units, total),
+                )
+                if cur.rowcount != 1:
+                    raise budget_refusal(scope)
+            expires = self._now() + lease_seconds
+            con.execute(
+                "INSERT OR REPLACE INTO queries (project_id, query_id, fingerprint, units, "
+                "scopes, state, reserved_at, expires_at, result, decided_at) "
+                "VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, NULL, NULL)",
+                (
+                    project_id,
+                    query_id,
+                    fingerprint,
+                    units,
+                    json.dumps(sorted(limits)),
+                    reserved_at,
+                    expires,
+                ),
+            )
+            entry = Entry(
+                project_id, query_id, fingerprint, units, State.RESERVED, reserved_at, expires, None
+            )
+            return Reservation(entry, created=True)
+
+        return self._transaction(work, durable=False)
+
+    def prepare(self, entry: Entry, result: str) -> Entry:
+        """Keep the noisy answer of a reserved id (the first answer stored wins) and return the
+        id's entry as it now stands."""
+
+        def work(con: sqlite3.Connection) -> Entry:
+            con.execute(
+                "UPDATE queries SET state = 'prepared', result = ? WHERE project_id = ? AND "
+                "query_id = ? AND state = 'reserved' AND fingerprint = ?",
+                (result, entry.project_id, entry.query_id, entry.fingerprint),
+            )
+            now = self._get(con, entry.project_id, entry.query_id)
+            if now is None:
+                raise LedgerUnavailable("budget ledger lost a reservation")
+            return now
+
+        return self._transaction(work, durable=False)
+
+    # -- phase 2 ---------------------------------------------------------------------------
+
+    def commit(self, project_id: str, query_id: str) -> tuple[Entry | None, bool]:
+        """Release a prepared answer: (entry as it now stands, committed by this call).
+
+        Only a prepared id whose lease has not ended is committed (durably, before this
+        returns); a committed id is returned unchanged; anything else is not committed (an id
+        whose lease has ended is expired and refunded here)."""
+
+        def work(con: sqlite3.Connection) -> tuple[Entry | None, bool]:
+            e = self._get(con, project_id, query_id)
+            if e is None or e.state is not State.PREPARED:
+                return e, False
+            if e.expires_at is not None and e.expires_at < self._now():
+                self._refund(con, e, State.EXPIRED)
+                return self._get(con, project_id, query_id), False
+            con.execute(
+                "UPDATE queries SET state = 'committed', expires_at = NULL, decided_at = ? "
+                "WHERE project_id = ? AND query_id = ?",
+                (_iso_now(), project_id, query_id),
+            )
+            return self._get(con, project_id, query_id), True
+
+        return self._transaction(work, durable=True)
+
+    def abort(self, project_id: str, query_id: str) -> tuple[Entry | None, bool]:
+        """Refund a reserved or prepared id and destroy its answer: (entry, aborted by this
+        call). A committed id is never refunded."""
+
+        def work(con: sqlite3.Connection) -> tuple[Entry | None, bool]:
+            e = self._get(con, project_id, query_id)
+            if e is None or e.state not in (State.RESERVED, State.PREPARED):
+                return e, False
+            self._refund(con, e, State.ABORTED)
+            return self._get(con, project_id, query_id), True
+
+        return self._transaction(work, durable=False)
+
+    def expire_due(self) -> list[Entry]:
+        """Refund every reserved or prepared id whose lease has ended; returns them."""
+        now = self._now()
+        try:
+            due = (
+                self._con()
+                .execute("SELECT 1 FROM queries WHERE expires_at < ? LIMIT 1", (now,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        if due is None:  # the common case: one indexed read, no write lock
+            return []
+
+        def work(con: sqlite3.Connection) -> list[Entry]:
+            rows = con.execute(
+                f"SELECT {_COLUMNS} FROM queries WHERE expires_at < ? "
+                "AND state IN ('reserved', 'prepared')",
+                (now,),
+            ).fetchall()
+            expired = [_entry(r) for r in rows]
+            for e in expired:
+                self._refund(con, e, State.EXPIRED)
+            return expired
+
+        return self._transaction(work, durable=False)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _refund(self, con: sqlite3.Connection, e: Entry, state: State) -> None:
+        row = con.execute(
+            "SELECT scopes FROM queries WHERE project_id = ? AND query_id = ?",
+            (e.project_id, e.query_id),
+        ).fetchone()
+        for scope in json.loads(row[0]):
+            con.execute("UPDATE spent SET units = units - ? WHERE scope = ?", (e.units, scope))
+        con.execute(
+            "UPDATE queries SET state = ?, result = NULL, expires_at = NULL, decided_at = ? "
+            "WHERE project_id = ? AND query_id = ?",
+            (state.value, _iso_now(), e.project_id, e.query_id),
+        )
+
+    def _get(self, con: sqlite3.Connection, project_id: str, query_id: str) -> Entry | None:
+        row = con.execute(
+            f"SELECT {_COLUMNS} FROM queries WHERE project_id = ? AND query_id = ?",
+            (project_id, query_id),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T], durable: bool) -> T:
         con = self._con()
         try:
-            # Committed (visible to every connection and process, so the budget check holds)
-            # without waiting for the disk: the reservation becomes durable with the next
-            # fsync of the write-ahead log, at the latest with this query's stored answer.
-            con.execute("PRAGMA synchronous=NORMAL")
+            con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             con.execute("BEGIN IMMEDIATE")
             try:
-                existing = self._existing(query_id)
-                if existing is not None:
-                    con.execute("ROLLBACK")
-                    return existing
-                for scope, total in limits.items():
-                    con.execute(
-                        "INSERT OR IGNORE INTO spent (scope, units) VALUES (?, 0)", (scope,)
-                    )
-                    cur = con.execute(
-                        "UPDATE spent SET units = units + ? WHERE scope = ? AND units + ? <= ?",
-                        (units, scope, units, total),
-                    )
-                    if cur.rowcount != 1:
-                        con.execute("ROLLBACK")
-                        raise budget_refusal(scope)
-                con.execute(
-                    "INSERT INTO reservations (query_id, project_id, fingerprint, units, "
-                    "reserved_at) VALUES (?, ?, ?, ?, ?)",
-                    (query_id, project_id, fingerprint, units, reserved_at),
-                )
+                out = work(con)
                 con.execute("COMMIT")
             except BaseException:
                 if con.in_transaction:
@@ -206,78 +423,58 @@ class Ledger:
                 raise
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
-        return Reservation(query_id, project_id, fingerprint, units, reserved_at, created=True)
+        return out
 
-    def _existing(self, query_id: str) -> Reservation | None:
-        stored = self.lookup(query_id)
-        if stored is not None:  # also answers stored before reservations existed
-            return Reservation(
-                stored.query_id,
-                stored.project_id,
-                stored.fingerprint,
-                stored.units,
-                stored.released_at,
-                created=False,
-                stored=stored,
-            )
-        row = self._reservation(query_id)
-        if row is None:
-            return None
-        qid, project_id, fingerprint, units, reserved_at = row
-        return Reservation(qid, project_id, fingerprint, units, reserved_at, created=False)
 
-    def store(self, reservation: Reservation, result: str) -> StoredRelease:
-        """Keep the answer of a reserved query id; the first stored answer wins and is returned."""
-        try:  # one statement: its own durable transaction
-            con = self._con()
-            con.execute("PRAGMA synchronous=FULL")
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Create the schema, or bring a version-1 ledger (ids global, one phase) to version 2.
+
+    Version 1 kept ``reservations`` (debits) and ``releases`` (answers returned). A release
+    becomes a committed entry; a reservation without a release (a query killed mid-read) was
+    never answered, so it is refunded, as an expired lease would be."""
+    version = con.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"ledger schema {version} is newer than this fedtre ({SCHEMA_VERSION})"
+        )
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            con.execute(statement)
+    old = {
+        r[0]
+        for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name IN ('reservations', 'releases')"
+        )
+    }
+    if version < SCHEMA_VERSION and old == {"reservations", "releases"}:
+        scopes = "json_array('node', 'project:' || project_id)"
+        con.execute(
+            "INSERT OR IGNORE INTO queries (project_id, query_id, fingerprint, units, scopes, "
+            "state, reserved_at, expires_at, result, decided_at) "
+            f"SELECT project_id, query_id, fingerprint, units, {scopes}, 'committed', "
+            "released_at, NULL, result, released_at FROM releases"
+        )
+        orphans = con.execute(
+            "SELECT project_id, query_id, fingerprint, units, reserved_at FROM reservations r "
+            "WHERE NOT EXISTS (SELECT 1 FROM releases s WHERE s.query_id = r.query_id)"
+        ).fetchall()
+        for project_id, query_id, fingerprint, units, reserved_at in orphans:
+            for scope in (NODE_SCOPE, project_scope(project_id)):
+                con.execute(
+                    "UPDATE spent SET units = max(0, units - ?) WHERE scope = ?", (units, scope)
+                )
             con.execute(
-                "INSERT OR IGNORE INTO releases (query_id, project_id, fingerprint, units, "
-                "result, released_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    reservation.query_id,
-                    reservation.project_id,
-                    reservation.fingerprint,
-                    reservation.units,
-                    result,
-                    reservation.reserved_at,
-                ),
+                "INSERT OR IGNORE INTO queries (project_id, query_id, fingerprint, units, scopes, "
+                "state, reserved_at, expires_at, result, decided_at) "
+                "VALUES (?, ?, ?, ?, json_array('node', 'project:' || ?), 'expired', ?, NULL, "
+                "NULL, ?)",
+                (project_id, query_id, fingerprint, units, project_id, reserved_at, _iso_now()),
             )
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
-        stored = self.lookup(reservation.query_id)
-        if stored is None:
-            raise LedgerUnavailable("budget ledger lost a stored answer")
-        return stored
-
-    def debits(self, project_id: str | None = None) -> list[Debit]:
-        """Every debit: reservations, and answers stored before reservations existed."""
-        rows = self._listing(
-            "SELECT query_id, project_id, units, reserved_at AS at FROM reservations UNION ALL "
-            "SELECT query_id, project_id, units, released_at FROM releases r WHERE NOT EXISTS "
-            "(SELECT 1 FROM reservations s WHERE s.query_id = r.query_id)",
-            project_id,
-        )
-        return [Debit(*r) for r in rows]
-
-    def releases(self, project_id: str | None = None) -> list[StoredRelease]:
-        rows = self._listing(
-            "SELECT query_id, project_id, fingerprint, units, result, released_at AS at "
-            "FROM releases",
-            project_id,
-        )
-        return [StoredRelease(*r) for r in rows]
-
-    def _listing(self, sql: str, project_id: str | None) -> list[tuple]:
-        """Rows of ``sql`` (which names its time ``at``), of one project or all, oldest first."""
-        where, args = (
-            ("WHERE project_id = ?", (project_id,)) if project_id is not None else ("", ())
-        )
-        try:
-            return (
-                self._con()
-                .execute(f"SELECT * FROM ({sql}) {where} ORDER BY at, query_id", args)
-                .fetchall()
-            )
-        except sqlite3.Error as exc:
-            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        con.execute("DROP TABLE reservations")
+        con.execute("DROP TABLE releases")
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

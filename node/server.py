@@ -15,16 +15,17 @@ import grpc
 from fedtre import logs
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
-from fedtre.serde import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
+from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
-from fedtre.v1 import node_pb2_grpc
+from fedtre.v2 import node_pb2_grpc
 from node.config import NodeConfig, ServerSettings
 from node.engine import NodeEngine
+from node.handler import NodeHandler
 from node.service import NodeServicer
 
 log = logs.get("node")
-SERVICE_NAME = "fedtre.v1.NodeService"
+SERVICE_NAME = "fedtre.v2.NodeService"
 INSECURE_CALLER = "insecure-development-caller"
 
 
@@ -46,11 +47,10 @@ def create_server(config: NodeConfig, *, insecure: bool = False) -> Running[Node
             return f"{peer.role.value}:{peer.name}"
 
         def on_audit_failure() -> None:
-            log.error("audit log unwritable: reporting NOT_SERVING")
             for h in holder:
                 h.set(False)
 
-        servicer = NodeServicer(engine, caller, on_audit_failure)
+        servicer = NodeServicer(NodeHandler(engine, on_audit_failure), caller)
         server, port, health = build_server(
             address=settings.listen,
             tls=tls,
@@ -65,6 +65,7 @@ def create_server(config: NodeConfig, *, insecure: bool = False) -> Running[Node
     except BaseException:
         engine.close()
         raise
+    engine.start_expiry()
     address = bound_address(settings.listen, port)
     engine.audit.write("node.serving", address=address, tls=not insecure)
     log.info(

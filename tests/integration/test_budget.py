@@ -271,15 +271,10 @@ def test_retry_returns_identical_result_and_debits_once(node_config_factory):
         events = [
             r["event"] for r in read_audit(eng.config.audit_path) if r.get("query_id") == "retry-1"
         ]
-        assert (
-            events
-            == ["query.received", "query.reserved", "query.released"]
-            + [
-                "query.received",
-                "query.replayed",
-            ]
-            * 2
-        )
+        first_time = ["query.received", "query.reserved", "query.prepared"]
+        first_time += ["query.commit", "query.released"]
+        again = ["query.received", "query.prepared", "query.commit", "query.replayed"]
+        assert events == first_time + again * 2
     finally:
         eng.close()
     # a fresh engine (restart) replays the same stored answer
@@ -307,15 +302,21 @@ def test_same_id_different_request_is_refused_and_spends_nothing(engine, sql, ep
     assert engine.answer(request(GOOD, 0.1, query_id="dup")) == first
 
 
-def test_same_id_from_another_project_is_refused(tmp_path, node_db):
+def test_query_ids_are_per_project(tmp_path, node_db):
+    """One project can neither block another's query id nor get its stored answer."""
     eng = NodeEngine(load_node_config(_two_project_config(tmp_path / "two", node_db, 1.5)))
     try:
-        eng.answer(request(GOOD, 0.1, query_id="shared", project="alpha"))
-        with pytest.raises(UserError) as info:
-            eng.answer(request(GOOD, 0.1, query_id="shared", project="beta"))
-        assert info.value.refusal.value == "query_id_conflict"
-        assert eng.ledger.spent(project_scope("beta")) == 0
-        assert eng.ledger.spent(NODE_SCOPE) == TENTH
+        alpha = eng.answer(request(GOOD, 0.1, query_id="shared", project="alpha"))
+        beta = eng.answer(request(GOOD, 0.1, query_id="shared", project="beta"))
+        assert beta.project_id == "beta" and alpha.project_id == "alpha"
+        assert beta.aggregates != alpha.aggregates  # its own fresh noise, not alpha's answer
+        assert eng.ledger.spent(project_scope("alpha")) == TENTH
+        assert eng.ledger.spent(project_scope("beta")) == TENTH
+        assert eng.ledger.spent(NODE_SCOPE) == 2 * TENTH
+        # and each project's retry replays its own answer
+        assert eng.answer(request(GOOD, 0.1, query_id="shared", project="alpha")) == alpha
+        assert eng.answer(request(GOOD, 0.1, query_id="shared", project="beta")) == beta
+        assert eng.ledger.spent(NODE_SCOPE) == 2 * TENTH
     finally:
         eng.close()
 
@@ -347,18 +348,18 @@ def test_retry_racing_the_original_for_the_last_budget_gets_the_stored_answer(
     commits, then the retry carries on.
     """
     eng = NodeEngine(node_config_factory(total_epsilon=0.1, max_epsilon_per_query=0.1))
-    original_lookup = eng.ledger.lookup
+    original_entry = eng.ledger.entry
     retry_looked = threading.Event()
     original_done = threading.Event()
 
-    def lookup(query_id: str):
-        stored = original_lookup(query_id)
+    def entry(project_id: str, query_id: str):
+        stored = original_entry(project_id, query_id)
         if threading.current_thread().name == "retry" and stored is None:
             retry_looked.set()
             original_done.wait(timeout=30)
         return stored
 
-    eng.ledger.lookup = lookup  # type: ignore[method-assign]
+    eng.ledger.entry = entry  # type: ignore[method-assign]
     outcome: dict[str, Any] = {}
 
     def retry() -> None:
@@ -445,7 +446,7 @@ def test_every_refusal_spends_nothing_and_the_node_keeps_serving(scoped_engine):
         assert eng.ledger.releases() == before_releases, name
         if isinstance(fields["query_id"], str) and "\n" not in fields["query_id"]:
             # nothing stored under the refused id: it can still be used for a good query
-            assert eng.ledger.lookup(fields["query_id"]) is None, name
+            assert eng.ledger.lookup("study", fields["query_id"]) is None, name
         ok = eng.answer(request(GOOD, 0.01, query_id=f"after-{n}"))
         assert ok.epsilon_units == 10_000
     assert _spent(eng)[0] == TENTH + len(REFUSALS) * 10_000
@@ -460,7 +461,7 @@ def test_budget_refusal_spends_nothing(node_config_factory):
             eng.answer(request(GOOD, 0.1, query_id="b3"))
         assert info.value.refusal.value == "budget_exhausted"
         assert _spent(eng) == (2 * TENTH, 2 * TENTH)
-        assert eng.ledger.lookup("b3") is None
+        assert eng.ledger.lookup("study", "b3") is None
         # what is left can still be spent, exactly
         eng.answer(request(GOOD, 0.05, query_id="b3"))
         assert _spent(eng) == (250_000, 250_000)
@@ -615,7 +616,7 @@ def test_unwritable_audit_log_fails_closed(engine, target):
         _swap_audit_fd(engine, old)
         os.close(bad)
     assert _spent(engine) == before
-    assert engine.ledger.lookup("unaudited") is None
+    assert engine.ledger.lookup("study", "unaudited") is None
     assert len(engine.ledger.releases()) == 1
     ids = {r.get("query_id") for r in read_audit(engine.config.audit_path)}
     assert "unaudited" not in ids
@@ -639,19 +640,19 @@ def _audit_fails_after_commit(eng: NodeEngine) -> Iterator[None]:
     """Make the audit log unwritable right after the answer is stored (before query.released),
     then restore it."""
     bad = os.open("/dev/full", os.O_WRONLY)
-    original_store = eng.ledger.store
+    original_commit = eng.ledger.commit
     swapped: list[int] = []
 
-    def store(*args: Any, **kwargs: Any):
-        out = original_store(*args, **kwargs)
+    def commit(*args: Any, **kwargs: Any):
+        out = original_commit(*args, **kwargs)
         swapped.append(_swap_audit_fd(eng, bad))
         return out
 
-    eng.ledger.store = store  # type: ignore[method-assign]
+    eng.ledger.commit = commit  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del eng.ledger.store
+        del eng.ledger.commit
         if swapped:
             _swap_audit_fd(eng, swapped[0])
         os.close(bad)

@@ -156,7 +156,7 @@ def test_sigkill_at_random_moments_loses_nothing_released(tmp_path, node_db):
             for orphan in orphans:  # debited, never answered: answered now, not debited again
                 sql = QUERIES[int(orphan.rsplit("-", 1)[1]) % len(QUERIES)]
                 engine.answer(request(sql, EPSILON, query_id=orphan))
-                assert engine.ledger.lookup(orphan) is not None
+                assert engine.ledger.lookup("study", orphan) is not None
                 assert engine.ledger.spent(NODE_SCOPE) == spent_before + 10_000
         finally:
             engine.close()

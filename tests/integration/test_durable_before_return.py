@@ -95,21 +95,22 @@ class _SyncSpy:
         text = " ".join(sql.split()).upper()
         if text.startswith("PRAGMA SYNCHRONOUS="):
             self.mode = text.split("=", 1)[1]
-        elif text.startswith(("INSERT INTO RESERVATIONS", "INSERT OR IGNORE INTO RELEASES")):
-            self.writes.append((text.split(" (")[0], self.mode))
+        elif text.startswith(("INSERT OR REPLACE INTO QUERIES", "UPDATE QUERIES SET STATE")):
+            self.writes.append((text.split(" (")[0].split(",")[0].split(" WHERE")[0], self.mode))
         return self.con.execute(sql, *args)
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.con, name)
 
 
-def test_the_stored_answer_waits_for_the_disk_and_the_reservation_does_not(engine):
+def test_the_commit_waits_for_the_disk_and_the_reservation_does_not(engine):
     spy = _SyncSpy(engine.ledger._con())
     engine.ledger._local.con = spy
     engine.answer(request(GOOD, 0.1, query_id="q-sync"))
     assert spy.writes == [
-        ("INSERT INTO RESERVATIONS", "NORMAL"),
-        ("INSERT OR IGNORE INTO RELEASES", "FULL"),
+        ("INSERT OR REPLACE INTO QUERIES", "NORMAL"),  # reserve
+        ("UPDATE QUERIES SET STATE = 'PREPARED'", "NORMAL"),  # the answer, kept unreleased
+        ("UPDATE QUERIES SET STATE = 'COMMITTED'", "FULL"),  # release: the one fsync
     ]
 
 
@@ -157,6 +158,8 @@ def test_the_plan_cache_never_serves_one_projects_plan_to_another(tmp_path, node
             engine.answer(request(named, 0.5, query_id="l2", project="low"))
         with pytest.raises(QueryRefused, match="approved"):  # and again, from the cache
             engine.answer(request(named, 0.5, query_id="l3", project="low"))
-        assert engine.ledger.lookup("l2") is None and engine.ledger.lookup("l3") is None
+        assert (
+            engine.ledger.lookup("low", "l2") is None and engine.ledger.lookup("low", "l3") is None
+        )
     finally:
         engine.close()

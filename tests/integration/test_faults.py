@@ -39,11 +39,11 @@ def _failing_ledger(engine, monkeypatch, statement: str) -> None:
 
 
 def test_ledger_failing_at_the_debit_spends_and_releases_nothing(engine, monkeypatch):
-    _failing_ledger(engine, monkeypatch, "INSERT INTO reservations")
+    _failing_ledger(engine, monkeypatch, "INSERT OR REPLACE INTO queries")
     with pytest.raises(LedgerUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="disk-0"))
     monkeypatch.undo()
-    assert engine.ledger.lookup("disk-0") is None
+    assert engine.ledger.lookup("study", "disk-0") is None
     assert engine.ledger.debits() == []
     assert engine.ledger.spent(project_scope("study")) == 0
     assert engine.ledger.spent(NODE_SCOPE) == 0  # the whole transaction rolled back
@@ -53,11 +53,11 @@ def test_ledger_failing_at_the_debit_spends_and_releases_nothing(engine, monkeyp
 def test_ledger_failing_when_storing_the_answer_releases_nothing(engine, monkeypatch):
     """The debit happens before the data is read, so it stands; nothing is released, and a
     retry of the query id computes the answer once, without a second debit."""
-    _failing_ledger(engine, monkeypatch, "INSERT OR IGNORE INTO releases")
+    _failing_ledger(engine, monkeypatch, "UPDATE queries SET state = 'prepared'")
     with pytest.raises(LedgerUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="disk-1"))
     monkeypatch.undo()
-    assert engine.ledger.lookup("disk-1") is None
+    assert engine.ledger.lookup("study", "disk-1") is None
     assert engine.ledger.spent(project_scope("study")) == 100_000
     assert engine.ledger.spent(NODE_SCOPE) == 100_000
     assert _events(engine, "disk-1") == ["query.received", "query.reserved", "query.failed"]
@@ -66,6 +66,22 @@ def test_ledger_failing_when_storing_the_answer_releases_nothing(engine, monkeyp
     assert result.epsilon_units == 100_000
     assert engine.ledger.spent(project_scope("study")) == 100_000
     assert [d.query_id for d in engine.ledger.debits()] == ["disk-1"]
+
+
+def test_ledger_failing_at_the_commit_releases_nothing_and_the_retry_commits_once(
+    engine, monkeypatch
+):
+    _failing_ledger(engine, monkeypatch, "UPDATE queries SET state = 'committed'")
+    with pytest.raises(LedgerUnavailable):
+        engine.answer(request(GOOD, 0.1, query_id="disk-2"))
+    monkeypatch.undo()
+    assert engine.ledger.lookup("study", "disk-2") is None  # prepared, never released
+    assert engine.ledger.spent(project_scope("study")) == 100_000
+    result = engine.answer(request(GOOD, 0.1, query_id="disk-2"))
+    assert engine.ledger.lookup("study", "disk-2") is not None
+    assert result.epsilon_units == 100_000
+    assert engine.ledger.spent(project_scope("study")) == 100_000
+    assert _events(engine, "disk-2").count("query.released") == 1
 
 
 def test_unexpected_error_is_audited_and_nothing_released(engine, monkeypatch):
@@ -78,6 +94,6 @@ def test_unexpected_error_is_audited_and_nothing_released(engine, monkeypatch):
     with pytest.raises(RuntimeError):
         engine.answer(request(GOOD, 0.1, query_id="bug-1"))
     assert _events(engine, "bug-1") == ["query.received", "query.reserved", "query.failed"]
-    assert engine.ledger.lookup("bug-1") is None
+    assert engine.ledger.lookup("study", "bug-1") is None
     # the cost was fixed and debited before the data was read; nothing was released
     assert engine.ledger.spent(project_scope("study")) == 100_000

@@ -15,10 +15,11 @@ import pytest
 from fedtre.catalog import Catalog, load_catalog
 from fedtre.errors import Refusal, UserError
 from fedtre.pki import Role
+from fedtre.serde.common import refusal_from_proto
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
-from fedtre.v1 import coordinator_pb2 as cpb
-from fedtre.v1 import coordinator_pb2_grpc, node_pb2_grpc
-from fedtre.v1 import node_pb2 as npb
+from fedtre.v2 import coordinator_pb2 as cpb
+from fedtre.v2 import coordinator_pb2_grpc, node_pb2_grpc
+from fedtre.v2 import node_pb2 as npb
 from tests.integration.federation import (
     PARTIAL,
     PROJECT,
@@ -230,7 +231,7 @@ def test_malformed_and_oversized_requests_are_refused(fed: Federation) -> None:
                 timeout=10,
             )
         assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        raw = channel.unary_unary("/fedtre.v1.ResearcherService/Submit")
+        raw = channel.unary_unary("/fedtre.v2.ResearcherService/Submit")
         with pytest.raises(grpc.RpcError) as garbage:
             raw(b"\xff\xfe\x00garbage", timeout=10)
         assert garbage.value.code() in (
@@ -259,21 +260,24 @@ def test_a_node_refuses_what_it_has_not_approved_even_from_the_coordinator(
             (PROJECT, 0, Refusal.INVALID_EPSILON),
         ]
         for i, (project, units, refusal) in enumerate(cases):
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Answer(
-                    npb.AnswerRequest(
-                        query_id=f"direct-{i}", project_id=project, sql=BY_SEX, epsilon_units=units
-                    ),
-                    timeout=10,
-                )
-            metadata = dict(info.value.trailing_metadata() or ())
-            assert metadata.get("fedtre-refusal") == refusal.value, info.value.details()
-        with pytest.raises(grpc.RpcError) as empty:
-            stub.Answer(npb.AnswerRequest(), timeout=10)
-        assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            reply = stub.Prepare(
+                npb.PrepareRequest(
+                    query_id=f"direct-{i}", project_id=project, sql=BY_SEX, epsilon_units=units
+                ),
+                timeout=10,
+            )
+            assert reply.outcome == npb.OUTCOME_REFUSED, reply.reason
+            assert refusal_from_proto(reply.refusal) is refusal, reply.reason
+        empty = stub.Prepare(npb.PrepareRequest(), timeout=10)
+        assert empty.outcome == npb.OUTCOME_REFUSED
+        assert refusal_from_proto(empty.refusal) is Refusal.INVALID_REQUEST
+        # a commit for an id never prepared releases nothing
+        commit = stub.Commit(npb.DecisionRequest(query_id="never", project_id=PROJECT), timeout=10)
+        assert commit.outcome == npb.OUTCOME_REFUSED and not commit.HasField("result")
+        assert refusal_from_proto(commit.refusal) is Refusal.NOT_PREPARED
     assert fed.spent_units("trust-a") == spent
-    events = [line["event"] for line in fed.audit("trust-a")[-8:]]
-    assert events.count("query.refused") >= 4  # each refusal audited
+    events = [line["event"] for line in fed.audit("trust-a")[-10:]]
+    assert events.count("query.refused") == 5  # each refusal audited
 
 
 def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> None:
@@ -281,8 +285,8 @@ def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> Non
     for role, name in ((Role.RESEARCHER, "alice"), (Role.NODE, "trust-b")):
         channel, stub = _node_stub(fed, "trust-a", role, name)
         with channel, pytest.raises(grpc.RpcError) as info:
-            stub.Answer(
-                npb.AnswerRequest(
+            stub.Prepare(
+                npb.PrepareRequest(
                     query_id="x-1", project_id=PROJECT, sql=BY_SEX, epsilon_units=100_000
                 ),
                 timeout=10,
@@ -327,7 +331,7 @@ def test_health_service_reports_serving(fed: Federation) -> None:
     channel, _ = _node_stub(fed, "trust-b", Role.COORDINATOR, "hub")
     with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="fedtre.v1.NodeService"), timeout=5
+            health_pb2.HealthCheckRequest(service="fedtre.v2.NodeService"), timeout=5
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -367,16 +371,22 @@ def test_a_killed_node_is_marked_unavailable_and_not_debited(faulty: Federation)
         assert states == {"trust-a": "answered", "trust-b": "unavailable", "trust-c": "answered"}
         assert result.released and result.covered_trusts == ("trust-a", "trust-c")  # type: ignore[attr-defined]
         assert faulty.spent_units("trust-b", f"project:{PARTIAL}") == 0
-        # A project where every trust must answer withholds the partial result.
+        # A project where every trust must answer withholds the partial result, and the
+        # trusts that prepared withdraw their answers: nothing is spent anywhere.
+        spent_a = faulty.spent_units("trust-a")
         withheld = client.query(PROJECT, BY_SEX, 0.3, query_id="kill-2")
         assert not withheld.released and "trust-b" in withheld.withheld_reason
         assert withheld.rows() == [] or withheld.columns == ()
-        # The trust comes back; the retry completes with the stored answers of the others.
+        states = {t.node_id: t.state for t in withheld.trusts}
+        assert states == {"trust-a": "withdrawn", "trust-b": "unavailable", "trust-c": "withdrawn"}
+        assert all(t.epsilon_spent == 0 for t in withheld.trusts)
+        assert faulty.spent_units("trust-a") == spent_a
+        assert faulty.spent_units("trust-c") == 0  # the study project spent nothing there
+        # The trust comes back; the retry is answered everywhere and debited once at each.
         faulty.restart_node("trust-b")
-        spent_a = faulty.spent_units("trust-a")
         again = _retry_until_released(client, "kill-2")
         assert len(again.covered_trusts) == 3
-        assert faulty.spent_units("trust-a") == spent_a  # replayed, not debited again
+        assert faulty.spent_units("trust-a") == spent_a + 300_000
         assert faulty.spent_units("trust-b") == 300_000  # debited once, now
 
 

@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedtre.pki import Role, init_ca, issue
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
-from fedtre.v1 import node_pb2 as npb
-from fedtre.v1 import node_pb2_grpc
+from fedtre.v2 import node_pb2 as npb
+from fedtre.v2 import node_pb2_grpc
 from node.config import NodeConfig, parse_node_config
 from node.ledger import project_scope
 from node.server import create_server
@@ -63,24 +63,27 @@ def test_audit_failure_fails_closed_and_reports_not_serving(secured: NodeConfig)
         ) as channel:
             stub = node_pb2_grpc.NodeServiceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            ok = stub.Answer(
-                npb.AnswerRequest(
+            prepared = stub.Prepare(
+                npb.PrepareRequest(
                     query_id="h-1", project_id="study", sql=SQL, epsilon_units=100_000
                 ),
                 timeout=10,
             )
+            assert prepared.outcome == npb.OUTCOME_PREPARED, prepared.reason
+            ok = stub.Commit(npb.DecisionRequest(query_id="h-1", project_id="study"), timeout=10)
+            assert ok.outcome == npb.OUTCOME_COMMITTED
             assert ok.budget.spent_units == 100_000
             os.close(running.engine.audit._fd)  # the audit disk goes away
             running.engine.audit._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Answer(
-                    npb.AnswerRequest(
-                        query_id="h-2", project_id="study", sql=SQL, epsilon_units=100_000
-                    ),
-                    timeout=10,
-                )
-            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-            assert "audit" in (info.value.details() or "")
+            failed = stub.Prepare(
+                npb.PrepareRequest(
+                    query_id="h-2", project_id="study", sql=SQL, epsilon_units=100_000
+                ),
+                timeout=10,
+            )
+            assert failed.outcome == npb.OUTCOME_FAILED
+            assert "audit" in failed.reason
+            assert not failed.HasField("result")
             assert running.engine.ledger.spent(project_scope("study")) == 100_000
             reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING

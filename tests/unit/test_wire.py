@@ -9,10 +9,32 @@ import pytest
 
 from fedtre.errors import Refusal, WireError
 from fedtre.plan import AggregateKind
+from fedtre.protocol import (
+    BudgetReport,
+    Decision,
+    NodeDescription,
+    NodeOutcome,
+    OutcomeKind,
+    PrepareRequest,
+)
 from fedtre.result import NodeResult, ReleasedAggregate, ReleasedStatistic
-from fedtre.serde import refusal_from_wire, refusal_to_wire, result_from_wire, result_to_wire
+from fedtre.serde.common import node_result_from_proto as result_from_wire
+from fedtre.serde.common import node_result_to_proto as result_to_wire
+from fedtre.serde.common import refusal_from_proto as refusal_from_wire
+from fedtre.serde.common import refusal_to_proto as refusal_to_wire
+from fedtre.serde.node import (
+    decision_from_proto,
+    decision_to_proto,
+    description_from_proto,
+    description_to_proto,
+    node_outcome_from_proto,
+    node_outcome_to_proto,
+    prepare_request_from_proto,
+    prepare_request_to_proto,
+)
 from fedtre.status import code_for
-from fedtre.v1 import common_pb2 as pb
+from fedtre.v2 import common_pb2 as pb
+from fedtre.v2 import node_pb2 as npb
 
 
 def _result() -> NodeResult:
@@ -111,3 +133,75 @@ def test_every_refusal_has_a_wire_name_and_a_status_code() -> None:
     assert refusal_from_wire(pb.REFUSAL_UNSPECIFIED) is None
     assert refusal_from_wire(12345) is None
     assert code_for(Refusal.BUDGET_EXHAUSTED) is not grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# -- the node protocol ------------------------------------------------------------------------
+
+BUDGET = BudgetReport("trust-a", "study", 5_000_000, 600_000, 4_400_000)
+OUTCOMES = [
+    NodeOutcome(OutcomeKind.PREPARED, "trust-a", "study", "q-1", epsilon_units=600_000),
+    NodeOutcome(OutcomeKind.PREPARED, "trust-a", "study", "q-1", 600_000, replayed=True),
+    NodeOutcome(
+        OutcomeKind.COMMITTED, "trust-a", "study", "q-1", 600_000, result=_result(), budget=BUDGET
+    ),
+    NodeOutcome(OutcomeKind.ABORTED, "trust-a", "study", "q-1", 600_000, budget=BUDGET),
+    NodeOutcome(OutcomeKind.BUDGET, "trust-a", "study", budget=BUDGET),
+    NodeOutcome(
+        OutcomeKind.REFUSED,
+        "trust-a",
+        "study",
+        "q-1",
+        refusal=Refusal.BUDGET_EXHAUSTED,
+        reason="Not enough privacy budget is left for this query.",
+    ),
+    NodeOutcome(OutcomeKind.FAILED, "trust-a", "study", "q-1", reason="Internal error."),
+]
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES, ids=lambda o: o.kind.value)
+def test_node_replies_round_trip_exactly(outcome: NodeOutcome) -> None:
+    wire = node_outcome_to_proto(outcome).SerializeToString()
+    assert node_outcome_from_proto(npb.NodeReply.FromString(wire)) == outcome
+
+
+def test_requests_round_trip() -> None:
+    prepare = PrepareRequest("q-1", "study", "SELECT COUNT(*) FROM patients", 100_000, "alice")
+    assert prepare_request_from_proto(prepare_request_to_proto(prepare)) == prepare
+    decision = Decision("q-1", "study")
+    assert decision_from_proto(decision_to_proto(decision)) == decision
+    description = NodeDescription("trust-a", "2.0.0", "abc", ("p1", "p2"))
+    assert description_from_proto(description_to_proto(description)) == description
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: setattr(m, "outcome", npb.OUTCOME_UNSPECIFIED),
+        lambda m: setattr(m, "outcome", 77),
+        lambda m: m.ClearField("node_id"),
+        lambda m: m.ClearField("result"),  # committed without a result
+        lambda m: setattr(m, "outcome", npb.OUTCOME_PREPARED),  # prepared carrying a result
+        lambda m: setattr(m.result, "epsilon_units", 1),  # the result itself malformed
+    ],
+)
+def test_malformed_node_replies_are_refused(mutate) -> None:  # type: ignore[no-untyped-def]
+    msg = node_outcome_to_proto(OUTCOMES[2])
+    mutate(msg)
+    with pytest.raises(WireError):
+        node_outcome_from_proto(msg)
+
+
+def test_a_refusal_without_its_code_and_a_budget_reply_without_a_budget_are_refused() -> None:
+    refused = node_outcome_to_proto(OUTCOMES[5])
+    refused.refusal = pb.REFUSAL_UNSPECIFIED
+    with pytest.raises(WireError):
+        node_outcome_from_proto(refused)
+    budget = node_outcome_to_proto(OUTCOMES[4])
+    budget.ClearField("budget")
+    with pytest.raises(WireError):
+        node_outcome_from_proto(budget)
+
+
+def test_unavailable_is_never_sent_by_a_node() -> None:
+    with pytest.raises(WireError):
+        node_outcome_to_proto(NodeOutcome(OutcomeKind.UNAVAILABLE, "trust-a"))

@@ -1,4 +1,4 @@
-"""The one place where domain values and wire messages (``fedtre.v1``) meet.
+"""Serde for ``common.proto``: values, cells, node results, refusal codes, and size limits.
 
 proto3 accepts empty, missing and unknown fields silently, so everything read from the wire is
 validated here, field by field, before any other code sees it:
@@ -19,7 +19,7 @@ from fedtre.catalog import Value
 from fedtre.errors import Refusal, WireError
 from fedtre.plan import AggregateKind
 from fedtre.result import NodeResult, ReleasedAggregate, ReleasedStatistic
-from fedtre.v1 import common_pb2 as pb
+from fedtre.v2 import common_pb2 as pb
 
 MAX_TEXT = 10_000  # SQL and other free text
 MAX_NAME = 128
@@ -45,11 +45,11 @@ _STATISTIC_KINDS_BACK = {v: k for k, v in _STATISTIC_KINDS.items()}
 # -- refusals ---------------------------------------------------------------------------------
 
 
-def refusal_to_wire(refusal: Refusal) -> pb.Refusal:
+def refusal_to_proto(refusal: Refusal) -> pb.Refusal:
     return cast(pb.Refusal, pb.Refusal.Value(f"REFUSAL_{refusal.name}"))
 
 
-def refusal_from_wire(value: int) -> Refusal | None:
+def refusal_from_proto(value: int) -> Refusal | None:
     try:
         name = pb.Refusal.Name(value)
     except ValueError:
@@ -67,11 +67,11 @@ def refusal_from_name(name: str) -> Refusal | None:
         return None
 
 
-def aggregate_kind_to_wire(kind: AggregateKind) -> pb.AggregateKind:
+def aggregate_kind_to_proto(kind: AggregateKind) -> pb.AggregateKind:
     return _AGGREGATE_KINDS[kind]
 
 
-def aggregate_kind_from_wire(value: int) -> AggregateKind:
+def aggregate_kind_from_proto(value: int) -> AggregateKind:
     try:
         return _AGGREGATE_KINDS_BACK[value]  # type: ignore[index]
     except KeyError:
@@ -81,7 +81,7 @@ def aggregate_kind_from_wire(value: int) -> AggregateKind:
 # -- values -----------------------------------------------------------------------------------
 
 
-def value_to_wire(value: Value) -> pb.Value:
+def value_to_proto(value: Value) -> pb.Value:
     if isinstance(value, bool):
         return pb.Value(boolean=value)
     if isinstance(value, int):
@@ -89,7 +89,7 @@ def value_to_wire(value: Value) -> pb.Value:
     return pb.Value(text=value)
 
 
-def value_from_wire(msg: pb.Value) -> Value:
+def value_from_proto(msg: pb.Value) -> Value:
     which = msg.WhichOneof("kind")
     if which == "text":
         return str(msg.text)
@@ -100,23 +100,23 @@ def value_from_wire(msg: pb.Value) -> Value:
     raise WireError("a cell value is empty")
 
 
-def cells_to_wire(cells: Sequence[Sequence[Value]]) -> list[pb.Cell]:
-    return [pb.Cell(values=[value_to_wire(v) for v in cell]) for cell in cells]
+def cells_to_proto(cells: Sequence[Sequence[Value]]) -> list[pb.Cell]:
+    return [pb.Cell(values=[value_to_proto(v) for v in cell]) for cell in cells]
 
 
-def cells_from_wire(cells: Sequence[pb.Cell], width: int) -> tuple[tuple[Value, ...], ...]:
+def cells_from_proto(cells: Sequence[pb.Cell], width: int) -> tuple[tuple[Value, ...], ...]:
     out = []
     for cell in cells:
         if len(cell.values) != width:
             raise WireError("a cell has the wrong number of group values")
-        out.append(tuple(value_from_wire(v) for v in cell.values))
+        out.append(tuple(value_from_proto(v) for v in cell.values))
     return tuple(out)
 
 
 # -- node results -----------------------------------------------------------------------------
 
 
-def result_to_wire(result: NodeResult) -> pb.NodeResult:
+def node_result_to_proto(result: NodeResult) -> pb.NodeResult:
     return pb.NodeResult(
         query_id=result.query_id,
         node_id=result.node_id,
@@ -125,11 +125,11 @@ def result_to_wire(result: NodeResult) -> pb.NodeResult:
         catalog_version=result.catalog_version,
         reference_date=result.reference_date,
         group_by=list(result.group_by),
-        cells=cells_to_wire(result.cells),
+        cells=cells_to_proto(result.cells),
         aggregates=[
             pb.Aggregate(
                 alias=a.alias,
-                kind=aggregate_kind_to_wire(a.kind),
+                kind=aggregate_kind_to_proto(a.kind),
                 column=a.column or "",
                 has_bounds=a.lower is not None,
                 lower=a.lower or 0,
@@ -154,7 +154,7 @@ def result_to_wire(result: NodeResult) -> pb.NodeResult:
     )
 
 
-def result_from_wire(msg: pb.NodeResult) -> NodeResult:
+def node_result_from_proto(msg: pb.NodeResult) -> NodeResult:
     """Read a node's answer, refusing anything that does not fit the contract."""
     names = ("query_id", "node_id", "project_id", "view", "catalog_version", "released_at")
     for name in (*names, "reference_date"):
@@ -163,12 +163,12 @@ def result_from_wire(msg: pb.NodeResult) -> NodeResult:
             raise WireError(f"node result field {name} is missing or too long")
     if msg.epsilon_units <= 0:
         raise WireError("node result has no ε")
-    cells = cells_from_wire(msg.cells, len(msg.group_by))
+    cells = cells_from_proto(msg.cells, len(msg.group_by))
     if not cells:
         raise WireError("node result has no cells")
     if not msg.aggregates:
         raise WireError("node result has no aggregates")
-    aggregates = tuple(_aggregate_from_wire(a, len(cells)) for a in msg.aggregates)
+    aggregates = tuple(_aggregate_from_proto(a, len(cells)) for a in msg.aggregates)
     if sum(s.epsilon_units for a in aggregates for s in a.statistics) != msg.epsilon_units:
         raise WireError("node result's ε shares do not add up")
     return NodeResult(
@@ -186,8 +186,8 @@ def result_from_wire(msg: pb.NodeResult) -> NodeResult:
     )
 
 
-def _aggregate_from_wire(msg: pb.Aggregate, n_cells: int) -> ReleasedAggregate:
-    kind = aggregate_kind_from_wire(msg.kind)
+def _aggregate_from_proto(msg: pb.Aggregate, n_cells: int) -> ReleasedAggregate:
+    kind = aggregate_kind_from_proto(msg.kind)
     expected = 2 if kind is AggregateKind.AVG else 1
     if len(msg.statistics) != expected:
         raise WireError("an aggregate has the wrong number of statistics")

@@ -1,0 +1,88 @@
+"""The node protocol in domain terms: what a coordinator asks a trust and what the trust says.
+
+Both transports carry exactly these values (``fedtre.serde.node`` converts them): the
+coordinator dialling the node (``NodeService``) and the node dialling the coordinator
+(``TrustLinkService``, one long-lived stream). Refusals and failures travel inside the reply,
+never as transport status codes, so they read the same on a unary call and on a stream.
+
+Two phases per query id:
+
+* ``prepare``: the trust validates, reserves ε, computes the noisy answer and stores it; the
+  reply says only ``PREPARED`` (nothing data-dependent leaves the trust);
+* ``commit``: the trust releases the stored answer (``COMMITTED``, with the result), or
+  ``abort``: it refunds the reservation and destroys the answer (``ABORTED``). A reservation
+  that is never decided expires at the end of the trust's lease and is refunded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from fedtre.errors import Refusal
+from fedtre.result import NodeResult
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    query_id: str
+    project_id: str
+    sql: str  # re-parsed and re-validated by the node
+    epsilon_units: int  # micro-ε the query may spend at this trust
+    researcher: str  # as the coordinator authenticated them: audit only, never trusted
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Phase 2 for one query id of one project: commit it or abort it."""
+
+    query_id: str
+    project_id: str
+
+
+class OutcomeKind(Enum):
+    PREPARED = "prepared"  # phase 1 done: answer stored, ε reserved, nothing released
+    COMMITTED = "committed"  # released: ``result`` holds the noisy answer
+    ABORTED = "aborted"  # refunded (or nothing was held); the answer is destroyed
+    BUDGET = "budget"  # a budget report
+    REFUSED = "refused"  # the trust's own rules said no: ``refusal`` and ``reason``
+    FAILED = "failed"  # an internal error at the trust; ``reason`` is generic
+    UNAVAILABLE = "unavailable"  # set by the coordinator's link: the trust did not answer
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    node_id: str
+    project_id: str
+    total_units: int
+    spent_units: int
+    remaining_units: int  # what the next query may spend: project and node ceiling
+
+
+@dataclass(frozen=True)
+class NodeOutcome:
+    """A trust's reply to one call. Data-free except ``result`` on ``COMMITTED``."""
+
+    kind: OutcomeKind
+    node_id: str
+    project_id: str = ""
+    query_id: str = ""
+    epsilon_units: int = 0  # reserved (prepared), charged (committed) or refunded (aborted)
+    replayed: bool = False  # prepared/committed earlier: nothing new spent
+    result: NodeResult | None = None
+    refusal: Refusal | None = None
+    reason: str = ""  # plain words, data-free
+    budget: BudgetReport | None = None  # the project's budget here after this call
+    handling_ms: float = 0.0  # the trust's own time, slot included: operators only
+
+    @property
+    def remaining_units(self) -> int | None:
+        return None if self.budget is None else self.budget.remaining_units
+
+
+@dataclass(frozen=True)
+class NodeDescription:
+    node_id: str
+    catalog_version: str
+    catalog_digest: str
+    project_ids: tuple[str, ...]

@@ -1,1 +1,0 @@
-"""Generated wire contract, version 1."""
