@@ -29,7 +29,8 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 @dataclass(frozen=True)
 class TrustEndpoint:
     node_id: str  # also the name on the node's certificate, verified on every connection
-    address: str
+    address: str  # dial-in: where the node listens; "" for a dial-out node
+    dial_out: bool = False  # the node dials the coordinator (its trust opens no inbound port)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,13 @@ def _node(nid: str, spec: Any, where: str) -> TrustEndpoint:
         raise CoordinatorConfigError(f"{where}: node ids are lower-case letters, digits and '-'")
     if not isinstance(spec, dict):
         raise CoordinatorConfigError(f"{where}: must be a table")
-    check_keys(spec, where, {"address"}, {"address"})
+    mode = spec.get("mode", "dial-in")
+    if mode == "dial-out":
+        check_keys(spec, where, {"mode"}, {"mode"})
+        return TrustEndpoint(nid, "", dial_out=True)
+    if mode != "dial-in":
+        raise CoordinatorConfigError(f"{where}.mode: 'dial-in' (the default) or 'dial-out'")
+    check_keys(spec, where, {"address"}, {"address", "mode"})
     return TrustEndpoint(nid, parse_listen(spec["address"], f"{where}.address"))
 
 

@@ -54,8 +54,13 @@ class DialInLink:
                 channel_credentials(tls),
                 options=[*CHANNEL_OPTIONS, *channel_options(node_id)],
             )
-        grpc.channel_ready_future(self._channel)  # connect now, not at the first query
+        self._state = grpc.ChannelConnectivity.IDLE
+        # Connect now, not at the first query, and follow the channel's state for the monitor.
+        self._channel.subscribe(self._track, try_to_connect=True)
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
+
+    def _track(self, state: grpc.ChannelConnectivity) -> None:
+        self._state = state
 
     def prepare(self, request: PrepareRequest, timeout: float) -> NodeOutcome:
         message = prepare_request_to_proto(request)
@@ -82,11 +87,14 @@ class DialInLink:
         except WireError as exc:
             raise LinkDown(f"sent a malformed description ({exc})") from None
 
+    def reachable(self) -> bool:
+        return self._state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+
     def status(self) -> str:
-        state = "dial-in"
-        return f"{state} {self.address}"
+        return f"dial-in {self.address}, channel {self._state.name.lower()}"
 
     def close(self) -> None:
+        self._channel.unsubscribe(self._track)
         self._channel.close()
 
     def _reply(self, call: Callable[[], npb.NodeReply], query_id: str) -> NodeOutcome:

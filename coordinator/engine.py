@@ -16,6 +16,7 @@ A retry with the same query id replays every committed answer: same numbers, no 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import replace
 
 from coordinator.combine import CombineError, combine
@@ -41,10 +42,16 @@ class CoordinatorEngine:
     def __init__(self, config: CoordinatorConfig, trusts: Trusts) -> None:
         self.config = config
         self.trusts = trusts
+        self._on_close: list[Callable[[], None]] = []
         self.audit = AuditLog(config.audit_path, config.coordinator_id, role="coordinator")
         self.audit.write("coordinator.started", catalog_version=config.catalog.version)
 
+    def on_close(self, hook: Callable[[], None]) -> None:
+        self._on_close.append(hook)
+
     def close(self) -> None:
+        for hook in self._on_close:
+            hook()
         self.audit.write("coordinator.stopped")
         self.trusts.close()
         self.audit.close()

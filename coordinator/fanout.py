@@ -26,6 +26,8 @@ class Trusts:
 
     def __init__(self, links: Mapping[str, TrustLink]) -> None:
         self.links = dict(links)
+        # Trusts that serve another catalog (found by the monitor): never sent a query.
+        self.mismatched: set[str] = set()
         self._pool = futures.ThreadPoolExecutor(
             max_workers=min(256, max(8, 4 * len(self.links))), thread_name_prefix="fanout"
         )
@@ -39,6 +41,8 @@ class Trusts:
         self, node_ids: Sequence[str], request: PrepareRequest, seconds: float
     ) -> list[NodeOutcome]:
         def call(link: TrustLink, timeout: float) -> NodeOutcome:
+            if link.node_id in self.mismatched:
+                return _bad(link.node_id, "serves another catalog version; nothing was sent")
             return _checked(link.prepare(request, timeout), link.node_id, request, None)
 
         return self._fan_out(node_ids, call, seconds)

@@ -34,6 +34,10 @@ class TrustLink(Protocol):
         """Raises ``LinkDown`` when the trust cannot be asked."""
         ...
 
+    def reachable(self) -> bool:
+        """Cheap, without a call: could the trust be asked now?"""
+        ...
+
     def status(self) -> str:
         """For operators: e.g. "dial-in", "connected since ...", "not connected"."""
         ...

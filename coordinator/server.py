@@ -1,32 +1,52 @@
-"""``fedtre coordinator serve``: the researcher-facing gRPC server and its channels to trusts."""
+"""``fedtre coordinator serve``: the researcher-facing gRPC server, the links to every trust, and
+the hub that outbound-only (dial-out) trusts connect to.
+
+At start-up the coordinator asks every connected trust who it is (``Describe``) and refuses to
+send queries to one that serves another catalog. A monitor checks the trusts every few
+seconds, logs every change for operators, and reports ``NOT_SERVING`` on the health service
+while some project's rule cannot be met (a trust it needs is down or mismatched).
+"""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
 
 import grpc
 
 from coordinator.config import CoordinatorConfig
 from coordinator.dial_in import DialInLink
+from coordinator.dial_out import DialOutLink, LinkHub
 from coordinator.engine import CoordinatorEngine
 from coordinator.fanout import Trusts
+from coordinator.links import LinkDown, TrustLink
 from coordinator.service import ResearcherServicer
 from fedtre import logs
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
-from fedtre.serving import Running, bound_address, build_server
+from fedtre.serving import Health, Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
-from fedtre.v2 import coordinator_pb2_grpc
+from fedtre.v2 import coordinator_pb2_grpc, link_pb2_grpc
 
 log = logs.get("coordinator")
 SERVICE_NAME = "fedtre.v2.ResearcherService"
+LINK_SERVICE = "fedtre.v2.TrustLinkService"
 INSECURE_RESEARCHER = "dev"
+MONITOR_SECONDS = 2.0
+DESCRIBE_SECONDS = 3.0
 
 
 def create_server(
     config: CoordinatorConfig, *, insecure: bool = False
 ) -> Running[CoordinatorEngine]:
     tls = None if insecure else _tls(config)
-    links = {nid: DialInLink(nid, e.address, tls) for nid, e in config.nodes.items()}
+    dial_out = frozenset(n for n, e in config.nodes.items() if e.dial_out)
+    hub = LinkHub(dial_out, config.catalog.version, on_change=_log_link)
+    links: dict[str, TrustLink] = {
+        nid: DialOutLink(nid, hub) if e.dial_out else DialInLink(nid, e.address, tls)
+        for nid, e in config.nodes.items()
+    }
     engine = CoordinatorEngine(config, Trusts(links))
     try:
 
@@ -34,33 +54,117 @@ def create_server(
             if insecure:
                 return INSECURE_RESEARCHER
             peer = peer_identity(context)
-            if peer is None:  # CallerPolicy admits no such call; never guess an identity
-                raise ConfigError("no client certificate on a mutual-TLS server")
+            if peer is None or peer.role is not Role.RESEARCHER:  # CallerPolicy admits none
+                raise ConfigError("no researcher certificate on a mutual-TLS server")
             return peer.name
 
-        servicer = ResearcherServicer(engine, researcher)
+        def add(server: grpc.Server) -> None:
+            coordinator_pb2_grpc.add_ResearcherServiceServicer_to_server(
+                ResearcherServicer(engine, researcher), server
+            )
+            if dial_out:
+                link_pb2_grpc.add_TrustLinkServiceServicer_to_server(hub, server)
+
+        def node_link(peer: Peer) -> bool:
+            return peer.role is Role.NODE and peer.name in dial_out
+
         server, port, health = build_server(
             address=config.listen,
             tls=tls,
-            policy=None if insecure else CallerPolicy(_researchers_only),
-            max_workers=config.max_workers,
-            max_receive_bytes=MAX_REQUEST_BYTES,
+            policy=None
+            if insecure
+            else CallerPolicy(_researchers_only, by_prefix={f"/{LINK_SERVICE}/": node_link}),
+            # every open dial-out stream holds one worker thread
+            max_workers=config.max_workers + len(dial_out),
+            # dial-out trusts send their answers in; researchers' requests are checked at 64 KiB
+            max_receive_bytes=MAX_RESULT_BYTES if dial_out else MAX_REQUEST_BYTES,
             max_send_bytes=2 * MAX_RESULT_BYTES,
-            service_names=(SERVICE_NAME,),
-            add_services=lambda s: coordinator_pb2_grpc.add_ResearcherServiceServicer_to_server(
-                servicer, s
-            ),
+            service_names=(SERVICE_NAME, *((LINK_SERVICE,) if dial_out else ())),
+            add_services=add,
         )
     except BaseException:
         engine.close()
         raise
     address = bound_address(config.listen, port)
     engine.audit.write("coordinator.serving", address=address, tls=not insecure)
+    monitor = TrustMonitor(config, engine.trusts, links, health)
+    engine.on_close(hub.close)
+    engine.on_close(monitor.stop)
+    monitor.start()
     log.info(
         "serving",
         extra={"coordinator": config.coordinator_id, "address": address, "tls": not insecure},
     )
     return Running(server, port, address, health, engine)
+
+
+class TrustMonitor:
+    """Every few seconds: which trusts are reachable (a dial-in channel that is not failing, a
+    dial-out stream that is open). A trust is asked ``Describe`` when it (re)appears, and one
+    that serves another catalog is never sent a query. Logs every change for operators, and
+    keeps the health service at ``NOT_SERVING`` while some project's rule cannot be met."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        trusts: Trusts,
+        links: Mapping[str, TrustLink],
+        health: Health,
+    ) -> None:
+        self.config = config
+        self.trusts = trusts
+        self.links = links
+        self.health = health
+        self.up: dict[str, bool] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trust-monitor", daemon=True)
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=DESCRIBE_SECONDS + 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(MONITOR_SECONDS):
+            self.check()
+
+    def check(self) -> None:
+        for nid, link in self.links.items():
+            reachable = link.reachable()
+            why = "" if reachable else "unreachable"
+            if reachable and not self.up.get(nid):  # (re)appeared: who is it?
+                try:
+                    description = link.describe(DESCRIBE_SECONDS)
+                    if description.catalog_version != self.config.catalog.version:
+                        why = f"serves catalog {description.catalog_version[:32]}"
+                        self.trusts.mismatched.add(nid)
+                    else:
+                        self.trusts.mismatched.discard(nid)
+                except LinkDown as exc:
+                    reachable, why = False, str(exc)
+            ok = reachable and nid not in self.trusts.mismatched
+            if self.up.get(nid) != ok:
+                (log.info if ok else log.warning)(
+                    "trust up" if ok else "trust down",
+                    extra={"node": nid, "reason": why, "link": link.status()},
+                )
+            self.up[nid] = reachable
+        self.health.set(self.rules_met())
+
+    def rules_met(self) -> bool:
+        for project in self.config.projects.values():
+            up = [t for t in project.trusts if self.up.get(t) and t not in self.trusts.mismatched]
+            if not up or (len(up) < len(project.trusts) and not project.allow_partial):
+                return False
+        return True
+
+
+def _log_link(node: str, up: bool, why: str) -> None:
+    log.info("trust link " + ("open" if up else "closed"), extra={"node": node, "reason": why})
 
 
 def _researchers_only(peer: Peer) -> bool:

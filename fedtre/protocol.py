@@ -86,3 +86,47 @@ class NodeDescription:
     catalog_version: str
     catalog_digest: str
     project_ids: tuple[str, ...]
+
+
+# -- the outbound link: the same calls, carried on one stream the node opened ---------------
+
+
+class Call(Enum):
+    PREPARE = "prepare"
+    COMMIT = "commit"
+    ABORT = "abort"
+    BUDGET = "budget"
+    DESCRIBE = "describe"
+    HEARTBEAT = "heartbeat"
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    """Coordinator to node: one call, matched to its reply by ``call_id`` (0: heartbeat)."""
+
+    call_id: int
+    call: Call
+    time_left: float = 0.0  # seconds until the call's deadline
+    prepare: PrepareRequest | None = None
+    decision: Decision | None = None  # commit and abort
+    project_id: str = ""  # budget
+    sequence: int = 0  # heartbeat
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The node's first message on every stream."""
+
+    node_id: str
+    catalog_version: str
+
+
+@dataclass(frozen=True)
+class LinkReply:
+    """Node to coordinator: exactly one of the bodies is set."""
+
+    call_id: int
+    hello: Hello | None = None
+    outcome: NodeOutcome | None = None
+    description: NodeDescription | None = None
+    heartbeat: int | None = None

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Generic, Protocol, TypeVar
@@ -54,17 +54,22 @@ E = TypeVar("E", bound=Engine)
 
 @dataclass
 class Running(Generic[E]):
-    """A started server and the engine behind it."""
+    """A started service and the engine behind it: a gRPC server, or (a dial-out node) only
+    outbound links, stopped by ``stoppers`` before the engine closes."""
 
-    server: grpc.Server
+    server: grpc.Server | None
     port: int
-    address: str
+    address: str  # "" until a dial-out node's first link is up
     health: Health
     engine: E
+    stoppers: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set(False)
-        self.server.stop(grace).wait()
+        for stop in self.stoppers:
+            stop()
+        if self.server is not None:
+            self.server.stop(grace).wait()
         self.engine.close()
 
 
@@ -86,9 +91,9 @@ def serve_command(
             file=sys.stderr,
         )
     running = start()
-    if ready_file is not None:
+    if ready_file is not None and running.address:  # a dial-out node writes it when linked
         write_ready_file(ready_file, running.address)
-    run_until_signalled(running.server, running.health, running.engine.close)
+    run_until_signalled(running)
     return 0
 
 
@@ -163,11 +168,9 @@ def wait_for_address(
     raise InternalError(f"{name} did not start within {timeout:.0f} s")
 
 
-def run_until_signalled(
-    server: grpc.Server, checker: Health, on_stop: Callable[[], None], grace: float = 5.0
-) -> None:
+def run_until_signalled(running: Running[E], grace: float = 5.0) -> None:
     """Serve until SIGTERM or SIGINT; then report NOT_SERVING, finish in-flight calls within
-    ``grace`` seconds, and run ``on_stop``."""
+    ``grace`` seconds, stop the links and close the engine."""
     stop = threading.Event()
 
     def _signal(signum: int, frame: FrameType | None) -> None:
@@ -181,9 +184,7 @@ def run_until_signalled(
         while not stop.wait(0.2):
             pass
     finally:
-        checker.set(False)
-        server.stop(grace).wait()
-        on_stop()
+        running.stop(grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
         log.info("stopped")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -160,8 +160,12 @@ class CallerPolicy(grpc.ServerInterceptor):
         *,
         allow_insecure: bool = False,
         denied_message: str = NOT_ALLOWED,
+        by_prefix: Mapping[str, Callable[[Peer], bool]] | None = None,
     ) -> None:
         self._allowed = allowed
+        # Methods under one of these prefixes are checked by its own rule instead of ``allowed``
+        # (e.g. the coordinator: researchers on its researcher service, nodes on its link).
+        self._by_prefix = dict(by_prefix or {})
         self._exempt = tuple(exempt_prefixes)
         self._allow_insecure = allow_insecure
         self._denied_message = denied_message
@@ -174,7 +178,11 @@ class CallerPolicy(grpc.ServerInterceptor):
                 return INSECURE_PEER
             log.warning("refused %s: no federation certificate", method)
             _deny(context, NO_CERTIFICATE)
-        if not self._allowed(peer):
+        allowed = next(
+            (rule for prefix, rule in self._by_prefix.items() if method.startswith(prefix)),
+            self._allowed,
+        )
+        if not allowed(peer):
             log.warning("refused %s from %s %r", method, peer.role, peer.name)
             _deny(context, self._denied_message)
         return peer

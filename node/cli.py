@@ -14,7 +14,7 @@ from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError
 from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
-from fedtre.serving import add_serve_arguments, serve_command
+from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -106,9 +106,15 @@ def _serve(args: argparse.Namespace) -> int:
     from node.server import create_server
 
     config = load_node_config(args.config)
+    ready: Path | None = args.ready_file
+
+    def linked(address: str) -> None:  # dial-out: ready once a coordinator link is up
+        if ready is not None and not ready.exists():
+            write_ready_file(ready, address)
+
     return serve_command(
         "node",
-        lambda: create_server(config, insecure=args.insecure),
+        lambda: create_server(config, insecure=args.insecure, on_connected=linked),
         args.insecure,
         args.ready_file,
     )

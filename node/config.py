@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -35,16 +36,23 @@ class ProjectPolicy:
     max_tier: Tier
 
 
+class ServerMode(Enum):
+    DIAL_IN = "dial-in"  # the node listens; the coordinator dials it
+    DIAL_OUT = "dial-out"  # the node dials the coordinator and holds a stream: no inbound port
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    """``[server]``: where ``fedtre node serve`` listens and whom it accepts."""
+    """``[server]``: how ``fedtre node serve`` meets the coordinator, and whom it accepts."""
 
-    listen: str
+    listen: str  # dial-in: where to listen ("" in dial-out mode)
     coordinator: str  # the coordinator certificate name this node accepts, and only it
     ca: Path | None
     cert: Path | None
     key: Path | None
     max_workers: int
+    mode: ServerMode = ServerMode.DIAL_IN
+    connect: tuple[str, ...] = ()  # dial-out: the coordinator address(es) to dial
 
 
 DEFAULT_MIN_EPSILON = 0.001
@@ -172,8 +180,17 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
 def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a table")
-    allowed = {"listen", "coordinator", "ca", "cert", "key", "max_workers"}
-    check_keys(spec, where, {"listen", "coordinator"}, allowed)
+    allowed = {"mode", "listen", "connect", "coordinator", "ca", "cert", "key", "max_workers"}
+    try:
+        mode = ServerMode(spec.get("mode", "dial-in"))
+    except ValueError:
+        raise ConfigError(f"{where}.mode: 'dial-in' (the default) or 'dial-out'") from None
+    needed = {"coordinator", "listen" if mode is ServerMode.DIAL_IN else "connect"}
+    check_keys(spec, where, needed, allowed)
+    if mode is ServerMode.DIAL_OUT and "listen" in spec:
+        raise ConfigError(f"{where}: a dial-out node listens on nothing; remove 'listen'")
+    if mode is ServerMode.DIAL_IN and "connect" in spec:
+        raise ConfigError(f"{where}: 'connect' is for mode = \"dial-out\" only")
     coordinator = spec["coordinator"]
     if not isinstance(coordinator, str) or not NODE_ID.match(coordinator):
         raise ConfigError(f"{where}.coordinator: the coordinator's certificate name, e.g. 'hub'")
@@ -184,13 +201,24 @@ def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
     workers = spec.get("max_workers", 8)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         raise ConfigError(f"{where}.max_workers: a whole number from 1 to 256")
+    connect: tuple[str, ...] = ()
+    if mode is ServerMode.DIAL_OUT:
+        raw = spec["connect"]
+        addresses = [raw] if isinstance(raw, str) else raw
+        if not isinstance(addresses, list) or not addresses or len(addresses) > 8:
+            raise ConfigError(f"{where}.connect: the coordinator's address, or a list of up to 8")
+        connect = tuple(parse_listen(a, f"{where}.connect") for a in addresses)
+        if len(set(connect)) != len(connect):
+            raise ConfigError(f"{where}.connect: an address is listed twice")
     return ServerSettings(
-        listen=parse_listen(spec["listen"], f"{where}.listen"),
+        listen=parse_listen(spec["listen"], f"{where}.listen") if "listen" in spec else "",
         coordinator=coordinator,
         ca=ca,
         cert=cert,
         key=key,
         max_workers=workers,
+        mode=mode,
+        connect=connect,
     )
 
 

@@ -1,9 +1,10 @@
-"""``fedtre node serve``: the node's gRPC server.
+"""``fedtre node serve``: the node's gRPC server (dial-in), or its outbound links to the
+coordinator (dial-out).
 
-The node accepts calls only from the certificate named in ``[server] coordinator`` (checked in
-``CallerPolicy`` before any handler runs, after TLS has verified the chain to the federation CA).
-Query handling lives in ``NodeEngine`` and does not depend on who dialled whom, so a
-node-initiated (outbound-only) connection mode can reuse it.
+Dial-in: the node accepts calls only from the certificate named in ``[server] coordinator``
+(checked in ``CallerPolicy`` before any handler runs, after TLS has verified the chain to the
+federation CA). Dial-out: the node dials that coordinator, verifying its certificate name, and
+holds a stream (``node.dial_out``). Both hand every call to the same ``NodeHandler``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
 from fedtre.tls import CallerPolicy, Peer, TlsFiles, peer_identity
 from fedtre.v2 import node_pb2_grpc
-from node.config import NodeConfig, ServerSettings
+from node.config import NodeConfig, ServerMode, ServerSettings
+from node.dial_out import DialOut
 from node.engine import NodeEngine
 from node.handler import NodeHandler
 from node.service import NodeServicer
@@ -29,50 +31,95 @@ SERVICE_NAME = "fedtre.v2.NodeService"
 INSECURE_CALLER = "insecure-development-caller"
 
 
-def create_server(config: NodeConfig, *, insecure: bool = False) -> Running[NodeEngine]:
-    """Open the engine and start serving; returns the bound port (``listen`` may use port 0)."""
+def create_server(
+    config: NodeConfig,
+    *,
+    insecure: bool = False,
+    on_connected: Callable[[str], None] = lambda address: None,
+) -> Running[NodeEngine]:
+    """Open the engine and start serving. Dial-in: returns the bound port (``listen`` may use
+    port 0). Dial-out: starts the links and returns at once; ``on_connected`` is told each
+    coordinator address when its link comes up."""
     settings = _settings(config, insecure)
     engine = NodeEngine(config)
     try:
-        tls = None if insecure else _tls(settings)
-        policy = None if insecure else CallerPolicy(_only(settings.coordinator))
-        holder: list[Health] = []
-
-        def caller(context: grpc.ServicerContext) -> str:
-            if insecure:
-                return INSECURE_CALLER
-            peer = peer_identity(context)
-            if peer is None or peer.role is None:
-                return "unknown"
-            return f"{peer.role.value}:{peer.name}"
-
-        def on_audit_failure() -> None:
-            for h in holder:
-                h.set(False)
-
-        servicer = NodeServicer(NodeHandler(engine, on_audit_failure), caller)
-        server, port, health = build_server(
-            address=settings.listen,
-            tls=tls,
-            policy=policy,
-            max_workers=settings.max_workers,
-            max_receive_bytes=MAX_REQUEST_BYTES,
-            max_send_bytes=MAX_RESULT_BYTES,
-            service_names=(SERVICE_NAME,),
-            add_services=lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s),
-        )
-        holder.append(health)
+        if settings.mode is ServerMode.DIAL_OUT:
+            running = _dial_out(config, settings, engine, insecure, on_connected)
+        else:
+            running = _dial_in(config, settings, engine, insecure)
     except BaseException:
         engine.close()
         raise
     engine.start_expiry()
-    address = bound_address(settings.listen, port)
-    engine.audit.write("node.serving", address=address, tls=not insecure)
+    engine.audit.write(
+        "node.serving", mode=settings.mode.value, address=running.address or None, tls=not insecure
+    )
     log.info(
         "serving",
-        extra={"node": config.node_id, "address": address, "tls": not insecure},
+        extra={
+            "node": config.node_id,
+            "mode": settings.mode.value,
+            "address": running.address or ", ".join(settings.connect),
+            "tls": not insecure,
+        },
     )
-    return Running(server, port, address, health, engine)
+    return running
+
+
+def _dial_in(
+    config: NodeConfig, settings: ServerSettings, engine: NodeEngine, insecure: bool
+) -> Running[NodeEngine]:
+    tls = None if insecure else _tls(settings)
+    policy = None if insecure else CallerPolicy(_only(settings.coordinator))
+    holder: list[Health] = []
+
+    def caller(context: grpc.ServicerContext) -> str:
+        if insecure:
+            return INSECURE_CALLER
+        peer = peer_identity(context)
+        if peer is None or peer.role is None:
+            return "unknown"
+        return f"{peer.role.value}:{peer.name}"
+
+    def on_audit_failure() -> None:
+        for h in holder:
+            h.set(False)
+
+    servicer = NodeServicer(NodeHandler(engine, on_audit_failure), caller)
+    server, port, health = build_server(
+        address=settings.listen,
+        tls=tls,
+        policy=policy,
+        max_workers=settings.max_workers,
+        max_receive_bytes=MAX_REQUEST_BYTES,
+        max_send_bytes=MAX_RESULT_BYTES,
+        service_names=(SERVICE_NAME,),
+        add_services=lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s),
+    )
+    holder.append(health)
+    return Running(server, port, bound_address(settings.listen, port), health, engine)
+
+
+def _dial_out(
+    config: NodeConfig,
+    settings: ServerSettings,
+    engine: NodeEngine,
+    insecure: bool,
+    on_connected: Callable[[str], None],
+) -> Running[NodeEngine]:
+    health = Health((SERVICE_NAME,))  # not served: a dial-out node listens on nothing
+    links = DialOut(
+        NodeHandler(engine, lambda: health.set(False)),
+        settings.connect,
+        settings.coordinator,
+        None if insecure else _tls(settings),
+        config.catalog.version,
+        settings.max_workers,
+        on_connected,
+    )
+    links.start()
+    health.set(True)
+    return Running(None, 0, "", health, engine, stoppers=[links.stop])
 
 
 def _settings(config: NodeConfig, insecure: bool) -> ServerSettings:

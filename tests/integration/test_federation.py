@@ -41,20 +41,29 @@ def databases(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> dic
     return make_databases(tmp_path_factory.mktemp("trusts"), catalog)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["dial-in", "dial-out"])
 def fed(
-    tmp_path_factory: pytest.TempPathFactory, pki: Path, databases: dict[str, Path]
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: Path,
+    databases: dict[str, Path],
 ) -> Iterator[Federation]:
-    federation = Federation(tmp_path_factory.mktemp("fed"), pki, databases).start()
+    federation = Federation(
+        tmp_path_factory.mktemp("fed"), pki, databases, mode=request.param
+    ).start()
     yield federation
     codes = federation.stop()
     assert all(code == 0 for code in codes.values()), f"unclean shutdown: {codes}"
 
 
-@pytest.fixture
-def faulty(tmp_path: Path, pki: Path, databases: dict[str, Path]) -> Iterator[Federation]:
+@pytest.fixture(params=["dial-in", "dial-out"])
+def faulty(
+    request: pytest.FixtureRequest, tmp_path: Path, pki: Path, databases: dict[str, Path]
+) -> Iterator[Federation]:
     """A federation of its own, for tests that kill or freeze a trust."""
-    federation = Federation(tmp_path, pki, _copies(tmp_path, databases), deadline=2.0).start()
+    federation = Federation(
+        tmp_path, pki, _copies(tmp_path, databases), deadline=2.0, mode=request.param
+    ).start()
     yield federation
     federation.stop()
 
@@ -73,6 +82,11 @@ def _node_stub(fed: Federation, node: str, role: Role, name: str, pki: Path | No
         fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
     )
     return channel, node_pb2_grpc.NodeServiceStub(channel)
+
+
+def _dial_in_only(fed: Federation) -> None:
+    if fed.mode != "dial-in":
+        pytest.skip("calls a node's own port; the dial-out equivalents are in test_dial_out.py")
 
 
 # -- a full query ---------------------------------------------------------------------------
@@ -112,10 +126,8 @@ def test_no_timing_of_any_trust_reaches_the_researcher(fed: Federation) -> None:
         assert set(vars(trust)) == {
             "node_id", "state", "reason", "refusal", "epsilon_spent", "epsilon_left", "replayed"
         }  # fmt: skip
-    from tests.integration.federation import log_lines
-
     assert fed.coordinator is not None
-    logged = [e for e in log_lines(fed.coordinator) if e.get("query_id") == "no-timing"]
+    logged = [e for e in fed.log_lines("coordinator") if e.get("query_id") == "no-timing"]
     assert any(set(e.get("handling_ms", {})) == set(fed.nodes) for e in logged)
 
 
@@ -251,6 +263,7 @@ def test_a_node_refuses_what_it_has_not_approved_even_from_the_coordinator(
 ) -> None:
     """Anyone holding the coordinator's certificate still cannot spend outside the trust's
     own approvals: unknown project, ε over the per-query cap."""
+    _dial_in_only(fed)  # a dial-out node listens on nothing: tests/integration/test_dial_out.py
     channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub")
     spent = fed.spent_units("trust-a")
     with channel:
@@ -281,6 +294,7 @@ def test_a_node_refuses_what_it_has_not_approved_even_from_the_coordinator(
 
 
 def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> None:
+    _dial_in_only(fed)  # a dial-out node listens on nothing: tests/integration/test_dial_out.py
     lines = len(fed.audit("trust-a"))
     for role, name in ((Role.RESEARCHER, "alice"), (Role.NODE, "trust-b")):
         channel, stub = _node_stub(fed, "trust-a", role, name)
@@ -326,6 +340,7 @@ def test_missing_client_certificate_fails_the_handshake(fed: Federation) -> None
 
 
 def test_health_service_reports_serving(fed: Federation) -> None:
+    _dial_in_only(fed)  # a dial-out node listens on nothing: tests/integration/test_dial_out.py
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     channel, _ = _node_stub(fed, "trust-b", Role.COORDINATOR, "hub")
@@ -458,12 +473,10 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
 
 
 def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
-    from tests.integration.federation import log_lines
-
     assert fed.coordinator is not None
-    events = log_lines(fed.coordinator)
+    events = fed.log_lines("coordinator")
     assert any(e.get("event") == "serving" and e.get("service") == "coordinator" for e in events)
-    node_events = log_lines(fed.nodes["trust-a"])
+    node_events = fed.log_lines("trust-a")
     assert any(e.get("event") == "serving" for e in node_events)
     text = fed.nodes["trust-a"].log.read_text() + fed.coordinator.log.read_text()
     assert "SELECT" not in text  # queries are in the audit log, not the operators' log
