@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import os
@@ -54,7 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +63,23 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fedtre.catalog import load_catalog  # noqa: E402
-from fedtre.client import Client, Profile  # noqa: E402
+from fedtre.client import Client  # noqa: E402
+from fedtre.launcher import DIAL_IN, DIAL_OUT, LocalFederation, ProjectSpec, TrustSpec  # noqa: E402
 from fedtre.pki import Role, init_ca, issue  # noqa: E402
-from fedtre.serving import wait_for_address  # noqa: E402
 from fedtre.synthetic import generate  # noqa: E402
-from fedtre.tls import TlsFiles  # noqa: E402
 from node.loader import load_omop  # noqa: E402
 
 PROJECT = "bench"
 COORDINATOR = "hub"
 SQL = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
-START_TIMEOUT = 180.0
-STOP_TIMEOUT = 20.0
-TARGETS_MS = {5: 10.0, 20: 50.0}  # p50 overhead targets from the issue
+# p50 overhead targets (protocol v2 issue): dial-in 5 ms at 5 trusts, 15 ms at 20; dial-out
+# at most 1 ms more.
+TARGETS_MS = {
+    (DIAL_IN, 5): 5.0,
+    (DIAL_IN, 20): 15.0,
+    (DIAL_OUT, 5): 6.0,
+    (DIAL_OUT, 20): 16.0,
+}
 
 
 # -- data and PKI -----------------------------------------------------------------------------
@@ -115,126 +118,36 @@ def make_pki(directory: Path, trusts: Sequence[str], researchers: Sequence[str])
 # -- processes --------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM if the benchmark itself dies (Linux only)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    home: Path
-    log: Path
-    address: str = ""
-
-
-@dataclass
-class Federation:
-    """k node processes and one coordinator process on loopback, mutual TLS."""
-
-    work: Path
-    pki: Path
-    databases: dict[str, Path]
-    researchers: list[str]
-    deadline_seconds: float = 30.0
-    duckdb_threads: int = 1
-    node_workers: int | None = None  # None: the node's default
-    coordinator_workers: int | None = None  # None: the coordinator's default
-    nodes: dict[str, Proc] = field(default_factory=dict)
-    coordinator: Proc | None = None
-
-    def start(self) -> Federation:
-        for name in self.databases:  # start every node first, then wait: they boot in parallel
-            home = self.work / name
-            self._write_node_config(name, home)
-            self.nodes[name] = self._spawn(name, ["node", "serve"], home)
-        for proc in self.nodes.values():
-            proc.address = self._wait_ready(proc)
-        home = self.work / "coordinator"
-        self._write_coordinator_config(home)
-        self.coordinator = self._spawn("coordinator", ["coordinator", "serve"], home)
-        self.coordinator.address = self._wait_ready(self.coordinator)
-        return self
-
-    def procs(self) -> list[Proc]:
-        return [*self.nodes.values(), *([self.coordinator] if self.coordinator else [])]
-
-    def stop(self) -> dict[str, int]:
-        """SIGTERM to every process we started, then wait for each (SIGKILL after a while)."""
-        codes: dict[str, int] = {}
-        for proc in self.procs():
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGTERM)
-        for proc in self.procs():
-            try:
-                codes[proc.name] = proc.popen.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                codes[proc.name] = proc.popen.wait()
-        return codes
-
-    def client(self, researcher: str) -> Client:
-        assert self.coordinator is not None
-        files = TlsFiles.in_pki_dir(self.pki, Role.RESEARCHER, researcher)
-        return Client(Profile(self.coordinator.address, COORDINATOR, files), retries=0)
-
-    def _write_node_config(self, name: str, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        tls = TlsFiles.in_pki_dir(self.pki, Role.NODE, name)
-        workers = "" if self.node_workers is None else f"max_workers = {self.node_workers}\n"
-        (home / "config.toml").write_text(
-            f'node_id = "{name}"\ndatabase = "{self.databases[name]}"\nstate_dir = "state"\n'
-            f"node_epsilon_ceiling = 1000000.0\nduckdb_threads = {self.duckdb_threads}\n"
-            # the federation's own overhead, not the answer slot (benchmarks/timing.py)
-            "answer_slot_ms = 0\n\n"
-            f'[server]\nlisten = "127.0.0.1:0"\ncoordinator = "{COORDINATOR}"\n'
-            f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n{workers}\n'
-            f"[projects.{PROJECT}]\ntotal_epsilon = 1000000.0\nmax_epsilon_per_query = 1.0\n"
-            'views = ["patients", "conditions", "visits"]\nmax_tier = "highly_sensitive"\n'
-        )
-
-    def _write_coordinator_config(self, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        tls = TlsFiles.in_pki_dir(self.pki, Role.COORDINATOR, COORDINATOR)
-        workers = (
-            ""
-            if self.coordinator_workers is None
-            else f"max_workers = {self.coordinator_workers}\n"
-        )
-        nodes = "".join(f'[nodes.{n}]\naddress = "{p.address}"\n\n' for n, p in self.nodes.items())
-        researchers = ", ".join(f'"{r}"' for r in self.researchers)
-        (home / "config.toml").write_text(
-            f'coordinator_id = "{COORDINATOR}"\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
-            f"deadline_seconds = {self.deadline_seconds}\n{workers}\n"
-            f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n\n{nodes}'
-            f"[projects.{PROJECT}]\nresearchers = [{researchers}]\nmax_epsilon_per_query = 1.0\n"
-        )
-
-    def _spawn(self, name: str, command: list[str], home: Path) -> Proc:
-        log = self.work / f"{name}.log"
-        ready = home / "ready.json"
-        ready.unlink(missing_ok=True)
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "fedtre.cli", *command),
-                    *("--config", str(home / "config.toml"), "--ready-file", str(ready)),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=home,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+def build_federation(
+    work: Path,
+    pki: Path,
+    databases: dict[str, Path],
+    researchers: Sequence[str],
+    args: argparse.Namespace,
+    mode: str,
+) -> LocalFederation:
+    """k trusts (all dial-in or all dial-out) and one coordinator on the one launcher."""
+    return LocalFederation(
+        work=work,
+        pki=pki,
+        trusts=[TrustSpec(name, path, mode) for name, path in databases.items()],
+        projects=[
+            ProjectSpec(
+                PROJECT,
+                researchers=tuple(researchers),
+                total_epsilon=1_000_000.0,
+                max_epsilon_per_query=1.0,
+                max_tier="highly_sensitive",
             )
-        return Proc(name, popen, home, log)
-
-    def _wait_ready(self, proc: Proc) -> str:
-        return wait_for_address(
-            proc.popen, proc.home / "ready.json", proc.log, proc.name, START_TIMEOUT
-        )
+        ],
+        coordinator_name=COORDINATOR,
+        deadline=args.deadline,
+        # the federation's own overhead, not the answer slot (benchmarks/timing.py)
+        answer_slot_ms=0,
+        node_ceiling=1_000_000.0,
+        node_workers=args.node_workers,
+        coordinator_workers=args.coordinator_workers,
+    )
 
 
 # -- measurement helpers ----------------------------------------------------------------------
@@ -347,7 +260,7 @@ def one_query(client: Client, sql: str, epsilon: float, trusts: int) -> Sample:
     return Sample(result.query_id, e2e)
 
 
-def with_node_times(fed: Federation, samples: list[Sample]) -> list[Sample]:
+def with_node_times(fed: LocalFederation, samples: list[Sample]) -> list[Sample]:
     """Each trust's handling time per query, from the coordinator's operator log (researchers
     never receive per-trust timings)."""
     assert fed.coordinator is not None
@@ -416,9 +329,9 @@ def machine_share(cpu: dict[str, Any]) -> dict[str, float]:
 
 
 def sequential(
-    fed: Federation, client: Client, args: argparse.Namespace, k: int, spy: PySpy
+    fed: LocalFederation, client: Client, args: argparse.Namespace, k: int, spy: PySpy
 ) -> dict[str, Any]:
-    pids = {p.name: p.popen.pid for p in fed.procs()}
+    pids = {p.name: p.popen.pid for p in fed.procs() if p.popen is not None}
     label = f"k{k}-r{args.round}"
     spy.start({"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}, label)
     meter = CpuMeter(pids)
@@ -454,7 +367,7 @@ def sequential(
 
 
 def throughput(
-    fed: Federation, clients: list[Client], args: argparse.Namespace, k: int, spy: PySpy
+    fed: LocalFederation, clients: list[Client], args: argparse.Namespace, k: int, spy: PySpy
 ) -> dict[str, Any]:
     n = len(clients)
     records: list[list[Sample]] = [[] for _ in range(n)]
@@ -476,7 +389,7 @@ def throughput(
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    pids = {p.name: p.popen.pid for p in fed.procs()}
+    pids = {p.name: p.popen.pid for p in fed.procs() if p.popen is not None}
     profiled = {"coordinator": pids["coordinator"], "node": pids[trust_names(k)[0]]}
     spy.start({**profiled, "client": os.getpid()}, f"k{k}-r{args.round}-load")
     meter = CpuMeter(pids)
@@ -540,13 +453,15 @@ def probe_fsync(directory: Path, repeats: int = 200) -> dict[str, float]:
 # -- one setting ------------------------------------------------------------------------------
 
 
-def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[str, Any]:
+def run_setting(
+    mode: str, k: int, db: Path, args: argparse.Namespace, spy: PySpy
+) -> dict[str, Any]:
     base = Path(args.work) if args.work else None
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"fedtre-federation-{k}-", dir=base))
-    print(f"[{k} trusts] work dir {work}", file=sys.stderr)
-    out: dict[str, Any] = {"trusts": k, "round": args.round}
+    work = Path(tempfile.mkdtemp(prefix=f"fedtre-federation-{mode}-{k}-", dir=base))
+    print(f"[{mode}, {k} trusts] work dir {work}", file=sys.stderr)
+    out: dict[str, Any] = {"mode": mode, "trusts": k, "round": args.round}
     keep = args.keep
     try:
         names = trust_names(k)
@@ -556,15 +471,7 @@ def run_setting(k: int, db: Path, args: argparse.Namespace, spy: PySpy) -> dict[
         for name in names:
             databases[name] = work / f"{name}.duckdb"
             shutil.copyfile(db, databases[name])
-        fed = Federation(
-            work,
-            pki,
-            databases,
-            researchers,
-            deadline_seconds=args.deadline,
-            node_workers=args.node_workers,
-            coordinator_workers=args.coordinator_workers,
-        )
+        fed = build_federation(work, pki, databases, researchers, args, mode)
         clients: list[Client] = []
         try:
             t0 = time.perf_counter()
@@ -607,18 +514,21 @@ def _pp(d: dict[str, float]) -> str:
     return f"{d['p50']:.1f} ({d['p95']:.1f})"
 
 
-def pooled(settings: list[dict[str, Any]], trusts: Sequence[int]) -> list[dict[str, Any]]:
-    """Per trust count: percentiles over the sequential queries of every round together."""
+def pooled(
+    settings: list[dict[str, Any]], modes: Sequence[str], trusts: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Per mode and trust count: percentiles over the sequential queries of every round."""
     out = []
-    for k in trusts:
-        runs = [s for s in settings if s["trusts"] == k]
+    for mode, k in ((m, k) for m in modes for k in trusts):
+        runs = [s for s in settings if s["trusts"] == k and s["mode"] == mode]
         e2e = [v for s in runs for v in s["sequential"]["samples"]["e2e_ms"]]
         node = [v for s in runs for v in s["sequential"]["samples"]["max_node_handling_ms"]]
         overhead = [a - b for a, b in zip(e2e, node, strict=True)]
         p50s = [s["sequential"]["overhead_ms"]["p50"] for s in runs]
-        target = TARGETS_MS.get(k)
+        target = TARGETS_MS.get((mode, k))
         out.append(
             {
+                "mode": mode,
                 "trusts": k,
                 "rounds": len(runs),
                 "queries": len(e2e),
@@ -649,12 +559,12 @@ def _cores(c: dict[str, float]) -> str:
 
 def _label(setting: dict[str, Any], results: dict[str, Any]) -> str:
     if results["rounds"] > 1:
-        return f"{setting['trusts']} (round {setting['round']})"
-    return str(setting["trusts"])
+        return f"{setting['mode']}, {setting['trusts']} (round {setting['round']})"
+    return f"{setting['mode']}, {setting['trusts']}"
 
 
-def target_verdict(k: int, overhead_p50: float) -> str:
-    target = TARGETS_MS.get(k)
+def target_verdict(mode: str, k: int, overhead_p50: float) -> str:
+    target = TARGETS_MS.get((mode, k))
     if target is None:
         return "–"
     return f"≤ {target:g}: {'met' if overhead_p50 <= target else 'NOT met'}"
@@ -679,7 +589,8 @@ def report_table(results: dict[str, Any]) -> str:
         cpu = q["cpu_ms_per_query"]
         lines.append(
             f"| {_label(s, results)} | {_pp(q['e2e_ms'])} | {_pp(q['max_node_handling_ms'])} | "
-            f"**{_pp(q['overhead_ms'])}** | {target_verdict(s['trusts'], q['overhead_ms']['p50'])}"
+            f"**{_pp(q['overhead_ms'])}** | "
+            f"{target_verdict(s['mode'], s['trusts'], q['overhead_ms']['p50'])}"
             f" | {_cpu(cpu)} | {_cores(q['machine_cpu'])} | {q['failures']} |"
         )
     if any("throughput" in s for s in results["settings"]):
@@ -712,11 +623,11 @@ def report_table(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for p in results["pooled"]:
-            verdict = target_verdict(p["trusts"], p["overhead_ms"]["p50"])
+            verdict = target_verdict(p["mode"], p["trusts"], p["overhead_ms"]["p50"])
             if p["rounds_meeting_target"] is not None:
                 verdict += f" ({p['rounds_meeting_target']} of {p['rounds']} rounds)"
             lines.append(
-                f"| {p['trusts']} | {p['queries']} | {_pp(p['e2e_ms'])} | "
+                f"| {p['mode']}, {p['trusts']} | {p['queries']} | {_pp(p['e2e_ms'])} | "
                 f"{_pp(p['max_node_handling_ms'])} | **{_pp(p['overhead_ms'])}** | "
                 + ", ".join(f"{v:.1f}" for v in p["overhead_p50_per_round_ms"])
                 + f" | {verdict} | "
@@ -726,7 +637,7 @@ def report_table(results: dict[str, Any]) -> str:
     lines += ["", "Probes, ms p50 (p95):", ""]
     for s in results["settings"]:
         lines.append(
-            f"- {s['trusts']} trusts"
+            f"- {s['mode']}, {s['trusts']} trusts"
             + (f", round {s['round']}" if results["rounds"] > 1 else "")
             + ": ListProjects round trip "
             f"{_pp(s['probe_list_projects_ms'])}; append+fsync {_pp(s['probe_fsync_ms'])}; "
@@ -764,6 +675,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--trusts", type=_int_list, default=[3, 5, 20], help="default 3,5,20")
+    parser.add_argument(
+        "--modes",
+        type=lambda t: [m for m in t.split(",") if m],
+        default=[DIAL_IN, DIAL_OUT],
+        help="dial-in,dial-out (default both)",
+    )
     parser.add_argument("--queries", type=int, default=200, help="sequential queries per setting")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument(
@@ -813,19 +730,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "duration_s": args.duration,
             "profiled_with_py_spy": args.py_spy is not None,
-            "targets_overhead_p50_ms": {str(k): v for k, v in TARGETS_MS.items()},
+            "modes": args.modes,
+            "targets_overhead_p50_ms": {f"{m} {k}": v for (m, k), v in TARGETS_MS.items()},
             "settings": [],
         }
         for round_ in range(1, args.rounds + 1):  # rounds outermost: drift hits every k alike
             args.round = round_
-            for k in args.trusts:
-                results["settings"].append(run_setting(k, db, args, spy))
+            for mode, k in ((m, k) for m in args.modes for k in args.trusts):
+                results["settings"].append(run_setting(mode, k, db, args, spy))
                 brief = {key: v for key, v in results["settings"][-1].items()}
                 brief["sequential"] = {
                     key: v for key, v in brief["sequential"].items() if key != "samples"
                 }
                 print(json.dumps(brief, indent=1), file=sys.stderr)
-        results["pooled"] = pooled(results["settings"], args.trusts)
+        results["pooled"] = pooled(results["settings"], args.modes, args.trusts)
     except KeyboardInterrupt:
         print("interrupted; every started process was stopped", file=sys.stderr)
         return 130

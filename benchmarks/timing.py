@@ -58,7 +58,7 @@ from fedtre.tls import TlsFiles, channel_credentials, channel_options  # noqa: E
 from fedtre.v2 import node_pb2 as npb  # noqa: E402
 from fedtre.v2 import node_pb2_grpc  # noqa: E402
 from node.loader import load_omop  # noqa: E402
-from tests.integration.federation import PROJECT, Federation, log_lines  # noqa: E402
+from tests.integration.federation import PROJECT, Federation  # noqa: E402
 
 PROBE = (
     "SELECT COUNT(*) AS n FROM conditions WHERE person_id IN (SELECT person_id FROM conditions "
@@ -122,7 +122,6 @@ def probe_run(
     work: Path, pki: Path, databases: dict[str, Path], slot_ms: int, probes: int, label: str
 ) -> dict[str, Any]:
     fed = Federation(work / label, pki, databases, deadline=30.0, answer_slot_ms=slot_ms)
-    fed.work.mkdir(parents=True)
     fed.start()
     try:
         files = TlsFiles.in_pki_dir(pki, Role.COORDINATOR, "hub")
@@ -162,8 +161,8 @@ def probe_run(
         fed.stop()
     overruns = sum(
         1
-        for proc in fed.nodes.values()
-        for e in log_lines(proc)
+        for name in fed.nodes
+        for e in fed.log_lines(name)
         if e.get("event") == "answer overran its slot"
     )
     a, b = times["trust-a"], times["trust-b"]

@@ -2,38 +2,39 @@
 
 It creates a federation CA and certificates, generates synthetic OMOP data of different sizes for
 three trusts, loads each with ``fedtre node load``, starts three ``fedtre node serve`` processes
-and a ``fedtre coordinator serve`` process on loopback (ports chosen by the OS), runs realistic
-queries as a researcher through the Python client, and stops every process cleanly. Every process
-is started exactly as an operator would start it: nothing here reaches into node or coordinator
-internals, and there is no switch that turns noise off.
+and a ``fedtre coordinator serve`` process on loopback (ports chosen by the OS; the one launcher,
+``fedtre.launcher``), runs realistic queries as a researcher through the Python client, and stops
+every process cleanly. Two trusts listen for the coordinator (dial-in); the third opens no port at
+all and dials the coordinator itself (dial-out), as a trust whose firewall allows only outbound
+connections would. Every process is started exactly as an operator would start it: nothing here
+reaches into node or coordinator internals, and there is no switch that turns noise off.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedtre.client import Client, Profile
 from fedtre.errors import InternalError, UserError
+from fedtre.launcher import DIAL_IN, DIAL_OUT, LocalFederation, ProjectSpec, TrustSpec
 from fedtre.pki import Role, init_ca, issue
-from fedtre.serving import wait_for_address
 from fedtre.synthetic import generate
-from fedtre.tls import TlsFiles
 
 PROJECT = "mh-demo"
 COORDINATOR = "hub"
 RESEARCHER = "alice"
-TRUSTS = (("trust-a", 12_000, 11), ("trust-b", 30_000, 12), ("trust-c", 60_000, 13))
-START_TIMEOUT = 60.0
+TRUSTS = (
+    ("trust-a", 12_000, 11, DIAL_IN),
+    ("trust-b", 30_000, 12, DIAL_IN),
+    ("trust-c", 60_000, 13, DIAL_OUT),  # its firewall allows only outbound connections
+)
 
 QUERIES = (
     (
@@ -93,19 +94,36 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-
 class Demo:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.pki = work / "pki"
-        self.processes: list[Process] = []
         self.started = time.monotonic()
+        self.fed = LocalFederation(
+            work=work,
+            pki=self.pki,
+            trusts=[
+                TrustSpec(name, work / name / f"{name}.duckdb", mode) for name, _, _, mode in TRUSTS
+            ],
+            projects=[
+                ProjectSpec(
+                    PROJECT,
+                    researchers=(RESEARCHER,),
+                    title="Demo: mental-health service use",
+                    total_epsilon=10.0,
+                    max_epsilon_per_query=1.0,
+                    default_epsilon=0.25,
+                    suppress_below=10,
+                    round_to=5,
+                )
+            ],
+            coordinator_name=COORDINATOR,
+            deadline=20.0,
+            answer_slot_ms=500,
+            node_ceiling=20.0,
+            new_session=True,
+        )
+        self.profile_path = work / f"{RESEARCHER}.toml"
 
     def run(self, keep_running: bool) -> int:
         try:
@@ -126,135 +144,53 @@ class Demo:
         if not (self.pki / "ca.pem").exists():
             init_ca(self.pki)
             issue(self.pki, Role.COORDINATOR, COORDINATOR)
-            for name, _, _ in TRUSTS:
+            for name, _, _, _ in TRUSTS:
                 issue(self.pki, Role.NODE, name)
             issue(self.pki, Role.RESEARCHER, RESEARCHER)
         _say(f"   CA, coordinator '{COORDINATOR}', 3 trusts, researcher '{RESEARCHER}'")
         _say("2. Synthetic OMOP extracts of different sizes, loaded by each trust")
         loads = []
-        for i, (name, persons, seed) in enumerate(TRUSTS):
-            home = self.work / name
-            home.mkdir(exist_ok=True)
-            self._node_config(home, name)
+        for i, (name, persons, seed, _) in enumerate(TRUSTS):
+            home = self.fed.node_dir(name)
+            self.fed.write_node_config(name)
             if (home / f"{name}.duckdb").exists():
                 continue
             generate(home / "omop", persons, seed=seed, person_id_offset=(i + 1) * 10_000_000)
-            loads.append(
-                self._spawn(
-                    f"load-{name}",
-                    ["node", "load", "--config", str(home / "node.toml"), "--source", "omop"],
-                    cwd=home,
+            log = self.work / f"load-{name}.log"
+            with log.open("ab") as out:
+                command = ["node", "load", "--config", "config.toml", "--source", "omop"]
+                loads.append(
+                    (
+                        name,
+                        log,
+                        subprocess.Popen(
+                            [sys.executable, "-m", "fedtre.cli", *command],
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            cwd=home,
+                        ),
+                    )
                 )
-            )
-        for proc in loads:
-            if proc.popen.wait() != 0:
-                raise InternalError(f"{proc.name} failed; see {proc.log}")
-            self.processes.remove(proc)
-        for name, persons, _ in TRUSTS:
-            _say(f"   {name}: {persons:,} persons")
-
-    def _node_config(self, home: Path, name: str) -> None:
-        tls = TlsFiles.in_pki_dir(self.pki, Role.NODE, name)
-        (home / "node.toml").write_text(
-            textwrap.dedent(
-                f"""\
-                node_id = "{name}"
-                database = "{name}.duckdb"
-                state_dir = "state"
-                node_epsilon_ceiling = 20.0
-                duckdb_threads = 1
-
-                [server]
-                listen = "127.0.0.1:0"
-                coordinator = "{COORDINATOR}"
-                ca = "{tls.ca}"
-                cert = "{tls.cert}"
-                key = "{tls.key}"
-
-                [projects.{PROJECT}]
-                title = "Demo: mental-health service use"
-                total_epsilon = 10.0
-                max_epsilon_per_query = 1.0
-                views = ["patients", "conditions", "visits"]
-                max_tier = "mental_health"
-                """
-            )
-        )
+        for name, log, popen in loads:
+            if popen.wait() != 0:
+                raise InternalError(f"loading {name} failed; see {log}")
+        for name, persons, _, mode in TRUSTS:
+            _say(f"   {name}: {persons:,} persons ({mode})")
 
     def _start(self) -> Profile:
         _say("3. Starting three trust nodes and the coordinator (separate processes, mTLS)")
-        nodes = {}
-        for name, _, _ in TRUSTS:
-            home = self.work / name
-            ready = home / "ready.json"
-            ready.unlink(missing_ok=True)
-            proc = self._spawn(
-                name,
-                ["node", "serve", "--config", str(home / "node.toml"), "--ready-file", str(ready)],
+        self.fed.start()
+        for name, _, _, mode in TRUSTS:
+            proc = self.fed.nodes[name]
+            where = (
+                f"listening on {proc.address}"
+                if mode == DIAL_IN
+                else f"dialled the coordinator at {proc.address} (no inbound port)"
             )
-            nodes[name] = (proc, ready)
-        addresses = {name: self._wait_ready(proc, ready) for name, (proc, ready) in nodes.items()}
-        for name, address in addresses.items():
-            _say(f"   {name} listening on {address}")
-        home = self.work / "coordinator"
-        home.mkdir(exist_ok=True)
-        tls = TlsFiles.in_pki_dir(self.pki, Role.COORDINATOR, COORDINATOR)
-        node_tables = "\n".join(
-            f'[nodes.{name}]\naddress = "{address}"\n' for name, address in addresses.items()
-        )
-        (home / "coordinator.toml").write_text(
-            f'coordinator_id = "{COORDINATOR}"\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n'
-            f"deadline_seconds = 20.0\n\n"
-            f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n\n'
-            f"{node_tables}\n"
-            f"[projects.{PROJECT}]\n"
-            'title = "Demo: mental-health service use"\n'
-            f'researchers = ["{RESEARCHER}"]\n'
-            "max_epsilon_per_query = 1.0\ndefault_epsilon = 0.25\n"
-            "allow_partial = false\nsuppress_below = 10\nround_to = 5\n"
-        )
-        ready = home / "ready.json"
-        ready.unlink(missing_ok=True)
-        proc = self._spawn(
-            "coordinator",
-            [
-                "coordinator",
-                "serve",
-                "--config",
-                str(home / "coordinator.toml"),
-                "--ready-file",
-                str(ready),
-            ],
-        )
-        address = self._wait_ready(proc, ready)
-        _say(f"   coordinator listening on {address}")
-        researcher = TlsFiles.in_pki_dir(self.pki, Role.RESEARCHER, RESEARCHER)
-        profile_path = self.work / f"{RESEARCHER}.toml"
-        profile_path.write_text(
-            f'coordinator = "{address}"\ncoordinator_name = "{COORDINATOR}"\n'
-            f'ca = "{researcher.ca}"\ncert = "{researcher.cert}"\nkey = "{researcher.key}"\n'
-        )
-        self.profile_path = profile_path
-        return Profile.load(profile_path)
-
-    def _spawn(self, name: str, args: list[str], cwd: Path | None = None) -> Process:
-        logs = self.work / "logs"
-        logs.mkdir(exist_ok=True)
-        log = logs / f"{name}.log"
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "fedtre.cli", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                cwd=cwd,
-            )
-        proc = Process(name, popen, log)
-        self.processes.append(proc)
-        return proc
-
-    def _wait_ready(self, proc: Process, ready: Path) -> str:
-        return wait_for_address(proc.popen, ready, proc.log, proc.name, START_TIMEOUT)
+            _say(f"   {name} {where}")
+        _say(f"   coordinator listening on {self.fed.coordinator.address}")
+        self.profile_path.write_text(self.fed.profile_text(RESEARCHER))
+        return Profile.load(self.profile_path)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -321,30 +257,18 @@ class Demo:
             )
         )
         with contextlib.suppress(KeyboardInterrupt):
-            while all(p.popen.poll() is None for p in self.processes):
+            while all(p.popen is None or p.popen.poll() is None for p in self.fed.procs()):
                 time.sleep(0.5)
             _say("a federation process exited; stopping")
 
     # -- shutdown --------------------------------------------------------------------------
 
     def _stop(self) -> None:
-        if not self.processes:
+        if not any(p.popen is not None for p in self.fed.procs()):
             return
-        for proc in self.processes:
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.popen.pid, signal.SIGTERM)
-        unclean = []
-        for proc in self.processes:
-            try:
-                code = proc.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                code = proc.popen.wait()
-            if code != 0:
-                unclean.append(f"{proc.name} (exit {code})")
-        self.processes.clear()
+        codes = self.fed.stop()
+        unclean = [f"{name} (exit {code})" for name, code in codes.items() if code != 0]
         if unclean:
-            _say(f"8. Stopped; not cleanly: {', '.join(unclean)} (see {self.work}/logs)")
+            _say(f"8. Stopped; not cleanly: {', '.join(unclean)} (see {self.work}/*.log)")
         else:
             _say(f"8. All processes stopped cleanly; total {time.monotonic() - self.started:.1f} s")

@@ -83,7 +83,7 @@ class LocalFederation:
     answer_slot_ms: int = 50
     node_ceiling: float = 500.0
     duckdb_threads: int = 1
-    node_workers: int = 4
+    node_workers: int | None = None  # None: the node's default
     coordinator_workers: int | None = None
     lease_seconds: float | None = None
     new_session: bool = False  # put processes in their own session (Ctrl-C handled by us)
@@ -250,7 +250,13 @@ class LocalFederation:
                 up.discard(str(line.get("node")))
         return up
 
-    def _write_node_config(self, t: TrustSpec, port: int) -> None:
+    def write_node_config(self, name: str) -> Path:
+        """Write a trust's config before the federation starts (e.g. to load its data with
+        ``fedtre node load --config``); ``start`` rewrites it with the real addresses."""
+        self._write_node_config(self._spec(name), port=0, server=False)
+        return self.node_dir(name) / "config.toml"
+
+    def _write_node_config(self, t: TrustSpec, port: int, server: bool = True) -> None:
         home = self.node_dir(t.name)
         home.mkdir(parents=True, exist_ok=True)
         tls = TlsFiles.in_pki_dir(self.pki, Role.NODE, t.name)
@@ -264,18 +270,24 @@ class LocalFederation:
             f"total_epsilon = {t.budgets.get(p.project_id, p.total_epsilon)}\n"
             f"max_epsilon_per_query = {p.max_epsilon_per_query}\n"
             f"views = [{', '.join(json.dumps(v) for v in p.views)}]\n"
-            f'max_tier = "{p.max_tier}"\n'
-            + (f"title = {json.dumps(p.title)}\n" if p.title else "")
+            f'max_tier = "{p.max_tier}"\n' + (f"title = {json.dumps(p.title)}\n" if p.title else "")
             for p in self.projects
         )
-        lease = "" if self.lease_seconds is None else f"prepare_lease_seconds = {self.lease_seconds}\n"
+        lease = (
+            "" if self.lease_seconds is None else f"prepare_lease_seconds = {self.lease_seconds}\n"
+        )
         (home / "config.toml").write_text(
             f'node_id = "{t.name}"\ndatabase = "{t.database}"\nstate_dir = "state"\n'
             f"node_epsilon_ceiling = {self.node_ceiling}\nduckdb_threads = {self.duckdb_threads}\n"
             f"answer_slot_ms = {self.answer_slot_ms}\n{lease}\n"
-            f'[server]\n{where}coordinator = "{self.coordinator_name}"\n'
-            f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
-            f"max_workers = {self.node_workers}\n{projects}"
+            + (
+                f'[server]\n{where}coordinator = "{self.coordinator_name}"\n'
+                f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+                + ("" if self.node_workers is None else f"max_workers = {self.node_workers}\n")
+                if server
+                else ""
+            )
+            + projects
         )
 
     def _write_coordinator_config(self, index: int, port: int) -> None:

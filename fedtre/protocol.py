@@ -98,6 +98,7 @@ class Call(Enum):
     BUDGET = "budget"
     DESCRIBE = "describe"
     HEARTBEAT = "heartbeat"
+    CANCEL = "cancel"  # the call ``call_id`` names passed its deadline: drop it
 
 
 @dataclass(frozen=True)

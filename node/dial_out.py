@@ -12,6 +12,7 @@ no heartbeat) for ``SILENCE_LIMIT`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import random
 import threading
@@ -67,6 +68,7 @@ class DialOut:
         self.on_connected = on_connected
         self._pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="link")
         self._stop = threading.Event()
+        self._order_lock = threading.Lock()
         self._streams: dict[str, Any] = {}
         self._threads = [
             threading.Thread(target=self._run, args=(a,), name=f"dial-{a}", daemon=True)
@@ -120,6 +122,8 @@ class DialOut:
         alive = threading.Event()
         alive.set()
         last_heard = [time.monotonic()]
+        cancelled: set[int] = set()  # call ids whose deadline passed at the coordinator
+        order: dict[tuple[str, str], futures.Future[None]] = {}
 
         def outgoing() -> Iterator[lpb.NodeToCoordinator]:
             while True:
@@ -146,7 +150,12 @@ class DialOut:
                 if request.call is Call.HEARTBEAT:
                     outbox.put(LinkReply(0, heartbeat=request.sequence))
                     continue
-                self._pool.submit(self._handle, request, outbox, alive)
+                if request.call is Call.CANCEL:
+                    if len(cancelled) > 10_000:  # ids only grow: old ones never recur
+                        cancelled.clear()
+                    cancelled.add(request.call_id)
+                    continue
+                self._dispatch(request, outbox, alive, cancelled, order)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else ""
@@ -169,19 +178,52 @@ class DialOut:
                 stream.cancel()
                 return
 
+    def _dispatch(
+        self,
+        request: LinkRequest,
+        outbox: queue.Queue[LinkReply | None],
+        alive: threading.Event,
+        cancelled: set[int],
+        order: dict[tuple[str, str], futures.Future[None]],
+    ) -> None:
+        """Run the call on the pool. Calls about one query id run in the order they arrived
+        (an abort never overtakes its prepare); others run side by side. A call starts only
+        after every earlier one (FIFO pool), so waiting for an earlier one cannot deadlock."""
+        key = _query_key(request)
+        with self._order_lock:
+            before = order.get(key) if key else None
+
+        def run() -> None:
+            if before is not None:
+                with contextlib.suppress(Exception):
+                    before.result()
+            self._handle(request, outbox, alive, cancelled)
+
+        future = self._pool.submit(run)
+        if key:
+            order[key] = future
+            future.add_done_callback(
+                lambda f: order.pop(key, None) if order.get(key) is f else None
+            )
+
     def _handle(
-        self, request: LinkRequest, outbox: queue.Queue[LinkReply | None], alive: threading.Event
+        self,
+        request: LinkRequest,
+        outbox: queue.Queue[LinkReply | None],
+        alive: threading.Event,
+        cancelled: set[int],
     ) -> None:
         caller = f"coordinator:{self.coordinator}"
         h = self.handler
         if request.call is Call.PREPARE and request.prepare is not None:
+            call_id = request.call_id
             reply = LinkReply(
                 request.call_id,
                 outcome=h.prepare(
                     request.prepare,
                     caller,
                     time_left=request.time_left,
-                    cancelled=lambda: not alive.is_set(),
+                    cancelled=lambda: not alive.is_set() or call_id in cancelled,
                 ),
             )
         elif request.call is Call.COMMIT and request.decision is not None:
@@ -199,3 +241,11 @@ class DialOut:
             return
         if alive.is_set():
             outbox.put(reply)
+
+
+def _query_key(request: LinkRequest) -> tuple[str, str] | None:
+    if request.prepare is not None:
+        return (request.prepare.project_id, request.prepare.query_id)
+    if request.decision is not None:
+        return (request.decision.project_id, request.decision.query_id)
+    return None

@@ -37,6 +37,8 @@ def link_request_to_proto(r: LinkRequest) -> lpb.CoordinatorToNode:
         msg.budget.CopyFrom(budget_request_to_proto(r.project_id))
     elif r.call is Call.DESCRIBE:
         msg.describe.CopyFrom(npb.DescribeRequest())
+    elif r.call is Call.CANCEL:
+        msg.cancel.CopyFrom(lpb.Cancel())
     else:
         msg.heartbeat.sequence = r.sequence
     return msg
@@ -58,6 +60,8 @@ def link_request_from_proto(msg: lpb.CoordinatorToNode) -> LinkRequest:
         return LinkRequest(call_id, Call.BUDGET, left, project_id=project_id)
     if which == "describe":
         return LinkRequest(call_id, Call.DESCRIBE, left)
+    if which == "cancel":
+        return LinkRequest(call_id, Call.CANCEL)
     if which == "heartbeat":
         return LinkRequest(call_id, Call.HEARTBEAT, left, sequence=int(msg.heartbeat.sequence))
     raise WireError("a link message carries no call")

@@ -5,44 +5,47 @@
 # source: fedtre/v2/common.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "fedtre/v2/common.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'fedtre/v2/common.proto'
 )
 # @@protoc_insertion_point(imports)
 
 _sym_db = _symbol_database.Default()
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x16\x66\x65\x64tre/v2/common.proto\x12\tfedtre.v2"E\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x11\n\x07\x62oolean\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind"(\n\x04\x43\x65ll\x12 \n\x06values\x18\x01 \x03(\x0b\x32\x10.fedtre.v2.Value"\xaa\x01\n\tStatistic\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fedtre.v2.StatisticKind\x12\x0e\n\x06values\x18\x02 \x03(\x03\x12\x13\n\x0bsensitivity\x18\x03 \x01(\x03\x12\x13\n\x0bnoise_scale\x18\x04 \x01(\x01\x12\x11\n\tnoise_std\x18\x05 \x01(\x01\x12\x15\n\repsilon_units\x18\x06 \x01(\x04\x12\x11\n\tmechanism\x18\x07 \x01(\t"\xae\x01\n\tAggregate\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fedtre.v2.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12(\n\nstatistics\x18\x04 \x03(\x0b\x32\x14.fedtre.v2.Statistic\x12\x12\n\nhas_bounds\x18\x05 \x01(\x08\x12\r\n\x05lower\x18\x06 \x01(\x03\x12\r\n\x05upper\x18\x07 \x01(\x03"\x8a\x02\n\nNodeResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x0c\n\x04view\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\t\x12\x10\n\x08group_by\x18\x06 \x03(\t\x12\x1e\n\x05\x63\x65lls\x18\x07 \x03(\x0b\x32\x0f.fedtre.v2.Cell\x12(\n\naggregates\x18\x08 \x03(\x0b\x32\x14.fedtre.v2.Aggregate\x12\x15\n\repsilon_units\x18\t \x01(\x04\x12\x13\n\x0breleased_at\x18\n \x01(\t\x12\x16\n\x0ereference_date\x18\x0b \x01(\t*\x9b\x01\n\rAggregateKind\x12\x1e\n\x1a\x41GGREGATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GGREGATE_KIND_COUNT\x10\x01\x12 \n\x1c\x41GGREGATE_KIND_COUNT_PERSONS\x10\x02\x12\x16\n\x12\x41GGREGATE_KIND_SUM\x10\x03\x12\x16\n\x12\x41GGREGATE_KIND_AVG\x10\x04*\x83\x01\n\rStatisticKind\x12\x1e\n\x1aSTATISTIC_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14STATISTIC_KIND_COUNT\x10\x01\x12 \n\x1cSTATISTIC_KIND_COUNT_PERSONS\x10\x02\x12\x16\n\x12STATISTIC_KIND_SUM\x10\x03*\xad\x03\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUSAL_INVALID_REQUEST\x10\x01\x12\x1d\n\x19REFUSAL_UNSUPPORTED_QUERY\x10\x02\x12\x18\n\x14REFUSAL_UNKNOWN_VIEW\x10\x03\x12\x1a\n\x16REFUSAL_UNKNOWN_COLUMN\x10\x04\x12\x19\n\x15REFUSAL_INVALID_VALUE\x10\x05\x12\x15\n\x11REFUSAL_TOO_LARGE\x10\x06\x12\x1b\n\x17REFUSAL_UNKNOWN_PROJECT\x10\x07\x12\x18\n\x14REFUSAL_OUT_OF_SCOPE\x10\x08\x12\x1b\n\x17REFUSAL_INVALID_EPSILON\x10\t\x12\x1c\n\x18REFUSAL_BUDGET_EXHAUSTED\x10\n\x12\x1d\n\x19REFUSAL_QUERY_ID_CONFLICT\x10\x0b\x12\x1a\n\x16REFUSAL_NOT_AUTHORISED\x10\x0c\x12\x1e\n\x1aREFUSAL_DEADLINE_TOO_SHORT\x10\r\x12\x18\n\x14REFUSAL_NOT_PREPARED\x10\x0e\x62\x06proto3'
-)
+
+
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x65\x64tre/v2/common.proto\x12\tfedtre.v2\"E\n\x05Value\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x11\n\x07\x62oolean\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"(\n\x04\x43\x65ll\x12 \n\x06values\x18\x01 \x03(\x0b\x32\x10.fedtre.v2.Value\"\xaa\x01\n\tStatistic\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.fedtre.v2.StatisticKind\x12\x0e\n\x06values\x18\x02 \x03(\x03\x12\x13\n\x0bsensitivity\x18\x03 \x01(\x03\x12\x13\n\x0bnoise_scale\x18\x04 \x01(\x01\x12\x11\n\tnoise_std\x18\x05 \x01(\x01\x12\x15\n\repsilon_units\x18\x06 \x01(\x04\x12\x11\n\tmechanism\x18\x07 \x01(\t\"\xae\x01\n\tAggregate\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fedtre.v2.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12(\n\nstatistics\x18\x04 \x03(\x0b\x32\x14.fedtre.v2.Statistic\x12\x12\n\nhas_bounds\x18\x05 \x01(\x08\x12\r\n\x05lower\x18\x06 \x01(\x03\x12\r\n\x05upper\x18\x07 \x01(\x03\"\x8a\x02\n\nNodeResult\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x0c\n\x04view\x18\x04 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x05 \x01(\t\x12\x10\n\x08group_by\x18\x06 \x03(\t\x12\x1e\n\x05\x63\x65lls\x18\x07 \x03(\x0b\x32\x0f.fedtre.v2.Cell\x12(\n\naggregates\x18\x08 \x03(\x0b\x32\x14.fedtre.v2.Aggregate\x12\x15\n\repsilon_units\x18\t \x01(\x04\x12\x13\n\x0breleased_at\x18\n \x01(\t\x12\x16\n\x0ereference_date\x18\x0b \x01(\t*\x9b\x01\n\rAggregateKind\x12\x1e\n\x1a\x41GGREGATE_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GGREGATE_KIND_COUNT\x10\x01\x12 \n\x1c\x41GGREGATE_KIND_COUNT_PERSONS\x10\x02\x12\x16\n\x12\x41GGREGATE_KIND_SUM\x10\x03\x12\x16\n\x12\x41GGREGATE_KIND_AVG\x10\x04*\x83\x01\n\rStatisticKind\x12\x1e\n\x1aSTATISTIC_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14STATISTIC_KIND_COUNT\x10\x01\x12 \n\x1cSTATISTIC_KIND_COUNT_PERSONS\x10\x02\x12\x16\n\x12STATISTIC_KIND_SUM\x10\x03*\xad\x03\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x1b\n\x17REFUSAL_INVALID_REQUEST\x10\x01\x12\x1d\n\x19REFUSAL_UNSUPPORTED_QUERY\x10\x02\x12\x18\n\x14REFUSAL_UNKNOWN_VIEW\x10\x03\x12\x1a\n\x16REFUSAL_UNKNOWN_COLUMN\x10\x04\x12\x19\n\x15REFUSAL_INVALID_VALUE\x10\x05\x12\x15\n\x11REFUSAL_TOO_LARGE\x10\x06\x12\x1b\n\x17REFUSAL_UNKNOWN_PROJECT\x10\x07\x12\x18\n\x14REFUSAL_OUT_OF_SCOPE\x10\x08\x12\x1b\n\x17REFUSAL_INVALID_EPSILON\x10\t\x12\x1c\n\x18REFUSAL_BUDGET_EXHAUSTED\x10\n\x12\x1d\n\x19REFUSAL_QUERY_ID_CONFLICT\x10\x0b\x12\x1a\n\x16REFUSAL_NOT_AUTHORISED\x10\x0c\x12\x1e\n\x1aREFUSAL_DEADLINE_TOO_SHORT\x10\r\x12\x18\n\x14REFUSAL_NOT_PREPARED\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "fedtre.v2.common_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtre.v2.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_AGGREGATEKIND"]._serialized_start = 770
-    _globals["_AGGREGATEKIND"]._serialized_end = 925
-    _globals["_STATISTICKIND"]._serialized_start = 928
-    _globals["_STATISTICKIND"]._serialized_end = 1059
-    _globals["_REFUSAL"]._serialized_start = 1062
-    _globals["_REFUSAL"]._serialized_end = 1491
-    _globals["_VALUE"]._serialized_start = 37
-    _globals["_VALUE"]._serialized_end = 106
-    _globals["_CELL"]._serialized_start = 108
-    _globals["_CELL"]._serialized_end = 148
-    _globals["_STATISTIC"]._serialized_start = 151
-    _globals["_STATISTIC"]._serialized_end = 321
-    _globals["_AGGREGATE"]._serialized_start = 324
-    _globals["_AGGREGATE"]._serialized_end = 498
-    _globals["_NODERESULT"]._serialized_start = 501
-    _globals["_NODERESULT"]._serialized_end = 767
+  DESCRIPTOR._loaded_options = None
+  _globals['_AGGREGATEKIND']._serialized_start=770
+  _globals['_AGGREGATEKIND']._serialized_end=925
+  _globals['_STATISTICKIND']._serialized_start=928
+  _globals['_STATISTICKIND']._serialized_end=1059
+  _globals['_REFUSAL']._serialized_start=1062
+  _globals['_REFUSAL']._serialized_end=1491
+  _globals['_VALUE']._serialized_start=37
+  _globals['_VALUE']._serialized_end=106
+  _globals['_CELL']._serialized_start=108
+  _globals['_CELL']._serialized_end=148
+  _globals['_STATISTIC']._serialized_start=151
+  _globals['_STATISTIC']._serialized_end=321
+  _globals['_AGGREGATE']._serialized_start=324
+  _globals['_AGGREGATE']._serialized_end=498
+  _globals['_NODERESULT']._serialized_start=501
+  _globals['_NODERESULT']._serialized_end=767
 # @@protoc_insertion_point(module_scope)

@@ -40,7 +40,6 @@ class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_NOT_AUTHORISED: _ClassVar[Refusal]
     REFUSAL_DEADLINE_TOO_SHORT: _ClassVar[Refusal]
     REFUSAL_NOT_PREPARED: _ClassVar[Refusal]
-
 AGGREGATE_KIND_UNSPECIFIED: AggregateKind
 AGGREGATE_KIND_COUNT: AggregateKind
 AGGREGATE_KIND_COUNT_PERSONS: AggregateKind
@@ -74,12 +73,7 @@ class Value(_message.Message):
     text: str
     integer: int
     boolean: bool
-    def __init__(
-        self,
-        text: _Optional[str] = ...,
-        integer: _Optional[int] = ...,
-        boolean: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, text: _Optional[str] = ..., integer: _Optional[int] = ..., boolean: _Optional[bool] = ...) -> None: ...
 
 class Cell(_message.Message):
     __slots__ = ("values",)
@@ -88,15 +82,7 @@ class Cell(_message.Message):
     def __init__(self, values: _Optional[_Iterable[_Union[Value, _Mapping]]] = ...) -> None: ...
 
 class Statistic(_message.Message):
-    __slots__ = (
-        "kind",
-        "values",
-        "sensitivity",
-        "noise_scale",
-        "noise_std",
-        "epsilon_units",
-        "mechanism",
-    )
+    __slots__ = ("kind", "values", "sensitivity", "noise_scale", "noise_std", "epsilon_units", "mechanism")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SENSITIVITY_FIELD_NUMBER: _ClassVar[int]
@@ -111,16 +97,7 @@ class Statistic(_message.Message):
     noise_std: float
     epsilon_units: int
     mechanism: str
-    def __init__(
-        self,
-        kind: _Optional[_Union[StatisticKind, str]] = ...,
-        values: _Optional[_Iterable[int]] = ...,
-        sensitivity: _Optional[int] = ...,
-        noise_scale: _Optional[float] = ...,
-        noise_std: _Optional[float] = ...,
-        epsilon_units: _Optional[int] = ...,
-        mechanism: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, kind: _Optional[_Union[StatisticKind, str]] = ..., values: _Optional[_Iterable[int]] = ..., sensitivity: _Optional[int] = ..., noise_scale: _Optional[float] = ..., noise_std: _Optional[float] = ..., epsilon_units: _Optional[int] = ..., mechanism: _Optional[str] = ...) -> None: ...
 
 class Aggregate(_message.Message):
     __slots__ = ("alias", "kind", "column", "statistics", "has_bounds", "lower", "upper")
@@ -138,31 +115,10 @@ class Aggregate(_message.Message):
     has_bounds: bool
     lower: int
     upper: int
-    def __init__(
-        self,
-        alias: _Optional[str] = ...,
-        kind: _Optional[_Union[AggregateKind, str]] = ...,
-        column: _Optional[str] = ...,
-        statistics: _Optional[_Iterable[_Union[Statistic, _Mapping]]] = ...,
-        has_bounds: _Optional[bool] = ...,
-        lower: _Optional[int] = ...,
-        upper: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, alias: _Optional[str] = ..., kind: _Optional[_Union[AggregateKind, str]] = ..., column: _Optional[str] = ..., statistics: _Optional[_Iterable[_Union[Statistic, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[int] = ..., upper: _Optional[int] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = (
-        "query_id",
-        "node_id",
-        "project_id",
-        "view",
-        "catalog_version",
-        "group_by",
-        "cells",
-        "aggregates",
-        "epsilon_units",
-        "released_at",
-        "reference_date",
-    )
+    __slots__ = ("query_id", "node_id", "project_id", "view", "catalog_version", "group_by", "cells", "aggregates", "epsilon_units", "released_at", "reference_date")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -185,17 +141,4 @@ class NodeResult(_message.Message):
     epsilon_units: int
     released_at: str
     reference_date: str
-    def __init__(
-        self,
-        query_id: _Optional[str] = ...,
-        node_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        view: _Optional[str] = ...,
-        catalog_version: _Optional[str] = ...,
-        group_by: _Optional[_Iterable[str]] = ...,
-        cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ...,
-        aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ...,
-        epsilon_units: _Optional[int] = ...,
-        released_at: _Optional[str] = ...,
-        reference_date: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ..., reference_date: _Optional[str] = ...) -> None: ...

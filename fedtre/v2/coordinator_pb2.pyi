@@ -17,7 +17,6 @@ class TrustState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUST_STATE_REFUSED: _ClassVar[TrustState]
     TRUST_STATE_FAILED: _ClassVar[TrustState]
     TRUST_STATE_WITHDRAWN: _ClassVar[TrustState]
-
 TRUST_STATE_UNSPECIFIED: TrustState
 TRUST_STATE_ANSWERED: TrustState
 TRUST_STATE_UNAVAILABLE: TrustState
@@ -35,25 +34,10 @@ class SubmitRequest(_message.Message):
     project_id: str
     sql: str
     epsilon: float
-    def __init__(
-        self,
-        query_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        sql: _Optional[str] = ...,
-        epsilon: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
 
 class TrustStatus(_message.Message):
-    __slots__ = (
-        "node_id",
-        "state",
-        "refusal",
-        "reason",
-        "epsilon_units",
-        "replayed",
-        "has_budget",
-        "remaining_units",
-    )
+    __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
@@ -70,17 +54,7 @@ class TrustStatus(_message.Message):
     replayed: bool
     has_budget: bool
     remaining_units: int
-    def __init__(
-        self,
-        node_id: _Optional[str] = ...,
-        state: _Optional[_Union[TrustState, str]] = ...,
-        refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ...,
-        reason: _Optional[str] = ...,
-        epsilon_units: _Optional[int] = ...,
-        replayed: _Optional[bool] = ...,
-        has_budget: _Optional[bool] = ...,
-        remaining_units: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ...) -> None: ...
 
 class Estimate(_message.Message):
     __slots__ = ("available", "suppressed", "value", "ci_low", "ci_high", "display")
@@ -96,15 +70,7 @@ class Estimate(_message.Message):
     ci_low: float
     ci_high: float
     display: str
-    def __init__(
-        self,
-        available: _Optional[bool] = ...,
-        suppressed: _Optional[bool] = ...,
-        value: _Optional[float] = ...,
-        ci_low: _Optional[float] = ...,
-        ci_high: _Optional[float] = ...,
-        display: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, available: _Optional[bool] = ..., suppressed: _Optional[bool] = ..., value: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., display: _Optional[str] = ...) -> None: ...
 
 class EstimateColumn(_message.Message):
     __slots__ = ("alias", "kind", "column", "estimates")
@@ -116,31 +82,10 @@ class EstimateColumn(_message.Message):
     kind: _common_pb2.AggregateKind
     column: str
     estimates: _containers.RepeatedCompositeFieldContainer[Estimate]
-    def __init__(
-        self,
-        alias: _Optional[str] = ...,
-        kind: _Optional[_Union[_common_pb2.AggregateKind, str]] = ...,
-        column: _Optional[str] = ...,
-        estimates: _Optional[_Iterable[_Union[Estimate, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, alias: _Optional[str] = ..., kind: _Optional[_Union[_common_pb2.AggregateKind, str]] = ..., column: _Optional[str] = ..., estimates: _Optional[_Iterable[_Union[Estimate, _Mapping]]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = (
-        "query_id",
-        "project_id",
-        "view",
-        "catalog_version",
-        "released",
-        "withheld_reason",
-        "group_by",
-        "cells",
-        "columns",
-        "trusts",
-        "covered_trusts",
-        "epsilon",
-        "notes",
-        "reference_date",
-    )
+    __slots__ = ("query_id", "project_id", "view", "catalog_version", "released", "withheld_reason", "group_by", "cells", "columns", "trusts", "covered_trusts", "epsilon", "notes", "reference_date")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
@@ -169,38 +114,14 @@ class SubmitResponse(_message.Message):
     epsilon: float
     notes: _containers.RepeatedScalarFieldContainer[str]
     reference_date: str
-    def __init__(
-        self,
-        query_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        view: _Optional[str] = ...,
-        catalog_version: _Optional[str] = ...,
-        released: _Optional[bool] = ...,
-        withheld_reason: _Optional[str] = ...,
-        group_by: _Optional[_Iterable[str]] = ...,
-        cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ...,
-        columns: _Optional[_Iterable[_Union[EstimateColumn, _Mapping]]] = ...,
-        trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ...,
-        covered_trusts: _Optional[_Iterable[str]] = ...,
-        epsilon: _Optional[float] = ...,
-        notes: _Optional[_Iterable[str]] = ...,
-        reference_date: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., released: _Optional[bool] = ..., withheld_reason: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ..., columns: _Optional[_Iterable[_Union[EstimateColumn, _Mapping]]] = ..., trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ..., covered_trusts: _Optional[_Iterable[str]] = ..., epsilon: _Optional[float] = ..., notes: _Optional[_Iterable[str]] = ..., reference_date: _Optional[str] = ...) -> None: ...
 
 class ListProjectsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ProjectInfo(_message.Message):
-    __slots__ = (
-        "project_id",
-        "title",
-        "trusts",
-        "max_epsilon_per_query",
-        "allow_partial",
-        "suppress_below",
-        "round_to",
-    )
+    __slots__ = ("project_id", "title", "trusts", "max_epsilon_per_query", "allow_partial", "suppress_below", "round_to")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TRUSTS_FIELD_NUMBER: _ClassVar[int]
@@ -215,24 +136,13 @@ class ProjectInfo(_message.Message):
     allow_partial: bool
     suppress_below: int
     round_to: int
-    def __init__(
-        self,
-        project_id: _Optional[str] = ...,
-        title: _Optional[str] = ...,
-        trusts: _Optional[_Iterable[str]] = ...,
-        max_epsilon_per_query: _Optional[float] = ...,
-        allow_partial: _Optional[bool] = ...,
-        suppress_below: _Optional[int] = ...,
-        round_to: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, project_id: _Optional[str] = ..., title: _Optional[str] = ..., trusts: _Optional[_Iterable[str]] = ..., max_epsilon_per_query: _Optional[float] = ..., allow_partial: _Optional[bool] = ..., suppress_below: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
 
 class ProjectList(_message.Message):
     __slots__ = ("projects",)
     PROJECTS_FIELD_NUMBER: _ClassVar[int]
     projects: _containers.RepeatedCompositeFieldContainer[ProjectInfo]
-    def __init__(
-        self, projects: _Optional[_Iterable[_Union[ProjectInfo, _Mapping]]] = ...
-    ) -> None: ...
+    def __init__(self, projects: _Optional[_Iterable[_Union[ProjectInfo, _Mapping]]] = ...) -> None: ...
 
 class ProjectBudgetRequest(_message.Message):
     __slots__ = ("project_id",)
@@ -246,8 +156,4 @@ class ProjectBudget(_message.Message):
     TRUSTS_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     trusts: _containers.RepeatedCompositeFieldContainer[TrustStatus]
-    def __init__(
-        self,
-        project_id: _Optional[str] = ...,
-        trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, project_id: _Optional[str] = ..., trusts: _Optional[_Iterable[_Union[TrustStatus, _Mapping]]] = ...) -> None: ...

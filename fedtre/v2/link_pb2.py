@@ -5,15 +5,18 @@
 # source: fedtre/v2/link.proto
 # Protobuf Python Version: 7.35.1
 """Generated protocol buffer code."""
-
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pool as _descriptor_pool
 from google.protobuf import runtime_version as _runtime_version
 from google.protobuf import symbol_database as _symbol_database
 from google.protobuf.internal import builder as _builder
-
 _runtime_version.ValidateProtobufRuntimeVersion(
-    _runtime_version.Domain.PUBLIC, 7, 35, 1, "", "fedtre/v2/link.proto"
+    _runtime_version.Domain.PUBLIC,
+    7,
+    35,
+    1,
+    '',
+    'fedtre/v2/link.proto'
 )
 # @@protoc_insertion_point(imports)
 
@@ -23,23 +26,23 @@ _sym_db = _symbol_database.Default()
 from fedtre.v2 import node_pb2 as fedtre_dot_v2_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n\x14\x66\x65\x64tre/v2/link.proto\x12\tfedtre.v2\x1a\x14\x66\x65\x64tre/v2/node.proto"\xd7\x02\n\x11\x43oordinatorToNode\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x19\n\x11time_left_seconds\x18\x02 \x01(\x01\x12,\n\x07prepare\x18\x03 \x01(\x0b\x32\x19.fedtre.v2.PrepareRequestH\x00\x12,\n\x06\x63ommit\x18\x04 \x01(\x0b\x32\x1a.fedtre.v2.DecisionRequestH\x00\x12+\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x1a.fedtre.v2.DecisionRequestH\x00\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x18.fedtre.v2.BudgetRequestH\x00\x12.\n\x08\x64\x65scribe\x18\x07 \x01(\x0b\x32\x1a.fedtre.v2.DescribeRequestH\x00\x12)\n\theartbeat\x18\x08 \x01(\x0b\x32\x14.fedtre.v2.HeartbeatH\x00\x42\x06\n\x04\x63\x61ll"\xd4\x01\n\x11NodeToCoordinator\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.fedtre.v2.HelloH\x00\x12%\n\x05reply\x18\x03 \x01(\x0b\x32\x14.fedtre.v2.NodeReplyH\x00\x12\x31\n\x0b\x64\x65scription\x18\x04 \x01(\x0b\x32\x1a.fedtre.v2.NodeDescriptionH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.fedtre.v2.HeartbeatH\x00\x42\x06\n\x04\x62ody"1\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x32]\n\x10TrustLinkService\x12I\n\x07\x43onnect\x12\x1c.fedtre.v2.NodeToCoordinator\x1a\x1c.fedtre.v2.CoordinatorToNode(\x01\x30\x01\x62\x06proto3'
-)
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66\x65\x64tre/v2/link.proto\x12\tfedtre.v2\x1a\x14\x66\x65\x64tre/v2/node.proto\"\xfc\x02\n\x11\x43oordinatorToNode\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x19\n\x11time_left_seconds\x18\x02 \x01(\x01\x12,\n\x07prepare\x18\x03 \x01(\x0b\x32\x19.fedtre.v2.PrepareRequestH\x00\x12,\n\x06\x63ommit\x18\x04 \x01(\x0b\x32\x1a.fedtre.v2.DecisionRequestH\x00\x12+\n\x05\x61\x62ort\x18\x05 \x01(\x0b\x32\x1a.fedtre.v2.DecisionRequestH\x00\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x18.fedtre.v2.BudgetRequestH\x00\x12.\n\x08\x64\x65scribe\x18\x07 \x01(\x0b\x32\x1a.fedtre.v2.DescribeRequestH\x00\x12)\n\theartbeat\x18\x08 \x01(\x0b\x32\x14.fedtre.v2.HeartbeatH\x00\x12#\n\x06\x63\x61ncel\x18\t \x01(\x0b\x32\x11.fedtre.v2.CancelH\x00\x42\x06\n\x04\x63\x61ll\"\x08\n\x06\x43\x61ncel\"\xd4\x01\n\x11NodeToCoordinator\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x05hello\x18\x02 \x01(\x0b\x32\x10.fedtre.v2.HelloH\x00\x12%\n\x05reply\x18\x03 \x01(\x0b\x32\x14.fedtre.v2.NodeReplyH\x00\x12\x31\n\x0b\x64\x65scription\x18\x04 \x01(\x0b\x32\x1a.fedtre.v2.NodeDescriptionH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.fedtre.v2.HeartbeatH\x00\x42\x06\n\x04\x62ody\"1\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x32]\n\x10TrustLinkService\x12I\n\x07\x43onnect\x12\x1c.fedtre.v2.NodeToCoordinator\x1a\x1c.fedtre.v2.CoordinatorToNode(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "fedtre.v2.link_pb2", _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtre.v2.link_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-    DESCRIPTOR._loaded_options = None
-    _globals["_COORDINATORTONODE"]._serialized_start = 58
-    _globals["_COORDINATORTONODE"]._serialized_end = 401
-    _globals["_NODETOCOORDINATOR"]._serialized_start = 404
-    _globals["_NODETOCOORDINATOR"]._serialized_end = 616
-    _globals["_HELLO"]._serialized_start = 618
-    _globals["_HELLO"]._serialized_end = 667
-    _globals["_HEARTBEAT"]._serialized_start = 669
-    _globals["_HEARTBEAT"]._serialized_end = 698
-    _globals["_TRUSTLINKSERVICE"]._serialized_start = 700
-    _globals["_TRUSTLINKSERVICE"]._serialized_end = 793
+  DESCRIPTOR._loaded_options = None
+  _globals['_COORDINATORTONODE']._serialized_start=58
+  _globals['_COORDINATORTONODE']._serialized_end=438
+  _globals['_CANCEL']._serialized_start=440
+  _globals['_CANCEL']._serialized_end=448
+  _globals['_NODETOCOORDINATOR']._serialized_start=451
+  _globals['_NODETOCOORDINATOR']._serialized_end=663
+  _globals['_HELLO']._serialized_start=665
+  _globals['_HELLO']._serialized_end=714
+  _globals['_HEARTBEAT']._serialized_start=716
+  _globals['_HEARTBEAT']._serialized_end=745
+  _globals['_TRUSTLINKSERVICE']._serialized_start=747
+  _globals['_TRUSTLINKSERVICE']._serialized_end=840
 # @@protoc_insertion_point(module_scope)

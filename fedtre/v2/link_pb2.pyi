@@ -8,16 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CoordinatorToNode(_message.Message):
-    __slots__ = (
-        "call_id",
-        "time_left_seconds",
-        "prepare",
-        "commit",
-        "abort",
-        "budget",
-        "describe",
-        "heartbeat",
-    )
+    __slots__ = ("call_id", "time_left_seconds", "prepare", "commit", "abort", "budget", "describe", "heartbeat", "cancel")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_LEFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREPARE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +17,7 @@ class CoordinatorToNode(_message.Message):
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     DESCRIBE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     time_left_seconds: float
     prepare: _node_pb2.PrepareRequest
@@ -34,17 +26,12 @@ class CoordinatorToNode(_message.Message):
     budget: _node_pb2.BudgetRequest
     describe: _node_pb2.DescribeRequest
     heartbeat: Heartbeat
-    def __init__(
-        self,
-        call_id: _Optional[int] = ...,
-        time_left_seconds: _Optional[float] = ...,
-        prepare: _Optional[_Union[_node_pb2.PrepareRequest, _Mapping]] = ...,
-        commit: _Optional[_Union[_node_pb2.DecisionRequest, _Mapping]] = ...,
-        abort: _Optional[_Union[_node_pb2.DecisionRequest, _Mapping]] = ...,
-        budget: _Optional[_Union[_node_pb2.BudgetRequest, _Mapping]] = ...,
-        describe: _Optional[_Union[_node_pb2.DescribeRequest, _Mapping]] = ...,
-        heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...,
-    ) -> None: ...
+    cancel: Cancel
+    def __init__(self, call_id: _Optional[int] = ..., time_left_seconds: _Optional[float] = ..., prepare: _Optional[_Union[_node_pb2.PrepareRequest, _Mapping]] = ..., commit: _Optional[_Union[_node_pb2.DecisionRequest, _Mapping]] = ..., abort: _Optional[_Union[_node_pb2.DecisionRequest, _Mapping]] = ..., budget: _Optional[_Union[_node_pb2.BudgetRequest, _Mapping]] = ..., describe: _Optional[_Union[_node_pb2.DescribeRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class NodeToCoordinator(_message.Message):
     __slots__ = ("call_id", "hello", "reply", "description", "heartbeat")
@@ -58,14 +45,7 @@ class NodeToCoordinator(_message.Message):
     reply: _node_pb2.NodeReply
     description: _node_pb2.NodeDescription
     heartbeat: Heartbeat
-    def __init__(
-        self,
-        call_id: _Optional[int] = ...,
-        hello: _Optional[_Union[Hello, _Mapping]] = ...,
-        reply: _Optional[_Union[_node_pb2.NodeReply, _Mapping]] = ...,
-        description: _Optional[_Union[_node_pb2.NodeDescription, _Mapping]] = ...,
-        heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., reply: _Optional[_Union[_node_pb2.NodeReply, _Mapping]] = ..., description: _Optional[_Union[_node_pb2.NodeDescription, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("node_id", "catalog_version")
@@ -73,9 +53,7 @@ class Hello(_message.Message):
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     catalog_version: str
-    def __init__(
-        self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ...
-    ) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence",)

@@ -18,7 +18,6 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_BUDGET: _ClassVar[Outcome]
     OUTCOME_REFUSED: _ClassVar[Outcome]
     OUTCOME_FAILED: _ClassVar[Outcome]
-
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_PREPARED: Outcome
 OUTCOME_COMMITTED: Outcome
@@ -39,14 +38,7 @@ class PrepareRequest(_message.Message):
     sql: str
     epsilon_units: int
     researcher: str
-    def __init__(
-        self,
-        query_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        sql: _Optional[str] = ...,
-        epsilon_units: _Optional[int] = ...,
-        researcher: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., researcher: _Optional[str] = ...) -> None: ...
 
 class DecisionRequest(_message.Message):
     __slots__ = ("query_id", "project_id")
@@ -54,9 +46,7 @@ class DecisionRequest(_message.Message):
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     project_id: str
-    def __init__(
-        self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ...
-    ) -> None: ...
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ...) -> None: ...
 
 class BudgetRequest(_message.Message):
     __slots__ = ("project_id",)
@@ -80,29 +70,10 @@ class NodeBudget(_message.Message):
     total_units: int
     spent_units: int
     remaining_units: int
-    def __init__(
-        self,
-        node_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        total_units: _Optional[int] = ...,
-        spent_units: _Optional[int] = ...,
-        remaining_units: _Optional[int] = ...,
-    ) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., total_units: _Optional[int] = ..., spent_units: _Optional[int] = ..., remaining_units: _Optional[int] = ...) -> None: ...
 
 class NodeReply(_message.Message):
-    __slots__ = (
-        "outcome",
-        "node_id",
-        "project_id",
-        "query_id",
-        "epsilon_units",
-        "replayed",
-        "result",
-        "refusal",
-        "reason",
-        "budget",
-        "handling_ms",
-    )
+    __slots__ = ("outcome", "node_id", "project_id", "query_id", "epsilon_units", "replayed", "result", "refusal", "reason", "budget", "handling_ms")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -125,20 +96,7 @@ class NodeReply(_message.Message):
     reason: str
     budget: NodeBudget
     handling_ms: float
-    def __init__(
-        self,
-        outcome: _Optional[_Union[Outcome, str]] = ...,
-        node_id: _Optional[str] = ...,
-        project_id: _Optional[str] = ...,
-        query_id: _Optional[str] = ...,
-        epsilon_units: _Optional[int] = ...,
-        replayed: _Optional[bool] = ...,
-        result: _Optional[_Union[_common_pb2.NodeResult, _Mapping]] = ...,
-        refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ...,
-        reason: _Optional[str] = ...,
-        budget: _Optional[_Union[NodeBudget, _Mapping]] = ...,
-        handling_ms: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., query_id: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., result: _Optional[_Union[_common_pb2.NodeResult, _Mapping]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ..., handling_ms: _Optional[float] = ...) -> None: ...
 
 class NodeDescription(_message.Message):
     __slots__ = ("node_id", "catalog_version", "catalog_digest", "project_ids")
@@ -150,10 +108,4 @@ class NodeDescription(_message.Message):
     catalog_version: str
     catalog_digest: str
     project_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self,
-        node_id: _Optional[str] = ...,
-        catalog_version: _Optional[str] = ...,
-        catalog_digest: _Optional[str] = ...,
-        project_ids: _Optional[_Iterable[str]] = ...,
-    ) -> None: ...
+    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., catalog_digest: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ...) -> None: ...

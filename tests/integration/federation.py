@@ -101,6 +101,7 @@ class Federation(LocalFederation):
             deadline=deadline,
             answer_slot_ms=answer_slot_ms,
             lease_seconds=lease_seconds,
+            node_workers=4,
         )
         self.mode = mode
 
