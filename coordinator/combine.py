@@ -31,7 +31,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fedtre.catalog import Value
-from fedtre.dp import DISCRETE_LAPLACE, Interval, ratio_estimate, sum_halfwidth
+from fedtre.dp import (
+    DISCRETE_LAPLACE,
+    Interval,
+    ratio_estimate,
+    ratio_std_error,
+    sum_halfwidth,
+)
 from fedtre.errors import InternalError
 from fedtre.plan import AggregateKind
 from fedtre.result import NodeResult, ReleasedAggregate
@@ -76,6 +82,7 @@ class CombinedEstimate:
     low: float | None
     high: float | None
     display: str  # "1,235", "< 10", "< 10 obs", "12.3", "n/a"
+    std_error: float | None = None  # of the estimate: the noise's, for counts and sums
 
 
 @dataclass(frozen=True)
@@ -200,16 +207,23 @@ def _combine_aggregate(
             for s, n in zip(sums, counts, strict=True)
         )
     k = sum_halfwidth([a.statistics[0].noise_scale for a in per_trust], confidence)
+    std = math.sqrt(sum(a.statistics[0].noise_std ** 2 for a in per_trust))
     totals = [sum(a.statistics[0].values[c] for a in per_trust) for c in range(cells)]
     is_count = ref.kind in _COUNTS
     # A count is never negative; nor is a sum of values clamped to [lower >= 0, upper].
     floor_zero = is_count or (ref.lower is not None and ref.lower >= 0)
     ceil_zero = not is_count and ref.upper is not None and ref.upper <= 0
-    return tuple(_total(v, k, is_count, floor_zero, ceil_zero, rules) for v in totals)
+    return tuple(_total(v, k, std, is_count, floor_zero, ceil_zero, rules) for v in totals)
 
 
 def _total(
-    value: int, k: int, is_count: bool, floor_zero: bool, ceil_zero: bool, rules: OutputRules
+    value: int,
+    k: int,
+    std: float,
+    is_count: bool,
+    floor_zero: bool,
+    ceil_zero: bool,
+    rules: OutputRules,
 ) -> CombinedEstimate:
     if is_count and _below(value, rules):
         return _suppressed(f"< {rules.suppress_below:,}", available=True)
@@ -223,7 +237,7 @@ def _total(
         value = (value + m // 2) // m * m  # nearest multiple, halves up
         low = low // m * m
         high = -(-high // m) * m
-    return CombinedEstimate(True, False, value, low, high, f"{value:,}")
+    return CombinedEstimate(True, False, value, low, high, f"{value:,}", std)
 
 
 def _mean(
@@ -243,7 +257,8 @@ def _mean(
     if mean is None:
         return CombinedEstimate(False, False, None, None, None, "n/a")
     assert isinstance(interval, Interval)
-    return CombinedEstimate(True, False, mean, interval.low, interval.high, f"{mean:,.1f}")
+    se = ratio_std_error(mean, sum_std, count, count_std)
+    return CombinedEstimate(True, False, mean, interval.low, interval.high, f"{mean:,.1f}", se)
 
 
 def _below(value: int, rules: OutputRules) -> bool:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.links import LinkDown
 from fedtre.errors import Refusal, WireError
@@ -55,9 +56,10 @@ class DialInLink:
                 options=[*CHANNEL_OPTIONS, *channel_options(node_id)],
             )
         self._state = grpc.ChannelConnectivity.IDLE
-        # Connect now, not at the first query, and follow the channel's state for the monitor.
+        # Connect now, not at the first query, and follow the channel's state for operators.
         self._channel.subscribe(self._track, try_to_connect=True)
         self._stub = node_pb2_grpc.NodeServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _track(self, state: grpc.ChannelConnectivity) -> None:
         self._state = state
@@ -88,7 +90,12 @@ class DialInLink:
             raise LinkDown(f"sent a malformed description ({exc})") from None
 
     def reachable(self) -> bool:
-        return self._state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.IDLE)
+        """The node's standard health service says SERVING (not audited, reads no data)."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def status(self) -> str:
         return f"dial-in {self.address}, channel {self._state.name.lower()}"

@@ -42,6 +42,7 @@ from fedtre.v2 import link_pb2_grpc
 
 log = logs.get("coordinator")
 
+CONNECT = "/fedtre.v2.TrustLinkService/Connect"
 HEARTBEAT_SECONDS = 2.0
 SILENCE_LIMIT = 3 * HEARTBEAT_SECONDS
 NOT_CONNECTED = "is not connected (a dial-out trust: its node has not dialled in)"
@@ -121,8 +122,10 @@ class LinkHub(link_pb2_grpc.TrustLinkServiceServicer):
         dial_out: frozenset[str],
         catalog_version: str,
         on_change: Callable[[str, bool, str], None] = lambda node, up, why: None,
+        on_refused: Callable[[str, str, str], None] = lambda method, who, why: None,
     ) -> None:
         self.dial_out = dial_out
+        self._on_refused = on_refused
         self.catalog_version = catalog_version
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -152,24 +155,29 @@ class LinkHub(link_pb2_grpc.TrustLinkServiceServicer):
     ) -> Iterator[lpb.CoordinatorToNode]:
         peer = peer_identity(context)
         name = peer.name if peer is not None else ""
+        who = f"node:{name}"
+
+        def refuse(code: grpc.StatusCode, why: str) -> None:
+            self._on_refused(CONNECT, who, why)
+            context.abort(code, why)
+
         if name not in self.dial_out:  # CallerPolicy admits only these; checked again here
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a dial-out trust of this hub")
+            refuse(grpc.StatusCode.PERMISSION_DENIED, "not a dial-out trust of this hub")
         try:
             first = link_reply_from_proto(next(request_iterator))
         except (StopIteration, WireError, grpc.RpcError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+            refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+            return
         hello = first.hello
         if hello is None or hello.node_id != name:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "the hello must name the certificate's node"
-            )
+            refuse(grpc.StatusCode.PERMISSION_DENIED, "the hello must name the certificate's node")
             return
         if hello.catalog_version != self.catalog_version:
             log.warning(
                 "trust link refused: catalog differs",
                 extra={"node": name, "catalog_version": hello.catalog_version[:32]},
             )
-            context.abort(
+            refuse(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"this coordinator serves catalog {self.catalog_version}; load the same "
                 "catalog at the node",

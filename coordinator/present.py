@@ -60,7 +60,9 @@ def query_result(outcome: Outcome) -> QueryResult:
                 kind=col.kind.value,
                 column=col.column,
                 estimates=tuple(
-                    EstimateValue(e.available, e.suppressed, e.value, e.low, e.high, e.display)
+                    EstimateValue(
+                        e.available, e.suppressed, e.value, e.low, e.high, e.display, e.std_error
+                    )
                     for e in col.estimates
                 ),
             )

@@ -9,8 +9,9 @@ while some project's rule cannot be met (a trust it needs is down or mismatched)
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
 
@@ -22,7 +23,7 @@ from coordinator.fanout import Trusts
 from coordinator.links import LinkDown, TrustLink
 from coordinator.service import ResearcherServicer
 from fedtre import logs
-from fedtre.errors import ConfigError
+from fedtre.errors import ConfigError, InternalError
 from fedtre.pki import Role
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
@@ -35,6 +36,7 @@ LINK_SERVICE = "fedtre.v2.TrustLinkService"
 INSECURE_RESEARCHER = "dev"
 MONITOR_SECONDS = 2.0
 DESCRIBE_SECONDS = 3.0
+AUDITED_REQUEST_BYTES = 1024 * 1024
 
 
 def create_server(
@@ -42,7 +44,20 @@ def create_server(
 ) -> Running[CoordinatorEngine]:
     tls = None if insecure else _tls(config)
     dial_out = frozenset(n for n, e in config.nodes.items() if e.dial_out)
-    hub = LinkHub(dial_out, config.catalog.version, on_change=_log_link)
+    refused: list[Callable[[str, str, str], None]] = []  # the engine's audit, once it exists
+
+    def link_refused(method: str, who: str, why: str) -> None:
+        for audit in refused:
+            audit(method, who, why)
+
+    monitors: list[TrustMonitor] = []  # told at once when a dial-out link opens or closes
+
+    def link_changed(node: str, up: bool, why: str) -> None:
+        _log_link(node, up, why)
+        for m in monitors:  # not on the stream's own thread: the check talks over it
+            threading.Thread(target=m.check, name="trust-monitor-now", daemon=True).start()
+
+    hub = LinkHub(dial_out, config.catalog.version, on_change=link_changed, on_refused=link_refused)
     links: dict[str, TrustLink] = {
         nid: DialOutLink(nid, hub) if e.dial_out else DialInLink(nid, e.address, tls)
         for nid, e in config.nodes.items()
@@ -65,6 +80,12 @@ def create_server(
             if dial_out:
                 link_pb2_grpc.add_TrustLinkServiceServicer_to_server(hub, server)
 
+        def audit_refusal(method: str, who: str, why: str) -> None:
+            with contextlib.suppress(InternalError):  # refused either way
+                engine.audit.write("call.refused", method=method, caller=who, reason=why)
+
+        refused.append(audit_refusal)
+
         def node_link(peer: Peer) -> bool:
             return peer.role is Role.NODE and peer.name in dial_out
 
@@ -73,11 +94,17 @@ def create_server(
             tls=tls,
             policy=None
             if insecure
-            else CallerPolicy(_researchers_only, by_prefix={f"/{LINK_SERVICE}/": node_link}),
+            else CallerPolicy(
+                _researchers_only,
+                by_prefix={f"/{LINK_SERVICE}/": node_link},
+                on_refused=audit_refusal,
+                max_request_bytes=MAX_REQUEST_BYTES,
+            ),
             # every open dial-out stream holds one worker thread
             max_workers=config.max_workers + len(dial_out),
-            # dial-out trusts send their answers in; researchers' requests are checked at 64 KiB
-            max_receive_bytes=MAX_RESULT_BYTES if dial_out else MAX_REQUEST_BYTES,
+            # dial-out trusts send their answers in; researchers' requests are refused above
+            # 64 KiB by the policy (audited), above this by gRPC itself
+            max_receive_bytes=MAX_RESULT_BYTES if dial_out else AUDITED_REQUEST_BYTES,
             max_send_bytes=2 * MAX_RESULT_BYTES,
             service_names=(SERVICE_NAME, *((LINK_SERVICE,) if dial_out else ())),
             add_services=add,
@@ -88,6 +115,7 @@ def create_server(
     address = bound_address(config.listen, port)
     engine.audit.write("coordinator.serving", address=address, tls=not insecure)
     monitor = TrustMonitor(config, engine.trusts, links, health)
+    monitors.append(monitor)
     engine.on_close(hub.close)
     engine.on_close(monitor.stop)
     monitor.start()
@@ -116,6 +144,7 @@ class TrustMonitor:
         self.links = links
         self.health = health
         self.up: dict[str, bool] = {}
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trust-monitor", daemon=True)
 
@@ -133,6 +162,10 @@ class TrustMonitor:
             self.check()
 
     def check(self) -> None:
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
         for nid, link in self.links.items():
             reachable = link.reachable()
             why = "" if reachable else "unreachable"

@@ -8,11 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
-from google.protobuf.message import Message
 
 from coordinator.engine import CoordinatorEngine
 from coordinator.present import project_budget, project_info, query_result
-from fedtre.serde.common import MAX_REQUEST_BYTES
 from fedtre.serde.coordinator import (
     project_budget_request_from_proto,
     project_budget_to_proto,
@@ -35,7 +33,6 @@ class ResearcherServicer(coordinator_pb2_grpc.ResearcherServiceServicer):
     def Submit(
         self, request: cpb.SubmitRequest, context: grpc.ServicerContext
     ) -> cpb.SubmitResponse:
-        _limit(request, context)
         sub = submission_from_proto(request)
         try:
             outcome = self.engine.submit(self._researcher(context), sub)
@@ -55,20 +52,9 @@ class ResearcherServicer(coordinator_pb2_grpc.ResearcherServiceServicer):
     def Budget(
         self, request: cpb.ProjectBudgetRequest, context: grpc.ServicerContext
     ) -> cpb.ProjectBudget:
-        _limit(request, context)
         project_id = project_budget_request_from_proto(request)
         try:
             project, outcomes = self.engine.budget(self._researcher(context), project_id)
         except Exception as exc:
             abort(context, exc)
         return project_budget_to_proto(project_budget(project, outcomes))
-
-
-def _limit(request: Message, context: grpc.ServicerContext) -> None:
-    """Researcher requests are small. The server's own limit is larger when dial-out trusts
-    send their answers in on the same port, so the researcher's limit is checked here."""
-    if request.ByteSize() > MAX_REQUEST_BYTES:
-        context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"The request is larger than {MAX_REQUEST_BYTES // 1024} KiB.",
-        )

@@ -5,12 +5,14 @@ table or a pandas DataFrame. Everything here is post-processing of released nois
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fedtre.catalog import Value
+from fedtre.errors import FedtreError
 
 if TYPE_CHECKING:
     import pandas
@@ -36,6 +38,7 @@ class EstimateValue:
     low: float | None
     high: float | None
     display: str
+    std_error: float | None = None  # standard error of the estimate (None when not shown)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,34 @@ class QueryResult:
     reference_date: str = ""  # the date every covered trust computed ages at (YYYY-MM-DD)
     catalog_version: str = ""
 
+    # -- what happened -------------------------------------------------------------------------
+
+    @property
+    def status(self) -> str:
+        """``released`` (every trust), ``partial`` (released without some trusts), ``refused``
+        (not released, and some trust's own rules said no), ``withheld`` (not released because
+        trusts did not answer)."""
+        if self.released:
+            return "partial" if len(self.covered_trusts) < len(self.trusts) else "released"
+        return "refused" if any(t.state == "refused" for t in self.trusts) else "withheld"
+
+    def summary(self) -> str:
+        """One line for people: what was released and what was not, and why."""
+        missing = [t for t in self.trusts if t.state != "answered"]
+        why = "; ".join(
+            f"{t.node_id} {t.state}" + (f" ({t.reason})" if t.reason else "") for t in missing
+        )
+        if self.status == "released":
+            return f"released: covers all {len(self.trusts)} trusts"
+        if self.status == "partial":
+            return (
+                f"partial: covers {', '.join(self.covered_trusts)} "
+                f"({len(self.covered_trusts)} of {len(self.trusts)} trusts); not covered: {why}"
+            )
+        return f"{self.status}: {self.withheld_reason or why}" + (
+            f" [{why}]" if why and self.withheld_reason else ""
+        )
+
     # -- machine-readable ------------------------------------------------------------------
 
     def rows(self) -> list[dict[str, Any]]:
@@ -76,6 +107,7 @@ class QueryResult:
                 row[col.alias] = e.value
                 row[f"{col.alias}_ci_low"] = e.low
                 row[f"{col.alias}_ci_high"] = e.high
+                row[f"{col.alias}_se"] = e.std_error
                 row[f"{col.alias}_suppressed"] = e.suppressed
             out.append(row)
         return out
@@ -87,7 +119,7 @@ class QueryResult:
         names = [*self.group_by]
         for col in self.columns:
             names += [col.alias, f"{col.alias}_ci_low", f"{col.alias}_ci_high"]
-            names.append(f"{col.alias}_suppressed")
+            names += [f"{col.alias}_se", f"{col.alias}_suppressed"]
         table = pa.Table.from_pylist(rows) if rows else pa.table({n: [] for n in names})
         metadata = {
             "query_id": self.query_id,
@@ -100,7 +132,12 @@ class QueryResult:
         return table.replace_schema_metadata(metadata)
 
     def to_pandas(self) -> pandas.DataFrame:
+        """Counts and sums as pandas ``Int64`` (whole numbers, missing when suppressed)."""
         frame = self.to_arrow().to_pandas()
+        for col in self.columns:
+            if col.kind != "avg":
+                for name in (col.alias, f"{col.alias}_ci_low", f"{col.alias}_ci_high"):
+                    frame[name] = frame[name].round().astype("Int64")
         frame.attrs.update(
             query_id=self.query_id,
             project_id=self.project_id,
@@ -116,6 +153,7 @@ class QueryResult:
             "query_id": self.query_id,
             "project_id": self.project_id,
             "view": self.view,
+            "status": self.status,
             "released": self.released,
             "withheld_reason": self.withheld_reason or None,
             "covered_trusts": list(self.covered_trusts),
@@ -130,15 +168,61 @@ class QueryResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def to_csv(self) -> str:
+        """The rows as CSV. A partial, withheld or refused result says so in ``#`` lines first
+        (``pandas.read_csv(..., comment="#")`` skips them); one not released lists each
+        trust's state instead of rows, so the output is never empty."""
         buffer = io.StringIO()
-        rows = self.rows()
+        if self.status != "released":
+            for line in self.summary().splitlines():
+                buffer.write(f"# {line}\n")
+        rows = self.rows() if self.released else []
         if rows:
             writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
+        elif not self.released:
+            plain = csv.writer(buffer, lineterminator="\n")
+            plain.writerow(["trust", "state", "refusal", "reason"])
+            for t in self.trusts:
+                plain.writerow([t.node_id, t.state, t.refusal or "", t.reason])
         return buffer.getvalue()
 
     # -- for people ------------------------------------------------------------------------
+
+    def _repr_html_(self) -> str:
+        """The table in Jupyter: estimates with intervals, then each trust's state."""
+        e = html.escape
+        parts = [f"<p><b>{e(self.project_id)}</b> · {e(self.summary())}</p>"]
+        if self.released:
+            head = "".join(f"<th>{e(h)}</th>" for h in self.group_by)
+            for col in self.columns:
+                head += f"<th>{e(col.alias)}</th><th>95% interval</th>"
+            body = []
+            for i, cell in enumerate(self.cells):
+                tds = "".join(f"<td>{e(_text(v))}</td>" for v in cell)
+                for col in self.columns:
+                    est = col.estimates[i]
+                    interval = (
+                        f"{_num(est.low, col.kind == 'avg')} to {_num(est.high, col.kind == 'avg')}"
+                        if est.low is not None and est.high is not None
+                        else ""
+                    )
+                    tds += (
+                        f"<td style='text-align:right'>{e(est.display)}</td><td>{e(interval)}</td>"
+                    )
+                body.append(f"<tr>{tds}</tr>")
+            parts.append(
+                f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            )
+        trusts = "".join(
+            f"<li>{e(t.node_id)}: {e(t.state)}"
+            + (f" ({e(t.reason)})" if t.reason else "")
+            + "</li>"
+            for t in self.trusts
+        )
+        parts.append(f"<ul>{trusts}</ul>")
+        parts += [f"<p><small>{e(n)}</small></p>" for n in self.notes]
+        return "\n".join(parts)
 
     def table(self) -> str:
         lines: list[str] = []
@@ -201,6 +285,18 @@ def _text(v: Value) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
+
+
+class NotReleased(FedtreError):
+    """The query ran but no result was released: withheld (trusts did not answer) or refused
+    (some trust's own rules said no). Nothing was spent at any trust whose answer was withdrawn.
+    ``result`` carries every trust's state and reason."""
+
+    def __init__(self, result: QueryResult) -> None:
+        super().__init__(result.summary())
+        self.result = result
+        self.status = result.status
+        self.trusts = {t.node_id: t.state for t in result.trusts}
 
 
 @dataclass(frozen=True)

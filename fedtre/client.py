@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from fedtre.answer import QueryResult
+from fedtre.answer import NotReleased, QueryResult
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
@@ -39,6 +39,7 @@ from fedtre.v2 import coordinator_pb2 as cpb
 from fedtre.v2 import coordinator_pb2_grpc
 
 PROFILE_ENV = "FEDTRE_PROFILE"
+__all__ = ["Client", "CoordinatorUnavailable", "NotReleased", "Profile", "QueryResult"]
 
 
 class CoordinatorUnavailable(InternalError):
@@ -108,12 +109,24 @@ class Client:
         self.close()
 
     def query(
-        self, project: str, sql: str, epsilon: float | None = None, query_id: str | None = None
+        self,
+        project: str,
+        sql: str,
+        epsilon: float | None = None,
+        query_id: str | None = None,
+        *,
+        raise_if_not_released: bool = True,
     ) -> QueryResult:
         """Run a query across the project's trusts. ``epsilon`` is spent at each trust
-        (default: the project's default). Raises ``QueryRefused`` with a plain reason."""
+        (default: the project's default). Raises ``QueryRefused`` with a plain reason when the
+        coordinator refuses, and ``NotReleased`` (with every trust's state on it) when the
+        trusts' answers allow no release; ``raise_if_not_released=False`` returns that result
+        instead. A partial result (``result.status == "partial"``) is returned."""
         sub = Submission(query_id or f"q-{uuid.uuid4()}", project, sql, epsilon)
-        return query_result_from_proto(self._call(self._stub.Submit, submission_to_proto(sub)))
+        result = query_result_from_proto(self._call(self._stub.Submit, submission_to_proto(sub)))
+        if not result.released and raise_if_not_released:
+            raise NotReleased(result)
+        return result
 
     def projects(self) -> list[dict[str, Any]]:
         listing = self._call(self._stub.ListProjects, cpb.ListProjectsRequest())

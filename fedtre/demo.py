@@ -21,6 +21,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from fedtre.answer import NotReleased
 from fedtre.client import Client, Profile
 from fedtre.errors import InternalError, UserError
 from fedtre.launcher import DIAL_IN, DIAL_OUT, LocalFederation, ProjectSpec, TrustSpec
@@ -226,6 +227,8 @@ class Demo:
                 except UserError as exc:
                     _say(f"   refused ({exc.refusal.value}): {exc.message}\n")
                     continue
+                except NotReleased as not_released:
+                    result = not_released.result
                 if result.released:
                     _say("   NOT refused (this is a bug)")
                     return 1

@@ -118,9 +118,13 @@ def ratio_estimate(
         return None, None
     z = Z95 if confidence == 0.95 else NormalDist().inv_cdf(0.5 + confidence / 2)
     mean = min(max(noisy_sum / noisy_count, lower), upper)
-    std = math.sqrt(sum_std**2 + (mean * count_std) ** 2) / noisy_count
-    half = z * std
+    half = z * ratio_std_error(mean, sum_std, noisy_count, count_std)
     return mean, Interval(max(lower, mean - half), min(upper, mean + half))
+
+
+def ratio_std_error(mean: float, sum_std: float, noisy_count: float, count_std: float) -> float:
+    """The delta-method standard error of a mean estimated as noisy sum / noisy count."""
+    return math.sqrt(sum_std**2 + (mean * count_std) ** 2) / noisy_count
 
 
 # -- sums of independent discrete Laplace variables (a federated count) ------------------------

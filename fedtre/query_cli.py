@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fedtre.client import PROFILE_ENV, Client
@@ -39,16 +40,25 @@ def _profile(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Exit codes: 0 released (also partial, said on stderr); 2 refused by the trusts' own rules
+# (tier, scope, query id, budget); 4 withheld because trusts did not answer.
+EXIT_FOR_STATUS = {"released": 0, "partial": 0, "refused": 2, "withheld": 4}
+
+
 def _query(args: argparse.Namespace) -> int:
     with Client.from_profile(args.profile) as client:
-        result = client.query(args.project, args.sql, args.epsilon, args.query_id)
+        result = client.query(
+            args.project, args.sql, args.epsilon, args.query_id, raise_if_not_released=False
+        )
     if args.format == "json":
         print(result.to_json())
     elif args.format == "csv":
         print(result.to_csv(), end="")
     else:
         print(result.table())
-    return 0 if result.released else 4
+    if result.status != "released":
+        print(result.summary(), file=sys.stderr)
+    return EXIT_FOR_STATUS[result.status]
 
 
 def _projects(args: argparse.Namespace) -> int:
@@ -60,11 +70,14 @@ def _projects(args: argparse.Namespace) -> int:
     if not projects:
         print("No projects are open to you.")
     for p in projects:
+        below = p["suppress_below"]
+        suppression = (
+            f"counts below {below} shown as '< {below}'" if below > 0 else "no suppression"
+        )
+        rounding = f"rounded to {p['round_to']}" if p["round_to"] > 1 else "not rounded"
         print(
             f"{p['project_id']}: {p['title']}\n  trusts: {', '.join(p['trusts'])}; "
-            f"max ε per query {p['max_epsilon_per_query']:g}; "
-            f"counts below {p['suppress_below']} shown as '< {p['suppress_below']}', "
-            f"rounded to {p['round_to']}; "
+            f"max ε per query {p['max_epsilon_per_query']:g}; {suppression}; {rounding}; "
             + ("partial results allowed" if p["allow_partial"] else "all trusts must answer")
         )
     return 0

@@ -161,8 +161,15 @@ class CallerPolicy(grpc.ServerInterceptor):
         allow_insecure: bool = False,
         denied_message: str = NOT_ALLOWED,
         by_prefix: Mapping[str, Callable[[Peer], bool]] | None = None,
+        on_refused: Callable[[str, str, str], None] | None = None,
+        max_request_bytes: int | None = None,
     ) -> None:
         self._allowed = allowed
+        # Told (method, who, why) before every refusal here, so that the service audits it.
+        self._on_refused = on_refused or (lambda method, who, why: None)
+        # Unary requests above this are refused here, audited (gRPC's own, higher, limit
+        # refuses larger ones before any Python code runs).
+        self._max_request_bytes = max_request_bytes
         # Methods under one of these prefixes are checked by its own rule instead of ``allowed``
         # (e.g. the coordinator: researchers on its researcher service, nodes on its link).
         self._by_prefix = dict(by_prefix or {})
@@ -177,6 +184,7 @@ class CallerPolicy(grpc.ServerInterceptor):
             if self._allow_insecure and is_plaintext(context):
                 return INSECURE_PEER
             log.warning("refused %s: no federation certificate", method)
+            self._on_refused(method, "no federation certificate", "no federation certificate")
             _deny(context, NO_CERTIFICATE)
         allowed = next(
             (rule for prefix, rule in self._by_prefix.items() if method.startswith(prefix)),
@@ -184,6 +192,8 @@ class CallerPolicy(grpc.ServerInterceptor):
         )
         if not allowed(peer):
             log.warning("refused %s from %s %r", method, peer.role, peer.name)
+            who = f"{peer.role.value if peer.role else 'unknown'}:{peer.name}"
+            self._on_refused(method, who, "certificate not allowed to call this method")
             _deny(context, self._denied_message)
         return peer
 
@@ -227,6 +237,14 @@ class CallerPolicy(grpc.ServerInterceptor):
     ) -> Callable[[Any, grpc.ServicerContext], Any]:
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             peer = self.admit(context, method)
+            limit = self._max_request_bytes
+            if limit is not None and hasattr(request, "ByteSize") and request.ByteSize() > limit:
+                who = f"{peer.role.value if peer.role else 'insecure'}:{peer.name}"
+                self._on_refused(method, who, f"request larger than {limit} bytes")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"The request is larger than {limit // 1024} KiB.",
+                )
             ctx = contextvars.copy_context()
             ctx.run(_ADMITTED.set, (context, peer))
             return ctx.run(behavior, request, context)

@@ -9,12 +9,13 @@ holds a stream (``node.dial_out``). Both hand every call to the same ``NodeHandl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import grpc
 
 from fedtre import logs
-from fedtre.errors import ConfigError
+from fedtre.errors import ConfigError, InternalError
 from fedtre.pki import Role
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
@@ -29,6 +30,7 @@ from node.service import NodeServicer
 log = logs.get("node")
 SERVICE_NAME = "fedtre.v2.NodeService"
 INSECURE_CALLER = "insecure-development-caller"
+AUDITED_REQUEST_BYTES = 1024 * 1024
 
 
 def create_server(
@@ -70,7 +72,15 @@ def _dial_in(
     config: NodeConfig, settings: ServerSettings, engine: NodeEngine, insecure: bool
 ) -> Running[NodeEngine]:
     tls = None if insecure else _tls(settings)
-    policy = None if insecure else CallerPolicy(_only(settings.coordinator))
+    policy = (
+        None
+        if insecure
+        else CallerPolicy(
+            _only(settings.coordinator),
+            on_refused=_audit_refusal(engine),
+            max_request_bytes=MAX_REQUEST_BYTES,
+        )
+    )
     holder: list[Health] = []
 
     def caller(context: grpc.ServicerContext) -> str:
@@ -91,7 +101,8 @@ def _dial_in(
         tls=tls,
         policy=policy,
         max_workers=settings.max_workers,
-        max_receive_bytes=MAX_REQUEST_BYTES,
+        # oversized requests up to this are refused by the policy, audited; larger by gRPC
+        max_receive_bytes=AUDITED_REQUEST_BYTES,
         max_send_bytes=MAX_RESULT_BYTES,
         service_names=(SERVICE_NAME,),
         add_services=lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s),
@@ -120,6 +131,14 @@ def _dial_out(
     links.start()
     health.set(True)
     return Running(None, 0, "", health, engine, stoppers=[links.stop])
+
+
+def _audit_refusal(engine: NodeEngine) -> Callable[[str, str, str], None]:
+    def audit(method: str, who: str, why: str) -> None:
+        with contextlib.suppress(InternalError):  # refused either way
+            engine.audit.write("call.refused", method=method, caller=who, reason=why)
+
+    return audit
 
 
 def _settings(config: NodeConfig, insecure: bool) -> ServerSettings:

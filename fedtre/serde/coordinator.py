@@ -112,6 +112,7 @@ def query_result_to_proto(r: QueryResult) -> cpb.SubmitResponse:
                         ci_low=e.low if e.low is not None else 0.0,
                         ci_high=e.high if e.high is not None else 0.0,
                         display=e.display,
+                        std_error=e.std_error if e.std_error is not None else 0.0,
                     )
                     for e in c.estimates
                 ],
@@ -160,7 +161,7 @@ def query_result_from_proto(msg: cpb.SubmitResponse) -> QueryResult:
 
 def _estimate(e: cpb.Estimate) -> EstimateValue:
     shown = e.available and not e.suppressed
-    for number in (e.value, e.ci_low, e.ci_high):
+    for number in (e.value, e.ci_low, e.ci_high, e.std_error):
         if not math.isfinite(number):
             raise WireError("an estimate is not a finite number")
     return EstimateValue(
@@ -170,6 +171,7 @@ def _estimate(e: cpb.Estimate) -> EstimateValue:
         low=e.ci_low if shown else None,
         high=e.ci_high if shown else None,
         display=e.display,
+        std_error=e.std_error if shown and e.std_error > 0 else None,
     )
 
 

@@ -57,20 +57,22 @@ class TrustStatus(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("available", "suppressed", "value", "ci_low", "ci_high", "display")
+    __slots__ = ("available", "suppressed", "value", "ci_low", "ci_high", "display", "std_error")
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     SUPPRESSED_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CI_LOW_FIELD_NUMBER: _ClassVar[int]
     CI_HIGH_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_FIELD_NUMBER: _ClassVar[int]
+    STD_ERROR_FIELD_NUMBER: _ClassVar[int]
     available: bool
     suppressed: bool
     value: float
     ci_low: float
     ci_high: float
     display: str
-    def __init__(self, available: _Optional[bool] = ..., suppressed: _Optional[bool] = ..., value: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., display: _Optional[str] = ...) -> None: ...
+    std_error: float
+    def __init__(self, available: _Optional[bool] = ..., suppressed: _Optional[bool] = ..., value: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., display: _Optional[str] = ..., std_error: _Optional[float] = ...) -> None: ...
 
 class EstimateColumn(_message.Message):
     __slots__ = ("alias", "kind", "column", "estimates")

@@ -240,6 +240,10 @@ def test_the_coordinators_link_admits_only_its_dial_out_trusts(
 ) -> None:
     error = _connect(linked, role, name, hello_as)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    refused = linked.audit("coordinator")[-1]  # audited where it was refused: who, what, why
+    assert refused["event"] == "call.refused"
+    assert refused["method"] == "/fedtre.v2.TrustLinkService/Connect"
+    assert refused["caller"] == f"{role.value}:{name}"
     with linked.client() as client:  # and the real links are untouched
         assert client.query(PROJECT, SQL, 0.1).released
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ import duckdb
 import grpc
 import pytest
 
+from fedtre.answer import NotReleased
 from fedtre.catalog import Catalog, load_catalog
 from fedtre.errors import Refusal, UserError
 from fedtre.pki import Role
@@ -164,8 +166,19 @@ def test_json_and_csv_outputs(fed: Federation) -> None:
     doc = json.loads(result.to_json())
     assert doc["released"] is True and len(doc["rows"]) == 3
     lines = result.to_csv().splitlines()
-    assert lines[0].startswith("sex,n,n_ci_low,n_ci_high,n_suppressed,mean_age")
+    assert lines[0].startswith("sex,n,n_ci_low,n_ci_high,n_se,n_suppressed,mean_age")
     assert len(lines) == 4
+    # each estimate carries its standard error: for a count, the noise's (public: it depends
+    # on ε and the sensitivity only), the same in every cell
+    ses = {row["n_se"] for row in doc["rows"]}
+    assert len(ses) == 1 and next(iter(ses)) > 0
+    assert all(row["mean_age_se"] > 0 for row in doc["rows"] if row["mean_age"] is not None)
+    # counts are whole numbers in pandas (Int64), means are floats
+    frame = result.to_pandas()
+    assert str(frame["n"].dtype) == "Int64" and str(frame["n_ci_low"].dtype) == "Int64"
+    assert frame["mean_age"].dtype.kind == "f"
+    html = result._repr_html_()
+    assert "<table>" in html and "trust-c" in html and "95% interval" in html
 
 
 # -- refusals at the coordinator: nothing reaches any trust, nothing is spent ------------------
@@ -243,6 +256,8 @@ def test_malformed_and_oversized_requests_are_refused(fed: Federation) -> None:
                 timeout=10,
             )
         assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        refused = fed.audit("coordinator")[-1]
+        assert refused["event"] == "call.refused" and refused["caller"] == "researcher:alice"
         raw = channel.unary_unary("/fedtre.v2.ResearcherService/Submit")
         with pytest.raises(grpc.RpcError) as garbage:
             raw(b"\xff\xfe\x00garbage", timeout=10)
@@ -306,7 +321,18 @@ def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> Non
                 timeout=10,
             )
         assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
-    assert len(fed.audit("trust-a")) == lines  # the handler never ran
+    new = fed.audit("trust-a")[lines:]
+    # the handler never ran, and each refusal is audited: who, which method, why
+    assert [e["event"] for e in new] == ["call.refused", "call.refused"]
+    assert [e["caller"] for e in new] == ["researcher:alice", "node:trust-b"]
+    assert all(e["method"] == "/fedtre.v2.NodeService/Prepare" for e in new)
+    # an oversized request from the coordinator itself is refused and audited too
+    channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub")
+    with channel, pytest.raises(grpc.RpcError) as big:
+        stub.Prepare(npb.PrepareRequest(query_id="big", sql="x" * 100_000), timeout=10)
+    assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    last = fed.audit("trust-a")[-1]
+    assert last["event"] == "call.refused" and "larger" in last["reason"]
 
 
 @pytest.mark.parametrize("which", ["other-ca", "expired"])
@@ -358,7 +384,9 @@ def _retry_until_released(client, query_id: str, epsilon: float = 0.3):  # type:
     """What a researcher does after a partial answer: ask again with the same query id (the
     coordinator's channel to a restarted trust reconnects within its 2 s backoff)."""
     for _ in range(40):
-        result = client.query(PROJECT, BY_SEX, epsilon, query_id=query_id)
+        result = client.query(
+            PROJECT, BY_SEX, epsilon, query_id=query_id, raise_if_not_released=False
+        )
         if result.released:
             return result
         time.sleep(0.25)
@@ -389,7 +417,10 @@ def test_a_killed_node_is_marked_unavailable_and_not_debited(faulty: Federation)
         # A project where every trust must answer withholds the partial result, and the
         # trusts that prepared withdraw their answers: nothing is spent anywhere.
         spent_a = faulty.spent_units("trust-a")
-        withheld = client.query(PROJECT, BY_SEX, 0.3, query_id="kill-2")
+        with pytest.raises(NotReleased) as raised:  # the API raises, with the trusts' states
+            client.query(PROJECT, BY_SEX, 0.3, query_id="kill-2")
+        assert raised.value.status == "withheld" and raised.value.trusts["trust-b"] == "unavailable"
+        withheld = raised.value.result
         assert not withheld.released and "trust-b" in withheld.withheld_reason
         assert withheld.rows() == [] or withheld.columns == ()
         states = {t.node_id: t.state for t in withheld.trusts}
@@ -411,7 +442,9 @@ def test_a_frozen_node_cannot_hold_the_query_past_the_deadline(faulty: Federatio
         faulty.signal("trust-c", signal.SIGSTOP)
         try:
             start = time.monotonic()
-            result = client.query(PROJECT, BY_SEX, 0.25, query_id="freeze-1")
+            result = client.query(
+                PROJECT, BY_SEX, 0.25, query_id="freeze-1", raise_if_not_released=False
+            )
             took = time.monotonic() - start
         finally:
             faulty.signal("trust-c", signal.SIGCONT)
@@ -470,6 +503,40 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
     budget = json.loads(fedtre("budget", "--project", PROJECT, "--format", "json").stdout)
     assert [b["trust"] for b in budget] == ["trust-a", "trust-b", "trust-c"]
     assert all(0 < b["epsilon_left"] < 50 for b in budget)
+    # suppression off for 'study': never "< 0"
+    listing = fedtre("projects").stdout
+    assert "< 0" not in listing and "no suppression" in listing
+    # refused by every trust's own rules (above the project's tier): said in every format,
+    # never an empty stdout, exit 2
+    self_harm = "SELECT COUNT(*) AS n FROM conditions WHERE condition_group = 'self_harm'"
+    for fmt in ("table", "json", "csv"):
+        out = fedtre("query", "--project", PROJECT, "--format", fmt, self_harm)
+        assert out.returncode == 2, (fmt, out.stderr)
+        assert out.stdout.strip() and "refused" in out.stderr
+        assert "refused" in out.stdout
+    doc = json.loads(fedtre("query", "--project", PROJECT, "--format", "json", self_harm).stdout)
+    assert doc["status"] == "refused" and doc["rows"] == []
+    assert {t["state"] for t in doc["trusts"]} == {"refused"}
+    assert {n: fed.spent_units(n) for n in fed.nodes} == spent  # nothing spent by refusals
+    # a reader that stops early and a terminal that cannot show "ε" crash nothing
+    piped = subprocess.run(
+        f"{sys.executable} -m fedtre.cli query --profile {profile} --project {PROJECT} "
+        f"--format csv '{BY_SEX}' | head -c 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in piped.stderr, piped.stderr
+    query_args = ("--project", PROJECT, BY_SEX)
+    ascii_run = subprocess.run(
+        [sys.executable, "-m", "fedtre.cli", "query", "--profile", str(profile), *query_args],
+        capture_output=True,
+        timeout=60,
+        env={**os.environ, "PYTHONIOENCODING": "ascii", "LC_ALL": "C"},
+    )
+    assert ascii_run.returncode == 0 and b"Traceback" not in ascii_run.stderr
+    assert b"? spent" in ascii_run.stdout  # "ε spent", shown as best the terminal can
 
 
 def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
@@ -480,3 +547,36 @@ def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
     assert any(e.get("event") == "serving" for e in node_events)
     text = fed.nodes["trust-a"].log.read_text() + fed.coordinator.log.read_text()
     assert "SELECT" not in text  # queries are in the audit log, not the operators' log
+
+
+def _coordinator_serving(fed: Federation) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
+    with grpc.secure_channel(
+        fed.coordinator.address, channel_credentials(files), options=channel_options("hub")
+    ) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_the_coordinator_reports_not_serving_while_a_needed_trust_is_down(
+    faulty: Federation,
+) -> None:
+    """Project 'study' needs every trust: with one down the coordinator cannot meet its rule,
+    says so on its health service, and logs the trust going down and coming back."""
+    assert _coordinator_serving(faulty)
+    faulty.kill("trust-b")
+    deadline = time.monotonic() + 15
+    while _coordinator_serving(faulty):
+        assert time.monotonic() < deadline, "still SERVING with a needed trust down"
+        time.sleep(0.2)
+    faulty.restart_node("trust-b")
+    deadline = time.monotonic() + 15
+    while not _coordinator_serving(faulty):
+        assert time.monotonic() < deadline, "not SERVING after the trust came back"
+        time.sleep(0.2)
+    events = [(e.get("event"), e.get("node")) for e in faulty.log_lines("coordinator")]
+    assert ("trust down", "trust-b") in events and ("trust up", "trust-b") in events

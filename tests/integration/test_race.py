@@ -63,7 +63,13 @@ def _round(fed: LocalFederation, project: str) -> dict[str, bool]:
 
     def ask(i: int) -> None:
         barrier.wait()
-        result = clients[i % 2].query(project, SQL, EPSILON_UNITS / 1e6, query_id=f"{project}-{i}")
+        result = clients[i % 2].query(
+            project,
+            SQL,
+            EPSILON_UNITS / 1e6,
+            query_id=f"{project}-{i}",
+            raise_if_not_released=False,
+        )
         with lock:
             released[result.query_id] = result.released
 
