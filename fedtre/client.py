@@ -23,6 +23,7 @@ import grpc
 
 from fedtre.answer import NotReleased, QueryResult
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
+from fedtre.pki import identity_problems
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
 from fedtre.serde.coordinator import (
@@ -39,7 +40,14 @@ from fedtre.v2 import coordinator_pb2 as cpb
 from fedtre.v2 import coordinator_pb2_grpc
 
 PROFILE_ENV = "FEDTRE_PROFILE"
-__all__ = ["Client", "CoordinatorUnavailable", "NotReleased", "Profile", "QueryResult"]
+__all__ = [
+    "Client",
+    "ConnectionTrust",
+    "CoordinatorUnavailable",
+    "NotReleased",
+    "Profile",
+    "QueryResult",
+]
 
 
 class CoordinatorUnavailable(InternalError):
@@ -80,8 +88,17 @@ class Profile:
         )
 
 
+class ConnectionTrust(CoordinatorUnavailable):
+    """The connection to the coordinator could not be trusted (TLS or identity): a setting to
+    fix in the profile or the certificates, not an outage."""
+
+
 class Client:
     def __init__(self, profile: Profile, timeout: float = 120.0, retries: int = 2) -> None:
+        if profile.tls is not None:
+            problems = identity_problems(profile.tls.ca, profile.tls.cert, profile.tls.key)
+            if problems:
+                raise ConnectionTrust("; ".join(problems))
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 2 * MAX_RESULT_BYTES)]
         if profile.tls is None:
             self._channel = grpc.insecure_channel(profile.coordinator, options=options)
@@ -158,9 +175,37 @@ class Client:
                     raise QueryRefused(
                         failure.refusal or Refusal.NOT_AUTHORISED, failure.message
                     ) from None
+                trust = _trust_problem(exc)
+                if trust:
+                    raise ConnectionTrust(trust) from None
                 if not failure.unavailable or attempt == self.retries:
                     raise CoordinatorUnavailable(
                         f"the coordinator {failure.message} ({failure.code.name})"
                     ) from None
                 time.sleep(0.5 * (attempt + 1))  # same query id: a retry never spends twice
         raise AssertionError("unreachable")
+
+
+def _trust_problem(exc: grpc.RpcError) -> str:
+    """A TLS or identity failure, told apart from "the coordinator is down", in words that say
+    what to check. gRPC reports these as UNAVAILABLE; its details name the cause."""
+    details = (exc.details() if isinstance(exc, grpc.Call) else "") or ""
+    text = details.lower()
+    if "hostname verification" in text or "name mismatch" in text:
+        return (
+            "the coordinator's certificate does not carry the name in your profile "
+            "(coordinator_name): check it against the name the operator gave you"
+        )
+    if "certificate verify failed" in text or "certificate_verify_failed" in text:
+        return (
+            "the coordinator's certificate is not signed by the CA in your profile (ca): "
+            "you may have another federation's CA, or the coordinator's certificate was renewed"
+        )
+    if "handshake failed" in text or ("ssl" in text and "alert" in text):
+        return (
+            "the secure connection to the coordinator failed during the handshake: the "
+            "coordinator did not accept your certificate (expired, revoked, or from another "
+            "federation's CA), or yours could not verify it; check ca, cert and key in your "
+            "profile"
+        )
+    return ""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -386,3 +387,52 @@ def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
         raise PkiError(f"{path} already exists") from exc
     except OSError as exc:
         raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def identity_problems(ca_path: Path, cert_path: Path, key_path: Path) -> list[str]:
+    """What is wrong with a certificate, its key and the CA it should chain to, one plain line
+    each (empty: nothing found). Checked locally, before any connection is tried, so that a
+    person is told what to fix instead of "the server is unavailable"."""
+    problems: list[str] = []
+    try:
+        ca = _parse_pem(Path(ca_path).read_bytes(), f"the CA file {ca_path}")
+        cert = _parse_pem(Path(cert_path).read_bytes(), f"the certificate {cert_path}")
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, PkiError) as exc:
+        return [f"cannot read the certificate files: {exc}"]
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        problems.append(
+            f"your certificate {cert_path.name} expired on {cert.not_valid_after_utc:%Y-%m-%d}: "
+            "ask the federation operator for a new one"
+        )
+    elif now < cert.not_valid_before_utc:
+        problems.append(
+            f"your certificate {cert_path.name} is not valid until "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)"
+        )
+    if cert.issuer != ca.subject or not _signed_by(cert, ca):
+        problems.append(
+            f"your certificate {cert_path.name} was not issued by the CA in {ca_path.name}: "
+            "the profile's ca and cert come from different federations"
+        )
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        problems.append(f"the key {key_path.name} does not belong to {cert_path.name}")
+    return problems
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    public = ca.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or cert.signature_hash_algorithm is None:
+        return False
+    try:
+        public.verify(
+            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+        )
+    except InvalidSignature:
+        return False
+    return True

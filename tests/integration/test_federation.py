@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 
 from fedtre.answer import NotReleased
 from fedtre.catalog import Catalog, load_catalog
+from fedtre.client import Client, ConnectionTrust, CoordinatorUnavailable, Profile
 from fedtre.errors import Refusal, UserError
 from fedtre.pki import Role
 from fedtre.serde.common import refusal_from_proto
@@ -335,18 +337,38 @@ def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> Non
     assert last["event"] == "call.refused" and "larger" in last["reason"]
 
 
-@pytest.mark.parametrize("which", ["other-ca", "expired"])
-def test_bad_certificates_fail_the_handshake(fed: Federation, which: str) -> None:
+@pytest.mark.parametrize(
+    ("which", "says"),
+    [("other-ca", "not signed by the CA in your profile"), ("expired", "expired on")],
+)
+def test_bad_certificates_fail_the_handshake(fed: Federation, which: str, says: str) -> None:
+    """Told apart from "the coordinator is down", with what to check."""
     lines = {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]}
-    with fed.client(pki=fed.pki / which, retries=0, timeout=5) as client:
-        with pytest.raises(Exception) as info:
+    with pytest.raises(ConnectionTrust, match=says):
+        with fed.client(pki=fed.pki / which, retries=0, timeout=5) as client:
             client.query(PROJECT, BY_SEX, 0.1)
-        assert "UNAVAILABLE" in str(info.value)
     channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub", pki=fed.pki / which)
     with channel, pytest.raises(grpc.RpcError) as node_info:
         stub.Describe(npb.DescribeRequest(), timeout=5)
     assert node_info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]} == lines
+
+
+def test_a_wrong_coordinator_name_and_a_down_coordinator_say_different_things(
+    fed: Federation, tmp_path: Path
+) -> None:
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
+    wrong = Client(Profile(fed.coordinator.address, "not-hub", files), retries=0, timeout=5)
+    with wrong, pytest.raises(ConnectionTrust, match="coordinator_name"):
+        wrong.projects()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+    down = Client(Profile(nobody, "hub", files), retries=0, timeout=5)
+    with down, pytest.raises(CoordinatorUnavailable) as info:
+        down.projects()
+    assert not isinstance(info.value, ConnectionTrust)
+    assert "could not be reached" in str(info.value)
 
 
 def test_missing_client_certificate_fails_the_handshake(fed: Federation) -> None:
