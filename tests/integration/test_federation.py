@@ -344,9 +344,11 @@ def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> Non
 def test_bad_certificates_fail_the_handshake(fed: Federation, which: str, says: str) -> None:
     """Told apart from "the coordinator is down", with what to check."""
     lines = {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]}
-    with pytest.raises(ConnectionTrust, match=says):
-        with fed.client(pki=fed.pki / which, retries=0, timeout=5) as client:
-            client.query(PROJECT, BY_SEX, 0.1)
+    with (
+        pytest.raises(ConnectionTrust, match=says),
+        fed.client(pki=fed.pki / which, retries=0, timeout=5) as client,
+    ):
+        client.query(PROJECT, BY_SEX, 0.1)
     channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub", pki=fed.pki / which)
     with channel, pytest.raises(grpc.RpcError) as node_info:
         stub.Describe(npb.DescribeRequest(), timeout=5)
