@@ -25,6 +25,7 @@ from coordinator.fanout import Trusts
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from fedtre import logs
 from fedtre.audit import AuditLog
+from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query
@@ -212,6 +213,11 @@ class CoordinatorEngine:
     def projects(self, researcher: str) -> list[Project]:
         self.audit.write("projects.listed", researcher=researcher)
         return [p for _, p in sorted(self.config.projects.items()) if researcher in p.researchers]
+
+    def catalog(self, researcher: str) -> Catalog:
+        """The federation's catalog (public); audited like every request."""
+        self.audit.write("catalog.requested", researcher=researcher)
+        return self.config.catalog
 
     def budget(self, researcher: str, project_id: str) -> tuple[Project, list[TrustOutcome]]:
         self.audit.write("budget.requested", project=project_id[:64], researcher=researcher)

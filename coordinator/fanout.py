@@ -15,7 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 
 from coordinator.links import TrustLink
-from fedtre.protocol import Decision, NodeOutcome, OutcomeKind, PrepareRequest
+from fedtre.protocol import (
+    Decision,
+    NodeDescription,
+    NodeOutcome,
+    OutcomeKind,
+    PrepareRequest,
+)
 
 # One call to one trust: the link and the seconds left until the phase's deadline.
 Call = Callable[[TrustLink, float], NodeOutcome]
@@ -28,6 +34,8 @@ class Trusts:
         self.links = dict(links)
         # Trusts that serve another catalog (found by the monitor): never sent a query.
         self.mismatched: set[str] = set()
+        # What each trust said about itself when it last (re)appeared (the monitor asks).
+        self.described: dict[str, NodeDescription] = {}
         self._pool = futures.ThreadPoolExecutor(
             max_workers=min(256, max(8, 4 * len(self.links))), thread_name_prefix="fanout"
         )

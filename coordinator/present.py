@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
+
 from coordinator.config import Project
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from fedtre.answer import (
@@ -12,7 +15,9 @@ from fedtre.answer import (
     QueryResult,
     TrustReport,
 )
+from fedtre.catalog import Tier
 from fedtre.dp import units_to_epsilon
+from fedtre.protocol import NodeDescription
 
 
 def trust_report(o: TrustOutcome, units: int) -> TrustReport:
@@ -76,7 +81,22 @@ def query_result(outcome: Outcome) -> QueryResult:
     )
 
 
-def project_info(p: Project) -> ProjectInfo:
+def project_info(p: Project, described: Mapping[str, NodeDescription]) -> ProjectInfo:
+    """The project as its researchers see it; views and tier as every trust reported them
+    (the intersection and the lowest: what a query can use at all of them)."""
+    scopes = [
+        s
+        for t in p.trusts
+        if t in described
+        for s in described[t].scopes
+        if s.project_id == p.project_id
+    ]
+    views: tuple[str, ...] = ()
+    tier = ""
+    if scopes:
+        views = tuple(sorted(set.intersection(*(set(s.views) for s in scopes))))
+        with contextlib.suppress(ValueError):
+            tier = min(Tier(s.max_tier) for s in scopes).value
     return ProjectInfo(
         project_id=p.project_id,
         title=p.title,
@@ -85,6 +105,9 @@ def project_info(p: Project) -> ProjectInfo:
         allow_partial=p.allow_partial,
         suppress_below=p.rules.suppress_below,
         round_to=p.rules.round_to,
+        default_epsilon=units_to_epsilon(p.default_units),
+        views=views,
+        max_tier=tier,
     )
 
 

@@ -172,6 +172,7 @@ class TrustMonitor:
             if reachable and not self.up.get(nid):  # (re)appeared: who is it?
                 try:
                     description = link.describe(DESCRIBE_SECONDS)
+                    self.trusts.described[nid] = description
                     if description.catalog_version != self.config.catalog.version:
                         why = f"serves catalog {description.catalog_version[:32]}"
                         self.trusts.mismatched.add(nid)

@@ -12,6 +12,7 @@ import grpc
 from coordinator.engine import CoordinatorEngine
 from coordinator.present import project_budget, project_info, query_result
 from fedtre.serde.coordinator import (
+    catalog_to_proto,
     project_budget_request_from_proto,
     project_budget_to_proto,
     project_list_to_proto,
@@ -47,7 +48,17 @@ class ResearcherServicer(coordinator_pb2_grpc.ResearcherServiceServicer):
             projects = self.engine.projects(self._researcher(context))
         except Exception as exc:
             abort(context, exc)
-        return project_list_to_proto([project_info(p) for p in projects])
+        described = self.engine.trusts.described
+        return project_list_to_proto([project_info(p, described) for p in projects])
+
+    def Catalog(
+        self, request: cpb.CatalogRequest, context: grpc.ServicerContext
+    ) -> cpb.CatalogInfo:
+        try:
+            catalog = self.engine.catalog(self._researcher(context))
+        except Exception as exc:
+            abort(context, exc)
+        return catalog_to_proto(catalog)
 
     def Budget(
         self, request: cpb.ProjectBudgetRequest, context: grpc.ServicerContext

@@ -310,6 +310,9 @@ class ProjectInfo:
     allow_partial: bool
     suppress_below: int
     round_to: int
+    default_epsilon: float = 0.0
+    views: tuple[str, ...] = ()  # approved at every trust of the project (as they report it)
+    max_tier: str = ""  # the highest tier every trust approved ("" if none reported)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -136,6 +136,7 @@ class Catalog:
     views: Mapping[str, View]
     digest: str
     reference_date: dt.date  # ages are computed at this date at every trust
+    text: str = field(default="", repr=False, compare=False)  # the file as read (TOML)
 
     def view(self, name: str) -> View | None:
         return self.views.get(name)
@@ -152,11 +153,18 @@ def load_catalog(path: Path | str | None = None) -> Catalog:
         except OSError as exc:
             raise ConfigError(f"cannot read catalog {path}: {exc.strerror}") from exc
         source = str(path)
+    return catalog_from_bytes(raw, source)
+
+
+def catalog_from_bytes(raw: bytes, source: str) -> Catalog:
+    """Parse and validate a catalog file's bytes (e.g. as a coordinator sent them)."""
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return parse_catalog(data, source=source, digest=hashlib.sha256(raw).hexdigest())
+    catalog = parse_catalog(data, source=source, digest=hashlib.sha256(raw).hexdigest())
+    return replace(catalog, text=text)
 
 
 def parse_catalog(data: Mapping[str, Any], source: str = "catalog", digest: str = "") -> Catalog:

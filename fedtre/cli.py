@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -42,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = catalog_sub.add_parser("check", help="validate a catalog file (default: built-in)")
     check.add_argument("path", nargs="?", type=Path)
     check.set_defaults(func=_catalog_check)
+    show = catalog_sub.add_parser(
+        "show", help="list views, columns, domains, bounds and tiers (local or the coordinator's)"
+    )
+    show.add_argument("path", nargs="?", type=Path, help="a catalog file (default: built-in)")
+    show.add_argument(
+        "--profile",
+        type=Path,
+        help="fetch the catalog the coordinator serves, with this researcher profile",
+    )
+    show.add_argument("--format", choices=["table", "json"], default="table")
+    show.set_defaults(func=_catalog_show)
 
     synth = sub.add_parser("synth", help="generate synthetic OMOP CDM data for tests and demos")
     synth.add_argument("--persons", type=int, required=True)
@@ -67,6 +79,23 @@ def _catalog_check(args: argparse.Namespace) -> int:
             f"  {view.name}: {len(view.columns)} columns, tier {view.tier.value}, "
             f"at most {view.max_rows_per_person} row(s) per person per query"
         )
+    return EXIT_OK
+
+
+def _catalog_show(args: argparse.Namespace) -> int:
+    from fedtre.catalog_show import catalog_document, catalog_text
+
+    if args.profile is not None:
+        from fedtre.client import Client
+
+        with Client.from_profile(args.profile) as client:
+            catalog = client.catalog()
+    else:
+        catalog = load_catalog(args.path)
+    if args.format == "json":
+        print(json.dumps(catalog_document(catalog), indent=2))
+    else:
+        print(catalog_text(catalog))
     return EXIT_OK
 
 

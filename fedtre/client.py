@@ -22,11 +22,13 @@ from typing import Any
 import grpc
 
 from fedtre.answer import NotReleased, QueryResult
+from fedtre.catalog import Catalog
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
 from fedtre.pki import identity_problems
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
 from fedtre.serde.coordinator import (
+    catalog_from_proto,
     project_budget_from_proto,
     project_budget_request_to_proto,
     project_list_from_proto,
@@ -148,6 +150,11 @@ class Client:
     def projects(self) -> list[dict[str, Any]]:
         listing = self._call(self._stub.ListProjects, cpb.ListProjectsRequest())
         return [{**p.__dict__, "trusts": list(p.trusts)} for p in project_list_from_proto(listing)]
+
+    def catalog(self) -> Catalog:
+        """The federation's catalog as the coordinator serves it: views, columns, domains,
+        bounds and sensitivity tiers (``fedtre.catalog.Catalog``)."""
+        return catalog_from_proto(self._call(self._stub.Catalog, cpb.CatalogRequest()))
 
     def budget(self, project: str) -> list[dict[str, Any]]:
         request = project_budget_request_to_proto(project)

@@ -81,11 +81,23 @@ class NodeOutcome:
 
 
 @dataclass(frozen=True)
+class ProjectScope:
+    """What one trust approved a project for: public facts about the approval, never data."""
+
+    project_id: str
+    views: tuple[str, ...]
+    max_tier: str
+    total_units: int
+    max_units_per_query: int
+
+
+@dataclass(frozen=True)
 class NodeDescription:
     node_id: str
     catalog_version: str
     catalog_digest: str
     project_ids: tuple[str, ...]
+    scopes: tuple[ProjectScope, ...] = ()
 
 
 # -- the outbound link: the same calls, carried on one stream the node opened ---------------

@@ -64,6 +64,8 @@ def _query(args: argparse.Namespace) -> int:
 def _projects(args: argparse.Namespace) -> int:
     with Client.from_profile(args.profile) as client:
         projects = client.projects()
+        for p in projects:
+            p["budget"] = client.budget(p["project_id"])
     if args.format == "json":
         print(json.dumps(projects, indent=2))
         return 0
@@ -75,11 +77,18 @@ def _projects(args: argparse.Namespace) -> int:
             f"counts below {below} shown as '< {below}'" if below > 0 else "no suppression"
         )
         rounding = f"rounded to {p['round_to']}" if p["round_to"] > 1 else "not rounded"
+        views = ", ".join(p["views"]) or "not reported yet"
         print(
-            f"{p['project_id']}: {p['title']}\n  trusts: {', '.join(p['trusts'])}; "
-            f"max ε per query {p['max_epsilon_per_query']:g}; {suppression}; {rounding}; "
+            f"{p['project_id']}: {p['title']}\n"
+            f"  views: {views}; tier: {p['max_tier'] or 'not reported yet'}\n"
+            f"  ε per query: default {p['default_epsilon']:g}, at most "
+            f"{p['max_epsilon_per_query']:g}; {suppression}; {rounding}; "
             + ("partial results allowed" if p["allow_partial"] else "all trusts must answer")
         )
+        for b in p["budget"]:
+            left = "unknown" if b["epsilon_left"] is None else f"{b['epsilon_left']:g}"
+            why = f" ({b['reason']})" if b["reason"] and b["epsilon_left"] is None else ""
+            print(f"  {b['trust']:<20} ε left {left}{why}")
     return 0
 
 

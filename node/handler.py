@@ -24,6 +24,7 @@ from fedtre.protocol import (
     NodeOutcome,
     OutcomeKind,
     PrepareRequest,
+    ProjectScope,
 )
 from fedtre.request import QueryRequest
 from node.engine import BudgetStatus, NodeEngine
@@ -128,7 +129,17 @@ class NodeHandler:
     def describe(self, caller: str) -> NodeDescription:
         projects = self.engine.describe(caller)
         catalog = self.engine.catalog
-        return NodeDescription(self.node_id, catalog.version, catalog.digest, projects)
+        scopes = tuple(
+            ProjectScope(
+                project_id=p.project_id,
+                views=tuple(sorted(p.views)),
+                max_tier=p.max_tier.value,
+                total_units=p.total_units,
+                max_units_per_query=p.max_units_per_query,
+            )
+            for p in (self.engine.config.projects[pid] for pid in projects)
+        )
+        return NodeDescription(self.node_id, catalog.version, catalog.digest, projects, scopes)
 
     def _budget(self, status: BudgetStatus) -> BudgetReport:
         return BudgetReport(

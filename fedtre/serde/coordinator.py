@@ -13,7 +13,8 @@ from fedtre.answer import (
     QueryResult,
     TrustReport,
 )
-from fedtre.errors import Refusal, WireError
+from fedtre.catalog import Catalog, catalog_from_bytes
+from fedtre.errors import ConfigError, Refusal, WireError
 from fedtre.plan import AggregateKind
 from fedtre.request import Submission
 from fedtre.serde.common import (
@@ -189,6 +190,9 @@ def project_list_to_proto(projects: list[ProjectInfo]) -> cpb.ProjectList:
                 allow_partial=p.allow_partial,
                 suppress_below=p.suppress_below,
                 round_to=p.round_to,
+                default_epsilon=p.default_epsilon,
+                views=list(p.views),
+                max_tier=p.max_tier,
             )
             for p in projects
         ]
@@ -205,6 +209,9 @@ def project_list_from_proto(msg: cpb.ProjectList) -> list[ProjectInfo]:
             allow_partial=p.allow_partial,
             suppress_below=int(p.suppress_below),
             round_to=int(p.round_to),
+            default_epsilon=p.default_epsilon,
+            views=tuple(p.views),
+            max_tier=p.max_tier,
         )
         for p in msg.projects
     ]
@@ -228,3 +235,21 @@ def project_budget_from_proto(msg: cpb.ProjectBudget) -> ProjectBudget:
     return ProjectBudget(
         project_id=msg.project_id, trusts=tuple(trust_report_from_proto(t) for t in msg.trusts)
     )
+
+
+# -- the catalog ----------------------------------------------------------------------------
+
+
+def catalog_to_proto(catalog: Catalog) -> cpb.CatalogInfo:
+    return cpb.CatalogInfo(version=catalog.version, digest=catalog.digest, text=catalog.text)
+
+
+def catalog_from_proto(msg: cpb.CatalogInfo) -> Catalog:
+    """Parse and validate the catalog the coordinator sent; it must be the file it names."""
+    try:
+        catalog = catalog_from_bytes(msg.text.encode("utf-8"), "the coordinator's catalog")
+    except ConfigError as exc:
+        raise WireError(f"the coordinator sent an invalid catalog: {exc}") from None
+    if catalog.digest != msg.digest or catalog.version != msg.version:
+        raise WireError("the coordinator's catalog does not match its digest or version")
+    return catalog

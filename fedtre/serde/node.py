@@ -17,6 +17,7 @@ from fedtre.protocol import (
     NodeOutcome,
     OutcomeKind,
     PrepareRequest,
+    ProjectScope,
 )
 from fedtre.serde.common import (
     MAX_NAME,
@@ -165,6 +166,16 @@ def description_to_proto(description: NodeDescription) -> npb.NodeDescription:
         catalog_version=description.catalog_version,
         catalog_digest=description.catalog_digest,
         project_ids=list(description.project_ids),
+        scopes=[
+            npb.ProjectScope(
+                project_id=p.project_id,
+                views=list(p.views),
+                max_tier=p.max_tier,
+                total_units=p.total_units,
+                max_units_per_query=p.max_units_per_query,
+            )
+            for p in description.scopes
+        ],
     )
 
 
@@ -176,6 +187,16 @@ def description_from_proto(msg: npb.NodeDescription) -> NodeDescription:
         catalog_version=msg.catalog_version,
         catalog_digest=msg.catalog_digest,
         project_ids=tuple(msg.project_ids),
+        scopes=tuple(
+            ProjectScope(
+                project_id=p.project_id[:MAX_NAME],
+                views=tuple(v[:MAX_NAME] for v in p.views),
+                max_tier=p.max_tier[:MAX_NAME],
+                total_units=int(p.total_units),
+                max_units_per_query=int(p.max_units_per_query),
+            )
+            for p in msg.scopes
+        ),
     )
 
 

@@ -24,6 +24,20 @@ TRUST_STATE_REFUSED: TrustState
 TRUST_STATE_FAILED: TrustState
 TRUST_STATE_WITHDRAWN: TrustState
 
+class CatalogRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CatalogInfo(_message.Message):
+    __slots__ = ("version", "digest", "text")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    digest: str
+    text: str
+    def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
 class SubmitRequest(_message.Message):
     __slots__ = ("query_id", "project_id", "sql", "epsilon")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -123,7 +137,7 @@ class ListProjectsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProjectInfo(_message.Message):
-    __slots__ = ("project_id", "title", "trusts", "max_epsilon_per_query", "allow_partial", "suppress_below", "round_to")
+    __slots__ = ("project_id", "title", "trusts", "max_epsilon_per_query", "allow_partial", "suppress_below", "round_to", "default_epsilon", "views", "max_tier")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TRUSTS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +145,9 @@ class ProjectInfo(_message.Message):
     ALLOW_PARTIAL_FIELD_NUMBER: _ClassVar[int]
     SUPPRESS_BELOW_FIELD_NUMBER: _ClassVar[int]
     ROUND_TO_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIER_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     title: str
     trusts: _containers.RepeatedScalarFieldContainer[str]
@@ -138,7 +155,10 @@ class ProjectInfo(_message.Message):
     allow_partial: bool
     suppress_below: int
     round_to: int
-    def __init__(self, project_id: _Optional[str] = ..., title: _Optional[str] = ..., trusts: _Optional[_Iterable[str]] = ..., max_epsilon_per_query: _Optional[float] = ..., allow_partial: _Optional[bool] = ..., suppress_below: _Optional[int] = ..., round_to: _Optional[int] = ...) -> None: ...
+    default_epsilon: float
+    views: _containers.RepeatedScalarFieldContainer[str]
+    max_tier: str
+    def __init__(self, project_id: _Optional[str] = ..., title: _Optional[str] = ..., trusts: _Optional[_Iterable[str]] = ..., max_epsilon_per_query: _Optional[float] = ..., allow_partial: _Optional[bool] = ..., suppress_below: _Optional[int] = ..., round_to: _Optional[int] = ..., default_epsilon: _Optional[float] = ..., views: _Optional[_Iterable[str]] = ..., max_tier: _Optional[str] = ...) -> None: ...
 
 class ProjectList(_message.Message):
     __slots__ = ("projects",)

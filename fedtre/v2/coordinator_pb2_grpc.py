@@ -50,6 +50,11 @@ class ResearcherServiceStub:
                 request_serializer=fedtre_dot_v2_dot_coordinator__pb2.ProjectBudgetRequest.SerializeToString,
                 response_deserializer=fedtre_dot_v2_dot_coordinator__pb2.ProjectBudget.FromString,
                 _registered_method=True)
+        self.Catalog = channel.unary_unary(
+                '/fedtre.v2.ResearcherService/Catalog',
+                request_serializer=fedtre_dot_v2_dot_coordinator__pb2.CatalogRequest.SerializeToString,
+                response_deserializer=fedtre_dot_v2_dot_coordinator__pb2.CatalogInfo.FromString,
+                _registered_method=True)
 
 
 class ResearcherServiceServicer:
@@ -73,6 +78,13 @@ class ResearcherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Catalog(self, request, context):
+        """The federation's catalog: views, columns, domains, bounds and tiers (public).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResearcherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +102,11 @@ def add_ResearcherServiceServicer_to_server(servicer, server):
                     servicer.Budget,
                     request_deserializer=fedtre_dot_v2_dot_coordinator__pb2.ProjectBudgetRequest.FromString,
                     response_serializer=fedtre_dot_v2_dot_coordinator__pb2.ProjectBudget.SerializeToString,
+            ),
+            'Catalog': grpc.unary_unary_rpc_method_handler(
+                    servicer.Catalog,
+                    request_deserializer=fedtre_dot_v2_dot_coordinator__pb2.CatalogRequest.FromString,
+                    response_serializer=fedtre_dot_v2_dot_coordinator__pb2.CatalogInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +190,33 @@ class ResearcherService:
             '/fedtre.v2.ResearcherService/Budget',
             fedtre_dot_v2_dot_coordinator__pb2.ProjectBudgetRequest.SerializeToString,
             fedtre_dot_v2_dot_coordinator__pb2.ProjectBudget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Catalog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtre.v2.ResearcherService/Catalog',
+            fedtre_dot_v2_dot_coordinator__pb2.CatalogRequest.SerializeToString,
+            fedtre_dot_v2_dot_coordinator__pb2.CatalogInfo.FromString,
             options,
             channel_credentials,
             insecure,

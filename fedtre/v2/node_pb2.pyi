@@ -99,13 +99,29 @@ class NodeReply(_message.Message):
     def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., query_id: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., result: _Optional[_Union[_common_pb2.NodeResult, _Mapping]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ..., handling_ms: _Optional[float] = ...) -> None: ...
 
 class NodeDescription(_message.Message):
-    __slots__ = ("node_id", "catalog_version", "catalog_digest", "project_ids")
+    __slots__ = ("node_id", "catalog_version", "catalog_digest", "project_ids", "scopes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     CATALOG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PROJECT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     catalog_version: str
     catalog_digest: str
     project_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., catalog_digest: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    scopes: _containers.RepeatedCompositeFieldContainer[ProjectScope]
+    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., catalog_digest: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[_Union[ProjectScope, _Mapping]]] = ...) -> None: ...
+
+class ProjectScope(_message.Message):
+    __slots__ = ("project_id", "views", "max_tier", "total_units", "max_units_per_query")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    VIEWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIER_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_UNITS_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNITS_PER_QUERY_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    views: _containers.RepeatedScalarFieldContainer[str]
+    max_tier: str
+    total_units: int
+    max_units_per_query: int
+    def __init__(self, project_id: _Optional[str] = ..., views: _Optional[_Iterable[str]] = ..., max_tier: _Optional[str] = ..., total_units: _Optional[int] = ..., max_units_per_query: _Optional[int] = ...) -> None: ...

@@ -527,9 +527,21 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
     budget = json.loads(fedtre("budget", "--project", PROJECT, "--format", "json").stdout)
     assert [b["trust"] for b in budget] == ["trust-a", "trust-b", "trust-c"]
     assert all(0 < b["epsilon_left"] < 50 for b in budget)
-    # suppression off for 'study': never "< 0"
+    # suppression off for 'study': never "< 0"; views, tier, default ε and budget per trust
     listing = fedtre("projects").stdout
     assert "< 0" not in listing and "no suppression" in listing
+    assert "views: conditions, patients, visits; tier: mental_health" in listing
+    assert "default 0.1" in listing and listing.count("ε left") == 6  # 2 projects × 3 trusts
+    # discovery: the catalog the coordinator serves, as the trusts load it
+    shown = fedtre("catalog", "show", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["version"] == load_catalog().version
+    conditions = next(v for v in doc["views"] if v["view"] == "conditions")
+    groups = next(c for c in conditions["columns"] if c["column"] == "condition_group")
+    assert groups["value_tiers"]["self_harm"] == "highly_sensitive"
+    with fed.client() as client:
+        assert client.catalog().digest == load_catalog().digest
     # refused by every trust's own rules (above the project's tier): said in every format,
     # never an empty stdout, exit 2
     self_harm = "SELECT COUNT(*) AS n FROM conditions WHERE condition_group = 'self_harm'"
