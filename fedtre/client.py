@@ -24,6 +24,7 @@ import grpc
 from fedtre.answer import NotReleased, QueryResult
 from fedtre.catalog import Catalog
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
+from fedtre.explain import Explanation, explain
 from fedtre.pki import identity_problems
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
@@ -146,6 +147,20 @@ class Client:
         if not result.released and raise_if_not_released:
             raise NotReleased(result)
         return result
+
+    def explain(self, project: str, sql: str, epsilon: float | None = None) -> Explanation:
+        """What the query would cost at each trust and how precise it would be, from the
+        coordinator's catalog and the project: nothing is spent and no trust is asked."""
+        listing = project_list_from_proto(
+            self._call(self._stub.ListProjects, cpb.ListProjectsRequest())
+        )
+        info = next((p for p in listing if p.project_id == project), None)
+        if info is None:
+            raise QueryRefused(
+                Refusal.NOT_AUTHORISED,
+                "No project with that id is open to you. Ask the project lead to add your name.",
+            )
+        return explain(sql, self.catalog(), info, epsilon)
 
     def projects(self) -> list[dict[str, Any]]:
         listing = self._call(self._stub.ListProjects, cpb.ListProjectsRequest())

@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     query.add_argument("--query-id", help="reuse an id to fetch the same answer again at no cost")
     query.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    query.add_argument(
+        "--explain",
+        action="store_true",
+        help="show the cost per trust, the cells and the expected error; spend nothing",
+    )
     _profile(query)
     query.add_argument("sql")
     query.set_defaults(func=_query)
@@ -46,6 +51,11 @@ EXIT_FOR_STATUS = {"released": 0, "partial": 0, "refused": 2, "withheld": 4}
 
 
 def _query(args: argparse.Namespace) -> int:
+    if args.explain:
+        with Client.from_profile(args.profile) as client:
+            plan = client.explain(args.project, args.sql, args.epsilon)
+        print(json.dumps(plan.to_dict(), indent=2) if args.format == "json" else plan.table())
+        return 0
     with Client.from_profile(args.profile) as client:
         result = client.query(
             args.project, args.sql, args.epsilon, args.query_id, raise_if_not_released=False

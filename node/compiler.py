@@ -24,12 +24,10 @@ rows in a view are the first ``cap`` of them in that order, wherever the view is
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from fedtre.catalog import Catalog, Tier, Value, View
 from fedtre.plan import (
-    AggregateKind,
     And,
     Cohort,
     Compare,
@@ -39,17 +37,10 @@ from fedtre.plan import (
     Predicate,
     QueryPlan,
 )
+from fedtre.statistics import Statistic, cells_for, statistics_for
 from node.database import clamped_column, kept_column
 
 LONG_LIST = 16  # IN lists longer than this are matched as one bound list (see _predicate_sql)
-
-
-@dataclass(frozen=True)
-class Statistic:
-    """One exact column the SQL computes: ``count``, ``count_persons`` or ``sum`` of a column."""
-
-    kind: str
-    column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,22 +51,6 @@ class CompiledQuery:
     group_by: tuple[str, ...]
     cells: tuple[tuple[Value, ...], ...]
     statistics: tuple[Statistic, ...]
-
-
-def statistics_for(plan: QueryPlan) -> list[list[Statistic]]:
-    """The exact statistics behind each aggregate, in plan order (AVG = sum and count)."""
-    out: list[list[Statistic]] = []
-    for agg in plan.aggregates:
-        match agg.kind:
-            case AggregateKind.COUNT:
-                out.append([Statistic("count")])
-            case AggregateKind.COUNT_PERSONS:
-                out.append([Statistic("count_persons")])
-            case AggregateKind.SUM:
-                out.append([Statistic("sum", agg.column)])
-            case AggregateKind.AVG:
-                out.append([Statistic("sum", agg.column), Statistic("count")])
-    return out
 
 
 def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery:
@@ -94,8 +69,7 @@ def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery
     sql = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE {" AND ".join(where)}'
     if plan.group_by:
         sql += " GROUP BY " + ", ".join(f't."{g}"' for g in plan.group_by)
-    domains = [view.columns[g].group_domain_at(tier) or () for g in plan.group_by]
-    cells = tuple(itertools.product(*domains)) if plan.group_by else ((),)
+    cells = cells_for(plan, catalog, tier)
     return CompiledQuery(sql, tuple(params), view, plan.group_by, cells, tuple(stats))
 
 

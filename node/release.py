@@ -1,19 +1,9 @@
 """Differentially private release of exact aggregates, through OpenDP only.
 
 Each statistic (one value per cell) is released with one OpenDP discrete Laplace measurement
-over the whole vector. Sensitivities come from the catalog alone, under add/remove-one-person
-neighbours, after the compiler's contribution bounding:
-
-* ``count``: a person has at most ``cap`` rows in total, so the vector moves by at most ``cap``
-  in L1 norm;
-* ``count_persons``: a person is in at most ``min(cap, cells)`` cells, once each;
-* ``sum``: at most ``cap`` rows, each clamped to [lower, upper]: ``cap * max(|lower|, |upper|)``.
-
-The requested ε is split into equal integer shares across the aggregates; an AVG's share is
-split between its sum and its count to minimise the variance of their ratio, using only the
-catalog (sum sensitivity S, count sensitivity C, and the midpoint m of the bounds as a prior
-guess of the mean): ε_sum ∝ S^(2/3), ε_count ∝ (m·C)^(2/3). OpenDP's own privacy map checks
-every measurement against its share before it is used.
+over the whole vector, with the sensitivity and ε share that ``fedtre.statistics`` gives from the
+plan and the catalog alone. OpenDP's own privacy map checks every measurement against its share
+before it is used.
 
 Two steps, so that the cost is fixed before the data is touched: ``plan_release`` decides the
 split, the sensitivities and builds every OpenDP measurement from the plan and the catalog alone
@@ -31,35 +21,17 @@ from typing import Any
 import opendp.prelude as dp
 
 from fedtre.catalog import View
-from fedtre.dp import (
-    DISCRETE_LAPLACE,
-    discrete_laplace_std,
-    split_units,
-    split_units_weighted,
-    units_to_epsilon,
-)
+from fedtre.dp import DISCRETE_LAPLACE, discrete_laplace_std, units_to_epsilon
 from fedtre.errors import InternalError
 from fedtre.plan import Aggregate, QueryPlan
 from fedtre.result import ReleasedAggregate, ReleasedStatistic
-from node.compiler import Statistic, statistics_for
+from fedtre.statistics import Statistic, epsilon_shares
 
 dp.enable_features("contrib")
 
 MECHANISM = DISCRETE_LAPLACE
 _DOMAIN = dp.vector_domain(dp.atom_domain(T=dp.i64))
 _METRIC = dp.l1_distance(T=dp.i64)
-
-
-def sensitivity(stat: Statistic, view: View, cells: int) -> int:
-    cap = view.max_rows_per_person
-    if stat.kind == "count":
-        return cap
-    if stat.kind == "count_persons":
-        return min(cap, cells)
-    if stat.kind == "sum":
-        assert stat.column is not None
-        return cap * view.columns[stat.column].magnitude
-    raise InternalError(f"unknown statistic {stat.kind}")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -109,40 +81,22 @@ class ReleasePlan:
         return tuple(s for a in self.aggregates for s in a.statistics)
 
 
-def _shares(stats: list[Statistic], share: int, view: View, cells: int) -> list[int]:
-    if len(stats) == 1:
-        return [share]
-    total, count = stats  # AVG
-    assert total.column is not None
-    col = view.columns[total.column]
-    midpoint = max(1.0, (abs(col.lower or 0) + abs(col.upper or 0)) / 2)
-    weights = [
-        sensitivity(total, view, cells) ** (2 / 3),
-        (midpoint * sensitivity(count, view, cells)) ** (2 / 3),
-    ]
-    return split_units_weighted(share, weights)
-
-
 def plan_release(plan: QueryPlan, view: View, cells: int, epsilon_units: int) -> ReleasePlan:
     """Split ``epsilon_units`` (exactly) over the plan's statistics and build each measurement.
 
     Refuses (``INVALID_EPSILON``) when ε is too small to give every statistic a share.
     """
-    per_aggregate = statistics_for(plan)
-    agg_shares = split_units(epsilon_units, len(per_aggregate))
-    planned: list[PlannedAggregate] = []
-    for agg, stats, share in zip(plan.aggregates, per_aggregate, agg_shares, strict=True):
+    planned = []
+    for agg in epsilon_shares(plan, view, cells, epsilon_units):
         items = []
-        for stat, stat_share in zip(stats, _shares(stats, share, view, cells), strict=True):
-            l1 = sensitivity(stat, view, cells)
-            meas, scale = laplace_measurement(l1, stat_share)
-            items.append(PlannedStatistic(stat, l1, stat_share, scale, meas))
-        col = view.columns[agg.column] if agg.column else None
-        planned.append(
-            PlannedAggregate(
-                agg, tuple(items), col.lower if col else None, col.upper if col else None
+        for share in agg.statistics:
+            meas, scale = laplace_measurement(share.sensitivity, share.epsilon_units)
+            items.append(
+                PlannedStatistic(
+                    share.statistic, share.sensitivity, share.epsilon_units, scale, meas
+                )
             )
-        )
+        planned.append(PlannedAggregate(agg.aggregate, tuple(items), agg.lower, agg.upper))
     return ReleasePlan(tuple(planned), epsilon_units)
 
 

@@ -542,6 +542,22 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
     assert groups["value_tiers"]["self_harm"] == "highly_sensitive"
     with fed.client() as client:
         assert client.catalog().digest == load_catalog().digest
+    # --explain: the cost, the cells and the expected error, with nothing spent
+    before = {n: fed.spent_units(n) for n in fed.nodes}
+    explained = fedtre("query", "--project", PROJECT, "--explain", "--format", "json", BY_SEX)
+    assert explained.returncode == 0, explained.stderr
+    plan = json.loads(explained.stdout)
+    assert {n: fed.spent_units(n) for n in fed.nodes} == before
+    assert plan["epsilon_per_trust"] == 0.1 and len(plan["cells"]) == 3
+    count = next(s for s in plan["statistics"] if s["aggregate"] == "n")
+    assert count["sensitivity"] == 1
+    # the prediction is the interval the answer then carries (no rounding in this project)
+    with fed.client() as client:
+        answer = client.query(PROJECT, BY_SEX, 0.1)
+    n = next(c for c in answer.columns if c.alias == "n")
+    widths = {e.high - e.value for e in n.estimates if e.value is not None and e.low > 0}
+    assert widths == {count["half_width_95"]}
+    spent = {n: fed.spent_units(n) for n in fed.nodes}
     # refused by every trust's own rules (above the project's tier): said in every format,
     # never an empty stdout, exit 2
     self_harm = "SELECT COUNT(*) AS n FROM conditions WHERE condition_group = 'self_harm'"

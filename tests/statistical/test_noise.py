@@ -26,7 +26,7 @@ from fedtre.dp import (
 )
 from fedtre.plan import Aggregate, AggregateKind
 from fedtre.result import ReleasedStatistic
-from node.compiler import Statistic
+from fedtre.statistics import Statistic
 from node.release import (
     MECHANISM,
     PlannedAggregate,
