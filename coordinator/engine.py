@@ -15,6 +15,7 @@ A retry with the same query id replays every committed answer: same numbers, no 
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -29,6 +30,7 @@ from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.parse import parse_query
+from fedtre.plan import QueryPlan
 from fedtre.protocol import NodeOutcome, OutcomeKind, PrepareRequest
 from fedtre.request import Submission, check_ids
 
@@ -44,6 +46,9 @@ class CoordinatorEngine:
         self.config = config
         self.trusts = trusts
         self._on_close: list[Callable[[], None]] = []
+        # Parsed plans by SQL text (the catalog is fixed): a question asked again is not
+        # parsed again. Refusals raise, so they are never cached.
+        self._parse = functools.lru_cache(maxsize=512)(self._parse_sql)
         self.audit = AuditLog(config.audit_path, config.coordinator_id, role="coordinator")
         self.audit.write("coordinator.started", catalog_version=config.catalog.version)
 
@@ -61,7 +66,9 @@ class CoordinatorEngine:
 
     def submit(self, researcher: str, sub: Submission) -> Outcome:
         query_id = sub.query_id or f"q-{uuid.uuid4()}"
-        self.audit.write(
+        # In the log before anything is acted on; it reaches the disk with the outcome's line
+        # (one fsync per query: a crash before it leaves no answer released either).
+        self.audit.note(
             "query.received",
             query_id=query_id[:128],
             project=sub.project_id[:64],
@@ -150,8 +157,11 @@ class CoordinatorEngine:
                 f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
                 f"{units_to_epsilon(project.max_units_per_query):g}.",
             )
-        parse_query(sub.sql, self.config.catalog)  # refuses before anything is sent
+        self._parse(sub.sql)  # refuses before anything is sent
         return project, units
+
+    def _parse_sql(self, sql: str) -> QueryPlan:
+        return parse_query(sql, self.config.catalog)
 
     def _combine(
         self, query_id: str, project: Project, units: int, outcomes: tuple[TrustOutcome, ...]
