@@ -471,6 +471,7 @@ def run_setting(
         for name in names:
             databases[name] = work / f"{name}.duckdb"
             shutil.copyfile(db, databases[name])
+            databases[name].chmod(0o600)  # the node refuses a database open to others
         fed = build_federation(work, pki, databases, researchers, args, mode)
         clients: list[Client] = []
         try:

@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_control:
             d_copy = work / "d-copy.duckdb"
             shutil.copyfile(d, d_copy)
+            d_copy.chmod(0o600)  # the node refuses a database open to others
             runs.append(
                 probe_run(work, pki, {"trust-a": d, "trust-b": d_copy}, 0, args.probes,
                           "control: D on both, slot off")

@@ -63,8 +63,8 @@ class AuditLog:
         self._failure: str | None = None  # a failed fsync: final
         self._closed = False
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:
             raise AuditUnavailable(f"cannot open audit log {path}: {exc.strerror}") from exc
         self._flusher = threading.Thread(

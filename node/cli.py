@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
+from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.ledger import NODE_SCOPE
@@ -25,6 +27,13 @@ from node.loader import load_omop
 def register(sub: argparse._SubParsersAction) -> None:
     node = sub.add_parser("node", help="run and manage a trust node")
     node_sub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+
+    check = node_sub.add_parser(
+        "check", help="check a node's config, certificate, files and database before serving"
+    )
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--insecure", action="store_true", help="skip the certificate checks")
+    check.set_defaults(func=_check)
 
     load = node_sub.add_parser(
         "load", help="build the node database from an OMOP CDM extract (folder or DuckDB file)"
@@ -81,6 +90,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _load(args: argparse.Namespace) -> int:
+    # SIGTERM ends the load like Ctrl-C: its temporary files (person-level views) are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.config is not None:
         config = load_node_config(args.config)
         catalog, out = config.catalog, args.out or config.database
@@ -102,10 +113,28 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    report = check_node(args.config, insecure=args.insecure)
+    print("\n".join(report.lines()))
+    if report.ok:
+        print("node check passed: it may serve")
+        return 0
+    print(f"node check found {len(report.problems)} problem(s): fix them before serving")
+    return 3
+
+
 def _serve(args: argparse.Namespace) -> int:
     from node.server import create_server
 
-    config = load_node_config(args.config)
+    report = check_node(args.config, insecure=args.insecure)
+    for line in report.warnings:
+        print(f"WARNING  {line}", file=sys.stderr)
+    if not report.ok or report.config is None:
+        for line in report.problems:
+            print(f"PROBLEM  {line}", file=sys.stderr)
+        print("refusing to serve: fix the problems above (fedtre node check)", file=sys.stderr)
+        return 3
+    config = report.config
     ready: Path | None = args.ready_file
 
     def linked(address: str) -> None:  # dial-out: ready once a coordinator link is up

@@ -32,6 +32,7 @@ records what was spent and the operator's current policy decides what may still 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -158,8 +159,11 @@ class Ledger:
         self._local = threading.local()
         self._now = clock  # unix seconds: leases end by it (tests pass a fake clock)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fresh = not path.exists()
             con = self._con()
+            if fresh:  # the ledger holds every query id and answer: owner only
+                os.chmod(path, 0o600)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("BEGIN IMMEDIATE")
             try:

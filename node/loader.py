@@ -197,7 +197,32 @@ def load_omop(
         raise LoadError(f"source {source} does not exist")
     groups = _read_mapping(mapping, catalog)
     out = out.resolve()
+    # Everything written from here holds person-level data: owner only (files 0600, the spill
+    # directory 0700), from the moment it is created.
+    umask = os.umask(0o077)
+    try:
+        return _load_private(
+            source, out, catalog, groups, opt_out, memory_limit, threads, say, started
+        )
+    finally:
+        os.umask(umask)
+
+
+def _load_private(
+    source: Path,
+    out: Path,
+    catalog: Catalog,
+    groups: Any,
+    opt_out: Path | None,
+    memory_limit: str,
+    threads: int | None,
+    say: Callable[[str], None],
+    started: float,
+) -> LoadReport:
     out.parent.mkdir(parents=True, exist_ok=True)
+    removed = remove_interrupted_loads(out)
+    if removed:
+        say(f"removed {removed} file(s) left by an interrupted load")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)
     spill = tmp.with_name(tmp.name + ".spill")
@@ -214,9 +239,10 @@ def load_omop(
     }
     if threads is not None:
         config["threads"] = threads
-    con = duckdb.connect(str(tmp), config=config)
-    say(f"memory limit {memory_limit} (DuckDB {duckdb_limit}), spilling to {spill}")
-    try:
+    con: duckdb.DuckDBPyConnection | None = None
+    try:  # from the moment the file exists, any way out removes it (SIGTERM included)
+        con = duckdb.connect(str(tmp), config=config)
+        say(f"memory limit {memory_limit} (DuckDB {duckdb_limit}), spilling to {spill}")
         _no_type_pushdown(con)
         found = _stage_sources(con, source, say)
         mixed_tiers = _stage_mapping(con, groups, "concept_ancestor" in found, catalog, say)
@@ -237,17 +263,20 @@ def load_omop(
         con.executemany(f"INSERT INTO {META_TABLE} VALUES (?, ?)", list(meta.items()))
         con.execute("CHECKPOINT")
         con.close()
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, out)
     except duckdb.Error as exc:
-        con.close()
+        if con is not None:
+            con.close()
         _remove(tmp)
         raise LoadError(f"loading failed: {_described(exc)}") from exc
     except BaseException:
-        con.close()
+        if con is not None:
+            con.close()
         _remove(tmp)
         raise
     finally:
         shutil.rmtree(spill, ignore_errors=True)
-    os.replace(tmp, out)
     say(f"node database written: {out}")
     return LoadReport(
         database=out,
@@ -344,6 +373,32 @@ def _csv_dialect(path: Path) -> str:
         f"header = true, all_varchar = true, delim = E'{delim}', quote = '\"', escape = '\"', "
         "skip = 0, comment = ''"
     )
+
+
+def remove_interrupted_loads(out: Path) -> int:
+    """Remove the temporary files of loads into ``out`` whose process is gone (killed, or the
+    machine stopped): they hold person-level views. Returns how many paths were removed."""
+    removed = 0
+    for path in out.parent.glob(f".{out.name}.tmp-*"):
+        pid_text = path.name.removeprefix(f".{out.name}.tmp-").split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _stage_sources(con, source: Path, say: Progress) -> set[str]:

@@ -77,6 +77,7 @@ def _copies(tmp: Path, databases: dict[str, Path]) -> dict[str, Path]:
     for name, path in databases.items():
         out[name] = tmp / f"{name}.duckdb"
         out[name].write_bytes(path.read_bytes())
+        out[name].chmod(0o600)  # person-level data: the node refuses it open to others
     return out
 
 

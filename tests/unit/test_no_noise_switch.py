@@ -34,7 +34,10 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 def test_no_cli_option_turns_noise_off() -> None:
     options = _options(build_parser())
     assert "--insecure" in options  # sanity: the walk reaches nested subcommands
-    assert not [o for o in options if re.search(r"noise|exact|raw|plain|no-?dp", o)]
+    # whole words: "--explain" (the cost before spending; it reads no data) is not "plain"
+    suspect = r"noise|exact|\braw\b|\bplain\b|no-?dp"
+    assert not [o for o in options if re.search(suspect, o)]
+    assert re.search(suspect, "--plain") and re.search(suspect, "--raw-values")
 
 
 def test_no_shipped_source_mentions_a_noise_switch() -> None:

@@ -1,0 +1,186 @@
+"""``fedtre node check``: everything that can be wrong with a node before it serves, one line each
+saying what to fix. ``fedtre node serve`` runs the same checks and refuses to start on any
+problem (warnings are logged and do not stop it).
+
+Checked: the config itself; the certificate (a node certificate, named as ``node_id``, issued by
+the federation CA, not expired) and that the key belongs to it; key, database and state files
+readable by their owner only (0600 in 0700 directories) and owned by the user running the node;
+the database opens and its invariants hold for this catalog; the state directory is writable;
+the answer slot and ε settings are sane.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtre.errors import ConfigError, FedtreError
+from fedtre.pki import PkiError, Role, identity_problems, read_identity
+from node.config import NodeConfig, ServerMode, load_node_config
+from node.database import open_research_db
+from node.ledger import Ledger
+
+
+@dataclass
+class CheckReport:
+    config: NodeConfig | None = None
+    passed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # each stops ``serve``
+    warnings: list[str] = field(default_factory=list)  # logged; do not stop it
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        return (
+            [f"ok       {line}" for line in self.passed]
+            + [f"WARNING  {line}" for line in self.warnings]
+            + [f"PROBLEM  {line}" for line in self.problems]
+        )
+
+
+def check_node(path: Path, *, insecure: bool = False) -> CheckReport:
+    report = CheckReport()
+    try:
+        config = load_node_config(path)
+    except ConfigError as exc:
+        report.problems.append(f"config {path}: {exc}")
+        return report
+    report.config = config
+    report.passed.append(f"config {path} is valid (node {config.node_id})")
+    _certificate(config, insecure, report)
+    _database(config, report)
+    _state(config, report)
+    _settings(config, report)
+    return report
+
+
+def _certificate(config: NodeConfig, insecure: bool, report: CheckReport) -> None:
+    server = config.server
+    if server is None:
+        report.warnings.append("no [server] section: this node can load and query locally only")
+        return
+    if insecure:
+        report.warnings.append("--insecure: plaintext, no certificates (development only)")
+        return
+    if server.ca is None or server.cert is None or server.key is None:
+        report.problems.append("[server] needs ca, cert and key (mutual TLS)")
+        return
+    for label, file in (("CA", server.ca), ("certificate", server.cert), ("key", server.key)):
+        if not file.is_file():
+            report.problems.append(f"{label} file {file} does not exist")
+    if report.problems:
+        return
+    problems = identity_problems(server.ca, server.cert, server.key)
+    report.problems += [f"[server] {p}" for p in problems]
+    try:
+        role, name = read_identity(server.cert.read_bytes())
+    except PkiError as exc:
+        report.problems.append(f"[server] cert {server.cert}: {exc}")
+        return
+    if role is not Role.NODE:
+        report.problems.append(
+            f"[server] cert {server.cert.name} is a {role.value} certificate; a node needs its "
+            f"own node certificate: fedtre pki issue --role node --name {config.node_id}"
+        )
+    elif name != config.node_id:
+        report.problems.append(
+            f"[server] cert {server.cert.name} is for node '{name}', but node_id is "
+            f"'{config.node_id}': use this trust's own certificate or fix node_id"
+        )
+    _private_file(server.key, "the node's private key", report)
+    if not problems and role is Role.NODE and name == config.node_id:
+        mode = "dials out to " + ", ".join(server.connect)
+        if server.mode is ServerMode.DIAL_IN:
+            mode = f"listens on {server.listen}"
+        report.passed.append(
+            f"certificate: node '{name}', issued by the federation CA, key matches; {mode}; "
+            f"accepts only coordinator '{server.coordinator}'"
+        )
+
+
+def _database(config: NodeConfig, report: CheckReport) -> None:
+    if not config.database.exists():
+        report.problems.append(
+            f"database {config.database} does not exist: run "
+            f"fedtre node load --config <this config> --source <OMOP extract>"
+        )
+        return
+    _private_file(config.database, "the node database (person-level data)", report)
+    try:
+        con = open_research_db(
+            config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
+        )
+    except FedtreError as exc:
+        report.problems.append(f"database: {exc}")
+        return
+    con.close()
+    report.passed.append(
+        f"database {config.database} opens and its invariants hold for catalog "
+        f"{config.catalog.version}"
+    )
+
+
+def _state(config: NodeConfig, report: CheckReport) -> None:
+    state = config.state_dir
+    if not state.exists():
+        parent = state.parent
+        if not os.access(parent, os.W_OK):
+            report.problems.append(f"state directory {state} cannot be created in {parent}")
+        else:
+            report.warnings.append(f"state directory {state} will be created (0700) at start")
+        return
+    if not os.access(state, os.W_OK | os.X_OK):
+        report.problems.append(f"state directory {state} is not writable by this user")
+        return
+    before = len(report.problems)
+    mode = stat.S_IMODE(state.stat().st_mode)
+    if mode & 0o077:
+        report.problems.append(
+            f"state directory {state} is open to other users (mode {mode:04o}): chmod 700 {state}"
+        )
+    for file, what in ((config.ledger_path, "the budget ledger"), (config.audit_path, "audit log")):
+        if file.exists():
+            _private_file(file, what, report)
+    if config.ledger_path.exists():
+        try:
+            Ledger(config.ledger_path)
+        except FedtreError as exc:
+            report.problems.append(f"ledger: {exc}")
+            return
+    if len(report.problems) == before:
+        report.passed.append(f"state directory {state} is writable and private")
+
+
+def _settings(config: NodeConfig, report: CheckReport) -> None:
+    if config.answer_slot_ms == 0:
+        report.warnings.append(
+            "answer_slot_ms = 0: answer times can reveal the data (measurements only); set it "
+            "with fedtre node calibrate"
+        )
+    else:
+        report.passed.append(f"answer slot {config.answer_slot_ms} ms")
+    biggest = max((p.total_units for p in config.projects.values()), default=0)
+    if biggest > config.node_total_units:
+        report.warnings.append(
+            "a project's total_epsilon is above node_epsilon_ceiling: the ceiling stops it first"
+        )
+    if not config.projects:
+        report.warnings.append("no projects: this node will refuse every query")
+
+
+def _private_file(path: Path, what: str, report: CheckReport) -> None:
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        report.problems.append(
+            f"{what} {path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
+        )
+    if info.st_uid != os.geteuid():
+        report.problems.append(
+            f"{what} {path} belongs to uid {info.st_uid}, not to the user running the node "
+            f"(uid {os.geteuid()}): chown it to the service user"
+        )

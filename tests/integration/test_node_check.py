@@ -1,0 +1,221 @@
+"""``fedtre node check`` and the checks ``serve`` runs: each mistake a new operator made (trust IT
+issue) is one line saying what to fix, and ``serve`` refuses to start on it. Person-level files
+are written 0600 in 0700 directories; interrupted loads leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedtre.catalog import load_catalog
+from fedtre.pki import Role
+from fedtre.synthetic import generate
+from fedtre.tls import TlsFiles
+from node.config import load_node_config
+from node.database import open_research_db
+from node.engine import NodeEngine
+from node.loader import load_omop, remove_interrupted_loads
+from tests.integration.federation import make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def node_home(tmp_path: Path, node_db: Path, pki: Path) -> Callable[..., Path]:
+    """A node directory with its own copy of the database and a config; ``write(**changes)``."""
+    database = tmp_path / "node.duckdb"
+    shutil.copyfile(node_db, database)
+    database.chmod(0o600)
+
+    def write(
+        node_id: str = "trust-a",
+        role: Role = Role.NODE,
+        cert_name: str = "trust-a",
+        key_of: str | None = None,
+    ) -> Path:
+        files = TlsFiles.in_pki_dir(pki, role, cert_name)
+        key = TlsFiles.in_pki_dir(pki, Role.NODE, key_of).key if key_of else files.key
+        config = tmp_path / "node.toml"
+        config.write_text(
+            f'node_id = "{node_id}"\ndatabase = "{database}"\nstate_dir = "state"\n'
+            "node_epsilon_ceiling = 10.0\nanswer_slot_ms = 20\n\n"
+            '[server]\nlisten = "127.0.0.1:0"\ncoordinator = "hub"\n'
+            f'ca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{key}"\n\n'
+            "[projects.study]\ntotal_epsilon = 1.0\nmax_epsilon_per_query = 0.5\n"
+            'views = ["patients"]\nmax_tier = "general"\n'
+        )
+        return config
+
+    return write
+
+
+def _fedtre(
+    *args: str, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedtre.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def test_a_good_node_passes(node_home: Callable[..., Path]) -> None:
+    result = _fedtre("node", "check", "--config", str(node_home()))
+    assert result.returncode == 0, result.stdout
+    assert "node check passed" in result.stdout
+    assert "PROBLEM" not in result.stdout
+    assert "certificate: node 'trust-a'" in result.stdout
+
+
+def _assert_problem(config: Path, says: str) -> None:
+    checked = _fedtre("node", "check", "--config", str(config))
+    assert checked.returncode == 3, checked.stdout
+    problems = [line for line in checked.stdout.splitlines() if line.startswith("PROBLEM")]
+    assert any(says in line for line in problems), checked.stdout
+    # serve runs the same checks and refuses to start, before it listens
+    ready = config.parent / "ready.json"
+    served = _fedtre(
+        "node", "serve", "--config", str(config), "--ready-file", str(ready), timeout=60
+    )
+    assert served.returncode == 3 and "refusing to serve" in served.stderr, served.stderr
+    assert not ready.exists()
+
+
+def test_another_trusts_certificate_is_refused(node_home: Callable[..., Path]) -> None:
+    _assert_problem(node_home(node_id="trust-b"), "is for node 'trust-a'")
+
+
+def test_the_coordinators_certificate_as_the_nodes_is_refused(
+    node_home: Callable[..., Path],
+) -> None:
+    _assert_problem(node_home(role=Role.COORDINATOR, cert_name="hub"), "coordinator certificate")
+
+
+def test_a_key_that_does_not_match_the_certificate_is_refused(
+    node_home: Callable[..., Path],
+) -> None:
+    _assert_problem(node_home(key_of="trust-b"), "does not belong")
+
+
+def test_a_key_readable_by_others_is_refused(node_home: Callable[..., Path], pki: Path) -> None:
+    config = node_home()
+    key = TlsFiles.in_pki_dir(pki, Role.NODE, "trust-a").key
+    key.chmod(0o644)
+    try:
+        _assert_problem(config, f"chmod 600 {key}")
+    finally:
+        key.chmod(0o600)
+
+
+def test_a_database_readable_by_others_or_missing_is_refused(
+    node_home: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = node_home()
+    database = tmp_path / "node.duckdb"
+    database.chmod(0o644)
+    _assert_problem(config, "readable by other users")
+    database.unlink()
+    _assert_problem(config, "run fedtre node load")
+
+
+def test_a_state_directory_open_to_others_is_refused(
+    node_home: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = node_home()
+    (tmp_path / "state").mkdir(mode=0o755)
+    (tmp_path / "state").chmod(0o755)
+    _assert_problem(config, "chmod 700")
+
+
+def test_state_files_are_private(node_home: Callable[..., Path], tmp_path: Path) -> None:
+    engine = NodeEngine(load_node_config(node_home()))
+    engine.close()
+    state = tmp_path / "state"
+    assert _mode(state) == 0o700
+    assert _mode(state / "ledger.sqlite") == 0o600
+    assert _mode(state / "audit.jsonl") == 0o600
+
+
+def test_the_loader_writes_a_private_database_and_cleans_up_interrupted_loads(
+    tmp_path: Path, omop_dir: Path, catalog
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "db" / "node.duckdb"
+    out.parent.mkdir()
+    # left by a load that was SIGKILLed (its process is gone) and by one still running (us)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    leftovers = [
+        out.parent / f".node.duckdb.tmp-{dead}",
+        out.parent / f".node.duckdb.tmp-{dead}.wal",
+    ]
+    spill = out.parent / f".node.duckdb.tmp-{dead}.spill"
+    spill.mkdir()
+    for path in leftovers:
+        path.write_bytes(b"person-level data")
+    running = out.parent / f".node.duckdb.tmp-{os.getpid()}-other"
+    running.write_bytes(b"a load in progress")
+    lines: list[str] = []
+    load_omop(omop_dir, out, catalog, progress=lines.append)
+    assert not any(p.exists() for p in [*leftovers, spill])
+    assert running.exists()  # a live process's files are left alone
+    assert any("interrupted load" in line for line in lines)
+    assert _mode(out) == 0o600
+    assert remove_interrupted_loads(out) == 0
+
+
+@pytest.mark.slow
+def test_a_load_stopped_with_sigterm_leaves_no_person_level_files(tmp_path: Path) -> None:
+    omop = tmp_path / "omop"
+    generate(omop, 60_000, seed=3)
+    out = tmp_path / "db" / "node.duckdb"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedtre.cli",
+            "node",
+            "load",
+            "--source",
+            str(omop),
+            "--out",
+            str(out),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(out.parent.glob(".node.duckdb.tmp-*")):
+        time.sleep(0.05)
+    assert list(out.parent.glob(".node.duckdb.tmp-*")), "the load never started writing"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    left = sorted(p.name for p in out.parent.glob(".node.duckdb.tmp-*"))
+    assert left == [], f"exit {proc.returncode}; left {left}\n{output[-2000:]}"
+    if out.exists():  # the load got as far as replacing the database: then it is complete
+        open_research_db(out, load_catalog()).close()
+        assert _mode(out) == 0o600
