@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.links import LinkDown
 from fedtre.errors import Refusal, WireError
+from fedtre.pki import Role
 from fedtre.protocol import Decision, NodeDescription, NodeOutcome, OutcomeKind, PrepareRequest
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serde.node import (
@@ -53,7 +54,7 @@ class DialInLink:
             self._channel = grpc.secure_channel(
                 address,
                 channel_credentials(tls),
-                options=[*CHANNEL_OPTIONS, *channel_options(node_id)],
+                options=[*CHANNEL_OPTIONS, *channel_options(node_id, Role.NODE)],
             )
         self._state = grpc.ChannelConnectivity.IDLE
         # Connect now, not at the first query, and follow the channel's state for operators.

@@ -25,7 +25,7 @@ from fedtre.answer import NotReleased, QueryResult
 from fedtre.catalog import Catalog
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
 from fedtre.explain import Explanation, explain
-from fedtre.pki import identity_problems
+from fedtre.pki import Role, identity_problems
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
 from fedtre.serde.coordinator import (
@@ -109,7 +109,7 @@ class Client:
             self._channel = grpc.secure_channel(
                 profile.coordinator,
                 channel_credentials(profile.tls),
-                options=[*options, *channel_options(profile.coordinator_name)],
+                options=[*options, *channel_options(profile.coordinator_name, Role.COORDINATOR)],
             )
         self._stub = coordinator_pb2_grpc.ResearcherServiceStub(self._channel)
         self.timeout = timeout
@@ -216,7 +216,8 @@ def _trust_problem(exc: grpc.RpcError) -> str:
     if "hostname verification" in text or "name mismatch" in text:
         return (
             "the coordinator's certificate does not carry the name in your profile "
-            "(coordinator_name): check it against the name the operator gave you"
+            "(coordinator_name) as a coordinator's: check the name the operator gave you (a "
+            "certificate issued before fedtre named roles in certificates must be reissued)"
         )
     if "certificate verify failed" in text or "certificate_verify_failed" in text:
         return (

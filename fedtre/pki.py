@@ -46,6 +46,9 @@ _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
+ROLE_DOMAIN = "role.fedtre"  # reserved: <name>.<role>.role.fedtre names a certificate's role
+
+
 class PkiError(ConfigError):
     """A PKI file is missing, invalid or would be overwritten; or a name or host is not valid."""
 
@@ -126,9 +129,15 @@ def issue(
     if not isinstance(role, Role):
         raise PkiError(f"unknown role {role!r}; expected one of {', '.join(r.value for r in Role)}")
     check_name(name)
-    sans = _subject_alt_names(name, hosts)
+    sans = _subject_alt_names(name, hosts, role)
     cert_path = directory / f"{role.value}-{name}.pem"
     key_path = directory / f"{role.value}-{name}.key"
+    for other in Role:
+        if other is not role and (directory / f"{other.value}-{name}.pem").exists():
+            raise PkiError(
+                f"'{name}' is already a {other.value} of this federation: one name, one role "
+                "(a certificate of another role under the same name could pose as it)"
+            )
     if not overwrite:
         for path in (cert_path, key_path):
             if path.exists():
@@ -290,10 +299,17 @@ def _key_usage(*, digital_signature: bool, key_cert_sign: bool, crl_sign: bool) 
     )
 
 
-def _subject_alt_names(name: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
+def role_host(role: Role, name: str) -> str:
+    """The DNS name every certificate carries for its role and name. Peers check the server's
+    certificate against it (``fedtre.tls.channel_options``), so a certificate of another role
+    cannot stand in for a coordinator or a node even under the same name."""
+    return f"{name}.{role.value}.{ROLE_DOMAIN}"
+
+
+def _subject_alt_names(name: str, hosts: Sequence[str], role: Role) -> list[x509.GeneralName]:
     if isinstance(hosts, str):
         raise PkiError("hosts must be a list of host names or addresses, not one string")
-    sans: list[x509.GeneralName] = [x509.DNSName(name)]
+    sans: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName(role_host(role, name))]
     for host in hosts:
         general: x509.GeneralName
         if not isinstance(host, str):
@@ -303,6 +319,10 @@ def _subject_alt_names(name: str, hosts: Sequence[str]) -> list[x509.GeneralName
         except ValueError:
             if not _HOSTNAME.fullmatch(host):
                 raise PkiError(f"invalid host {host!r}: give a DNS name or an IP address") from None
+            if host.rstrip(".").lower().endswith(f".{ROLE_DOMAIN}"):
+                raise PkiError(
+                    f"invalid host {host!r}: names under .{ROLE_DOMAIN} are reserved"
+                ) from None
             general = x509.DNSName(host.rstrip(".").lower())
         if general not in sans:
             sans.append(general)

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from fedtre.pki import CA_CERT, PkiError, Role, read_identity
+from fedtre.pki import CA_CERT, PkiError, Role, read_identity, role_host
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,16 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def channel_options(expected_server_name: str) -> list[tuple[str, Any]]:
+def channel_options(expected_server_name: str, role: Role | None = None) -> list[tuple[str, Any]]:
     """Check the server's certificate against ``expected_server_name`` instead of the address.
 
-    Every federation certificate carries its holder's name as a DNS SAN, so a coordinator that
-    dials ``10.1.2.3:50051`` with ``channel_options("trust-a")`` talks only to trust-a.
+    Every federation certificate carries its holder's name as a DNS SAN, and its role and name as
+    ``<name>.<role>.role.fedtre``; with ``role`` the check is against the latter, so a
+    coordinator that dials ``10.1.2.3:50051`` with ``channel_options("trust-a", Role.NODE)``
+    talks only to trust-a's node certificate, never to another role's certificate named trust-a.
     """
-    return [("grpc.ssl_target_name_override", expected_server_name)]
+    name = expected_server_name if role is None else role_host(role, expected_server_name)
+    return [("grpc.ssl_target_name_override", name)]
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from fedtre import logs
+from fedtre.pki import Role
 from fedtre.protocol import Call, Hello, LinkReply, LinkRequest
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serde.link import link_reply_to_proto, link_request_from_proto
@@ -114,7 +115,7 @@ class DialOut:
             channel = grpc.secure_channel(
                 address,
                 channel_credentials(self.tls),
-                options=[*_OPTIONS, *channel_options(self.coordinator)],
+                options=[*_OPTIONS, *channel_options(self.coordinator, Role.COORDINATOR)],
             )
         outbox: queue.Queue[LinkReply | None] = queue.Queue()
         node_id = self.handler.node_id

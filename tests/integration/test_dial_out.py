@@ -18,7 +18,7 @@ import pytest
 
 from fedtre.audit import read_audit
 from fedtre.errors import Refusal
-from fedtre.pki import Role
+from fedtre.pki import Role, issue
 from fedtre.protocol import (
     Call,
     Decision,
@@ -197,6 +197,25 @@ def test_a_dial_out_node_talks_only_to_its_coordinator(
     """A server holding a valid federation certificate of another name (here trust-b's) is
     not the coordinator: the node's TLS check refuses it, so it never says hello."""
     server, address, fake = _serve_fake(TlsFiles.in_pki_dir(pki, Role.NODE, "trust-b"))
+    running = _dial_out_node(tmp_path, pki, trust_db, address)
+    try:
+        assert not fake.connected.wait(3)
+    finally:
+        running.stop(grace=1)
+        server.stop(0)
+
+
+def test_a_certificate_of_another_role_under_the_coordinators_name_is_not_the_coordinator(
+    tmp_path: Path, pki: Path, trust_db: Path
+) -> None:
+    """Same CA, same name 'hub', but a node certificate (issued where the federation's PKI
+    would refuse it: one name, one role): the node checks the role too and never says hello."""
+    other = tmp_path / "same-ca"
+    other.mkdir()
+    for f in ("ca.pem", "ca.key"):
+        (other / f).write_bytes((pki / f).read_bytes())
+    issue(other, Role.NODE, "hub")
+    server, address, fake = _serve_fake(TlsFiles.in_pki_dir(other, Role.NODE, "hub"))
     running = _dial_out_node(tmp_path, pki, trust_db, address)
     try:
         assert not fake.connected.wait(3)

@@ -99,7 +99,11 @@ def test_issued_certificate_names_role_and_holder(
     cert.verify_directly_issued_by(ca)
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == [f"{role.value}-one", "node.example.nhs.uk"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        f"{role.value}-one",
+        f"{role.value}-one.{role.value}.role.fedtre",  # its role, checked by peers
+        "node.example.nhs.uk",
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.7")]
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == eku
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -121,7 +125,11 @@ def test_default_hosts_and_serials(ca_dir: Path) -> None:
     a = _load(pki.issue(ca_dir, Role.NODE, "serial-a").cert_path)
     b = _load(pki.issue(ca_dir, Role.NODE, "serial-b").cert_path)
     san = a.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["serial-a", "localhost"]
+    assert san.get_values_for_type(x509.DNSName) == [
+        "serial-a",
+        "serial-a.node.role.fedtre",
+        "localhost",
+    ]
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     assert a.serial_number != b.serial_number
     assert a.serial_number.bit_length() > 64  # random, not sequential
@@ -152,8 +160,11 @@ def test_issue_refuses_to_overwrite_unless_asked(ca_dir: Path) -> None:
     assert second.key_path.read_bytes() != before[1]
     assert _mode(second.key_path) == 0o600
     assert not [p for p in ca_dir.iterdir() if p.name.startswith(".")]  # no temp files left
-    # the same name in another role is a different file, not an overwrite
-    pki.issue(ca_dir, Role.RESEARCHER, "trust-overwrite")
+    # the same name in another role is refused: it could pose as the first
+    with pytest.raises(PkiError, match="one name, one role"):
+        pki.issue(ca_dir, Role.RESEARCHER, "trust-overwrite")
+    with pytest.raises(PkiError, match="reserved"):
+        pki.issue(ca_dir, Role.NODE, "trust-x", hosts=["hub.coordinator.role.fedtre"])
 
 
 @pytest.mark.parametrize(
@@ -247,7 +258,7 @@ def test_describe(ca_dir: Path) -> None:
     assert info["serial"] == f"{cert.serial_number:x}"
     assert dt.datetime.fromisoformat(info["not_after"]) == cert.not_valid_after_utc
     assert dt.datetime.fromisoformat(info["not_before"]) == cert.not_valid_before_utc
-    assert info["subject_alt_names"] == ["DNS:dr-jones"]
+    assert info["subject_alt_names"] == ["DNS:dr-jones", "DNS:dr-jones.researcher.role.fedtre"]
     assert info["extended_key_usage"] == ["clientAuth"]
     assert info["expired"] is False and info["is_ca"] is False
     fingerprint = info["sha256_fingerprint"]
@@ -291,7 +302,9 @@ def test_cli_round_trip(
     assert main(["pki", "show", str(cert_path)]) == 0
     text = capsys.readouterr().out
     assert "CN=trust-a,OU=node,O=fedtre federation" in text
-    assert "DNS:trust-a, DNS:localhost, IP:127.0.0.1" in text  # --overwrite used the defaults
+    assert (
+        "DNS:trust-a, DNS:trust-a.node.role.fedtre, DNS:localhost, IP:127.0.0.1" in text
+    )  # --overwrite used the defaults
     assert main(["pki", "show", str(cert_path), "--format", "json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info == pki.describe(cert_path)
