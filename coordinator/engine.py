@@ -16,6 +16,7 @@ A retry with the same query id replays every committed answer: same numbers, no 
 from __future__ import annotations
 
 import functools
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -95,6 +96,7 @@ class CoordinatorEngine:
             epsilon_units=units,
             researcher=researcher,
         )
+        started = time.perf_counter()
         outcomes = self._two_phases(project, request)
         outcome = self._combine(query_id, project, units, outcomes)
         # Per-trust timings go to the operator log only: never to researchers.
@@ -104,6 +106,17 @@ class CoordinatorEngine:
                 "query_id": query_id,
                 "handling_ms": {o.node_id: round(o.handling_ms, 3) for o in outcomes},
                 "states": {o.node_id: o.state.value for o in outcome.trusts},
+            },
+        )
+        log.info(
+            "query",
+            extra={
+                "query_id": query_id,
+                "project": project.project_id,
+                "outcome": "released" if outcome.combined is not None else "withheld",
+                "epsilon_units": units,
+                "trusts_answered": sum(o.state is TrustState.ANSWERED for o in outcome.trusts),
+                "ms": round((time.perf_counter() - started) * 1000.0, 3),
             },
         )
         self.audit.write(

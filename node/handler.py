@@ -175,6 +175,22 @@ class NodeHandler:
 
 
 def _timed(work: Callable[..., NodeOutcome], *args: Any) -> NodeOutcome:
+    """Run one call; one operator log line for it (what, which id, outcome, ε, time: never a
+    value), and its handling time on the reply for the coordinator's operators."""
     start = time.perf_counter()
     outcome = work(*args)
-    return replace(outcome, handling_ms=(time.perf_counter() - start) * 1000.0)
+    ms = (time.perf_counter() - start) * 1000.0
+    log.info(
+        "request",
+        extra={
+            "node": outcome.node_id,
+            "call": work.__name__.lstrip("_"),
+            "query_id": outcome.query_id,
+            "project": outcome.project_id,
+            "outcome": outcome.kind.value,
+            "refusal": outcome.refusal.value if outcome.refusal else None,
+            "epsilon_units": outcome.epsilon_units,
+            "ms": round(ms, 3),
+        },
+    )
+    return replace(outcome, handling_ms=ms)

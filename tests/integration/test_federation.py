@@ -593,13 +593,23 @@ def test_fedtre_query_command_prints_table_json_and_csv(fed: Federation, tmp_pat
 
 
 def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
-    assert fed.coordinator is not None
+    with fed.client() as client:
+        client.query(PROJECT, BY_SEX, 0.1)
     events = fed.log_lines("coordinator")
     assert any(e.get("event") == "serving" and e.get("service") == "coordinator" for e in events)
     node_events = fed.log_lines("trust-a")
     assert any(e.get("event") == "serving" for e in node_events)
     text = fed.nodes["trust-a"].log.read_text() + fed.coordinator.log.read_text()
     assert "SELECT" not in text  # queries are in the audit log, not the operators' log
+    # one line per request at the node and per query at the coordinator: ids, outcome, ε, time
+    requests = [e for e in node_events if e.get("event") == "request"]
+    assert {e["call"] for e in requests} >= {"prepare", "commit"}
+    assert {"query_id", "project", "outcome", "epsilon_units", "ms"} <= set(requests[0])
+    queries = [e for e in events if e.get("event") == "query"]
+    assert queries and all(e["outcome"] in ("released", "withheld") for e in queries)
+    allowed = {"ts", "level", "service", "event", "node", "call", "query_id", "project",
+               "outcome", "refusal", "epsilon_units", "ms"}  # fmt: skip
+    assert all(set(e) <= allowed for e in requests), "no other field, so no value"
 
 
 def _coordinator_serving(fed: Federation) -> bool:
