@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from coordinator.config import load_coordinator_config
+from coordinator.check import check_coordinator
 from fedtre.serving import add_serve_arguments, serve_command
 
 
@@ -15,15 +16,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = c_sub.add_parser("serve", help="serve researchers over mutual TLS")
     add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, every caller is researcher 'dev'")
     serve.set_defaults(func=_serve)
-    check = c_sub.add_parser("check", help="validate a coordinator config file")
+    check = c_sub.add_parser(
+        "check", help="check the coordinator's config, certificate and state before serving"
+    )
     check.add_argument("--config", type=Path, required=True)
+    check.add_argument("--insecure", action="store_true", help="skip the certificate checks")
     check.set_defaults(func=_check)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import create_server
 
-    config = load_coordinator_config(args.config)
+    report = check_coordinator(args.config, insecure=args.insecure)
+    for line in report.warnings:
+        print(f"WARNING  {line}", file=sys.stderr)
+    if not report.ok or report.config is None:
+        for line in report.problems:
+            print(f"PROBLEM  {line}", file=sys.stderr)
+        print(
+            "refusing to serve: fix the problems above (fedtre coordinator check)", file=sys.stderr
+        )
+        return 3
+    config = report.config
     return serve_command(
         "coordinator",
         lambda: create_server(config, insecure=args.insecure),
@@ -33,9 +47,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = load_coordinator_config(args.config)
-    print(
-        f"coordinator {config.coordinator_id}: {len(config.nodes)} trust(s), "
-        f"{len(config.projects)} project(s), catalog {config.catalog.version}; config is valid"
-    )
-    return 0
+    report = check_coordinator(args.config, insecure=args.insecure)
+    print("\n".join(report.lines()))
+    if report.ok:
+        print("coordinator check passed: it may serve")
+        return 0
+    print(f"coordinator check found {len(report.problems)} problem(s): fix them before serving")
+    return 3

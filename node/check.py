@@ -11,13 +11,12 @@ the answer slot and ε settings are sane.
 
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtre.checks import certificate_problems, private_dir_problems, private_file_problems
 from fedtre.errors import ConfigError, FedtreError
-from fedtre.pki import PkiError, Role, identity_problems, read_identity
+from fedtre.pki import Role
 from node.config import NodeConfig, ServerMode, load_node_config
 from node.database import open_research_db
 from node.ledger import Ledger
@@ -69,36 +68,17 @@ def _certificate(config: NodeConfig, insecure: bool, report: CheckReport) -> Non
     if server.ca is None or server.cert is None or server.key is None:
         report.problems.append("[server] needs ca, cert and key (mutual TLS)")
         return
-    for label, file in (("CA", server.ca), ("certificate", server.cert), ("key", server.key)):
-        if not file.is_file():
-            report.problems.append(f"{label} file {file} does not exist")
-    if report.problems:
-        return
-    problems = identity_problems(server.ca, server.cert, server.key)
-    report.problems += [f"[server] {p}" for p in problems]
-    try:
-        role, name = read_identity(server.cert.read_bytes())
-    except PkiError as exc:
-        report.problems.append(f"[server] cert {server.cert}: {exc}")
-        return
-    if role is not Role.NODE:
-        report.problems.append(
-            f"[server] cert {server.cert.name} is a {role.value} certificate; a node needs its "
-            f"own node certificate: fedtre pki issue --role node --name {config.node_id}"
-        )
-    elif name != config.node_id:
-        report.problems.append(
-            f"[server] cert {server.cert.name} is for node '{name}', but node_id is "
-            f"'{config.node_id}': use this trust's own certificate or fix node_id"
-        )
-    _private_file(server.key, "the node's private key", report)
-    if not problems and role is Role.NODE and name == config.node_id:
+    problems = certificate_problems(
+        server.ca, server.cert, server.key, Role.NODE, config.node_id, "[server]"
+    )
+    report.problems += problems
+    if not problems:
         mode = "dials out to " + ", ".join(server.connect)
         if server.mode is ServerMode.DIAL_IN:
             mode = f"listens on {server.listen}"
         report.passed.append(
-            f"certificate: node '{name}', issued by the federation CA, key matches; {mode}; "
-            f"accepts only coordinator '{server.coordinator}'"
+            f"certificate: node '{config.node_id}', issued by the federation CA, key matches; "
+            f"{mode}; accepts only coordinator '{server.coordinator}'"
         )
 
 
@@ -109,7 +89,9 @@ def _database(config: NodeConfig, report: CheckReport) -> None:
             f"fedtre node load --config <this config> --source <OMOP extract>"
         )
         return
-    _private_file(config.database, "the node database (person-level data)", report)
+    report.problems += private_file_problems(
+        config.database, "the node database (person-level data)"
+    )
     try:
         con = open_research_db(
             config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
@@ -126,32 +108,20 @@ def _database(config: NodeConfig, report: CheckReport) -> None:
 
 def _state(config: NodeConfig, report: CheckReport) -> None:
     state = config.state_dir
-    if not state.exists():
-        parent = state.parent
-        if not os.access(parent, os.W_OK):
-            report.problems.append(f"state directory {state} cannot be created in {parent}")
-        else:
-            report.warnings.append(f"state directory {state} will be created (0700) at start")
+    problems = private_dir_problems(state, "state directory")
+    if not state.exists() and not problems:
+        report.warnings.append(f"state directory {state} will be created (0700) at start")
         return
-    if not os.access(state, os.W_OK | os.X_OK):
-        report.problems.append(f"state directory {state} is not writable by this user")
-        return
-    before = len(report.problems)
-    mode = stat.S_IMODE(state.stat().st_mode)
-    if mode & 0o077:
-        report.problems.append(
-            f"state directory {state} is open to other users (mode {mode:04o}): chmod 700 {state}"
-        )
     for file, what in ((config.ledger_path, "the budget ledger"), (config.audit_path, "audit log")):
         if file.exists():
-            _private_file(file, what, report)
-    if config.ledger_path.exists():
+            problems += private_file_problems(file, what)
+    if not problems and config.ledger_path.exists():
         try:
             Ledger(config.ledger_path)
         except FedtreError as exc:
-            report.problems.append(f"ledger: {exc}")
-            return
-    if len(report.problems) == before:
+            problems.append(f"ledger: {exc}")
+    report.problems += problems
+    if not problems:
         report.passed.append(f"state directory {state} is writable and private")
 
 
@@ -170,17 +140,3 @@ def _settings(config: NodeConfig, report: CheckReport) -> None:
         )
     if not config.projects:
         report.warnings.append("no projects: this node will refuse every query")
-
-
-def _private_file(path: Path, what: str, report: CheckReport) -> None:
-    info = path.stat()
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        report.problems.append(
-            f"{what} {path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
-        )
-    if info.st_uid != os.geteuid():
-        report.problems.append(
-            f"{what} {path} belongs to uid {info.st_uid}, not to the user running the node "
-            f"(uid {os.geteuid()}): chown it to the service user"
-        )

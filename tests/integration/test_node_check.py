@@ -219,3 +219,29 @@ def test_a_load_stopped_with_sigterm_leaves_no_person_level_files(tmp_path: Path
     if out.exists():  # the load got as far as replacing the database: then it is complete
         open_research_db(out, load_catalog()).close()
         assert _mode(out) == 0o600
+
+
+def _coordinator_config(tmp_path: Path, pki: Path, role: Role, name: str) -> Path:
+    files = TlsFiles.in_pki_dir(pki, role, name)
+    config = tmp_path / "coordinator.toml"
+    config.write_text(
+        'coordinator_id = "hub"\nlisten = "127.0.0.1:0"\nstate_dir = "state"\n\n'
+        f'[tls]\nca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n\n'
+        '[nodes.trust-a]\nmode = "dial-out"\n\n'
+        '[projects.study]\nresearchers = ["alice"]\nmax_epsilon_per_query = 1.0\n'
+    )
+    return config
+
+
+def test_the_coordinator_check_passes_and_refuses_like_the_nodes(tmp_path: Path, pki: Path) -> None:
+    good = _coordinator_config(tmp_path, pki, Role.COORDINATOR, "hub")
+    checked = _fedtre("coordinator", "check", "--config", str(good))
+    assert checked.returncode == 0, checked.stdout
+    assert "certificate: coordinator 'hub'" in checked.stdout
+    bad = _coordinator_config(tmp_path, pki, Role.NODE, "trust-a")
+    checked = _fedtre("coordinator", "check", "--config", str(bad))
+    assert checked.returncode == 3 and "is a node certificate" in checked.stdout, checked.stdout
+    ready = tmp_path / "ready.json"
+    served = _fedtre("coordinator", "serve", "--config", str(bad), "--ready-file", str(ready))
+    assert served.returncode == 3 and "refusing to serve" in served.stderr
+    assert not ready.exists()

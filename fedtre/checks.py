@@ -1,0 +1,69 @@
+"""Start-up checks both servers run (``fedtre node check``, ``fedtre coordinator check``): a
+certificate of the right role and name whose key belongs to it, and files that hold secrets or
+person-level data readable by their owner only. Each problem is one line saying what to fix."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from fedtre.pki import PkiError, Role, identity_problems, read_identity
+
+
+def certificate_problems(
+    ca: Path, cert: Path, key: Path, role: Role, name: str, where: str
+) -> list[str]:
+    missing = [
+        f"{label} file {file} does not exist"
+        for label, file in (("CA", ca), ("certificate", cert), ("key", key))
+        if not file.is_file()
+    ]
+    if missing:
+        return missing
+    problems = [f"{where} {p}" for p in identity_problems(ca, cert, key)]
+    try:
+        found_role, found_name = read_identity(cert.read_bytes())
+    except PkiError as exc:
+        return [*problems, f"{where} cert {cert}: {exc}"]
+    if found_role is not role:
+        problems.append(
+            f"{where} cert {cert.name} is a {found_role.value} certificate; this needs its own "
+            f"{role.value} certificate: fedtre pki issue --role {role.value} --name {name}"
+        )
+    elif found_name != name:
+        problems.append(
+            f"{where} cert {cert.name} is for {role.value} '{found_name}', but this is "
+            f"'{name}': use its own certificate or fix the name"
+        )
+    problems += private_file_problems(key, f"the {role.value}'s private key")
+    return problems
+
+
+def private_file_problems(path: Path, what: str) -> list[str]:
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    problems = []
+    if mode & 0o077:
+        problems.append(
+            f"{what} {path} is readable by other users (mode {mode:04o}): chmod 600 {path}"
+        )
+    if info.st_uid != os.geteuid():
+        problems.append(
+            f"{what} {path} belongs to uid {info.st_uid}, not to the user running this "
+            f"service (uid {os.geteuid()}): chown it to the service user"
+        )
+    return problems
+
+
+def private_dir_problems(path: Path, what: str) -> list[str]:
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            return [f"{what} {path} cannot be created in {path.parent}"]
+        return []
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [f"{what} {path} is not writable by this user"]
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return [f"{what} {path} is open to other users (mode {mode:04o}): chmod 700 {path}"]
+    return []
