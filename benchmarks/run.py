@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -107,8 +108,14 @@ def prepare(persons: int) -> Path:
 
 
 def node_config(db: Path, state: Path, max_tier: str = "highly_sensitive") -> Path:
-    """A node config for benchmarks: project ``bench``, answer slot off, ample budget."""
+    """A node config for benchmarks: project ``bench``, answer slot off, ample budget. The
+    cached database is hard-linked into ``state``: each run is a node of its own, with its own
+    ledger and the record of it beside its database (``node.generation``)."""
     path = state / "node.toml"
+    local = state / db.name
+    if not local.exists():
+        os.link(db, local)
+    db = local
     path.write_text(
         textwrap.dedent(
             f"""\

@@ -19,6 +19,7 @@ from fedtre.errors import ConfigError, FedtreError
 from fedtre.pki import Role
 from node.config import NodeConfig, ServerMode, load_node_config
 from node.database import open_research_db
+from node.generation import marker_path, mismatch
 from node.ledger import Ledger
 
 
@@ -117,9 +118,21 @@ def _state(config: NodeConfig, report: CheckReport) -> None:
             problems += private_file_problems(file, what)
     if not problems and config.ledger_path.exists():
         try:
-            Ledger(config.ledger_path)
+            ledger = Ledger(config.ledger_path)
+            problem = mismatch(
+                marker_path(config), ledger.identity(), ledger.committed_count(), config
+            )
         except FedtreError as exc:
             problems.append(f"ledger: {exc}")
+        else:
+            if problem:
+                problems.append(problem)
+    elif not config.ledger_path.exists() and marker_path(config).exists():
+        problems.append(
+            f"the budget ledger {config.ledger_path} is missing, but this node has released "
+            f"answers from one (its records: {marker_path(config)}): restore the state directory "
+            "from its latest backup; a new ledger would give every budget back"
+        )
     report.problems += problems
     if not problems:
         report.passed.append(f"state directory {state} is writable and private")

@@ -50,6 +50,7 @@ from node.compiler import CompiledQuery, run_exact
 from node.config import NodeConfig
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
+from node.generation import Generation
 from node.ledger import NODE_SCOPE, Entry, Ledger, State, project_scope
 from node.prepare import Planner, PreparedQuery, find_project
 from node.release import release
@@ -114,6 +115,7 @@ class NodeEngine:
         self.catalog = config.catalog
         self.audit = AuditLog(config.audit_path, config.node_id)
         self.ledger = Ledger(config.ledger_path)
+        self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         self.planner = Planner(config)
         self.database = ResearchDatabase(
             config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
@@ -196,6 +198,8 @@ class NodeEngine:
             check_ids(query_id, project_id)
             find_project(self.config, project_id)
             entry, committed = self.ledger.commit(project_id, query_id)
+            if committed:
+                self.generation.released()
             if entry is not None and entry.state is State.EXPIRED and not committed:
                 self._audit_expired([entry])
             if entry is None or entry.state is not State.COMMITTED or entry.result is None:

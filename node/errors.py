@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from fedtre.errors import AuditUnavailable, ConfigError, InternalError
 
-__all__ = ["AuditUnavailable", "CallerGone", "DatabaseError", "LedgerUnavailable", "LoadError"]
+__all__ = [
+    "AuditUnavailable",
+    "CallerGone",
+    "DatabaseError",
+    "LedgerUnavailable",
+    "LoadError",
+    "StateMismatch",
+]
 
 
 class LoadError(ConfigError):
@@ -21,3 +28,8 @@ class DatabaseError(InternalError):
 
 class CallerGone(InternalError):
     """The caller cancelled or its deadline passed before the debit: nothing is spent."""
+
+
+class StateMismatch(ConfigError):
+    """The state directory is not the one the node last used (lost, moved, or an older backup):
+    the node refuses to start rather than give budgets back."""

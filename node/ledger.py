@@ -36,6 +36,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -69,6 +70,8 @@ CREATE TABLE IF NOT EXISTS queries (
     PRIMARY KEY (project_id, query_id)
 );
 CREATE INDEX IF NOT EXISTS queries_open ON queries (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS queries_state ON queries (state);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -185,6 +188,26 @@ class Ledger:
         return con
 
     # -- reading ---------------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """This ledger's id, fixed when it was created."""
+        try:
+            row = self._con().execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        return str(row[0])
+
+    def committed_count(self) -> int:
+        """How many answers this ledger has released."""
+        try:
+            row = (
+                self._con()
+                .execute("SELECT COUNT(*) FROM queries WHERE state = 'committed'")
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise LedgerUnavailable(f"budget ledger read failed: {exc}") from exc
+        return int(row[0])
 
     def spent(self, scope: str) -> int:
         try:
@@ -481,4 +504,9 @@ def _migrate(con: sqlite3.Connection) -> None:
             )
         con.execute("DROP TABLE reservations")
         con.execute("DROP TABLE releases")
+    # This ledger's identity: a node's records outside its state directory name it, so that a
+    # lost or replaced ledger is noticed instead of silently starting the budget over.
+    con.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('ledger_id', ?)", (uuid.uuid4().hex,)
+    )
     con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,6 +56,21 @@ def node_db(tmp_path_factory: pytest.TempPathFactory, omop_dir: Path, catalog: C
     return out
 
 
+def private_database(directory: Path, source: Path) -> Path:
+    """The database of one test's node: a hard link to ``source`` in ``directory``. Each node
+    keeps the record of its ledger beside its own database (``node.generation``), so nodes with
+    different state directories must not share a database path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    local = directory / source.name
+    if not local.exists():
+        try:
+            os.link(source, local)
+        except OSError:  # another file system
+            shutil.copyfile(source, local)
+            local.chmod(0o600)
+    return local
+
+
 def write_node_config(
     directory: Path,
     database: Path,
@@ -67,6 +84,7 @@ def write_node_config(
     min_epsilon_per_query: float = 0.001,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    database = private_database(directory, database)
     path = directory / "node.toml"
     view_list = ", ".join(f'"{v}"' for v in views)
     path.write_text(

@@ -11,6 +11,7 @@ from fedtre.launcher import DIAL_IN, DIAL_OUT, LocalFederation, ProjectSpec, Tru
 from fedtre.pki import Role, init_ca, issue
 from fedtre.synthetic import generate
 from node.loader import load_omop
+from tests.conftest import private_database
 
 TRUST_SIZES = {"trust-a": 1200, "trust-b": 2500, "trust-c": 4000}
 PROJECT = "study"  # all trusts must answer
@@ -93,7 +94,12 @@ class Federation(LocalFederation):
             work=work,
             pki=pki,
             trusts=[
-                TrustSpec(name, path, MODES[mode][name], (budgets or {}).get(name, {}))
+                TrustSpec(
+                    name,
+                    private_database(work / "databases" / name, path),
+                    MODES[mode][name],
+                    (budgets or {}).get(name, {}),
+                )
                 for name, path in databases.items()
             ],
             projects=PROJECTS,

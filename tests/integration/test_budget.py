@@ -27,7 +27,7 @@ from node.config import load_node_config
 from node.engine import NodeEngine
 from node.errors import AuditUnavailable
 from node.ledger import NODE_SCOPE, Ledger, project_scope
-from tests.conftest import request, write_node_config
+from tests.conftest import private_database, request, write_node_config
 from tests.integration._node_workers import budget_worker
 
 GOOD = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
@@ -73,7 +73,7 @@ def _split(outcomes: list[Any]) -> tuple[list[NodeResult], list[UserError]]:
 
 
 def _two_project_config(directory: Path, database: Path, ceiling: float) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    database = private_database(directory, database)
     path = directory / "node.toml"
     path.write_text(
         textwrap.dedent(

@@ -19,7 +19,7 @@ from fedtre.request import QueryRequest
 from node.engine import NodeEngine
 from node.errors import CallerGone
 from node.ledger import NODE_SCOPE, project_scope
-from tests.conftest import request
+from tests.conftest import private_database, request
 
 GOOD = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
 SIXTEEN_MEANS = "SELECT " + ", ".join(f"AVG(age) AS a{i}" for i in range(16)) + " FROM patients"
@@ -186,7 +186,7 @@ def test_a_node_without_a_minimum_in_its_config_refuses_below_a_thousandth(tmp_p
     config = parse_node_config(
         {
             "node_id": "n",
-            "database": str(node_db),
+            "database": str(private_database(tmp_path, node_db)),
             "state_dir": str(tmp_path / "state"),
             "node_epsilon_ceiling": 10.0,
             "projects": {},

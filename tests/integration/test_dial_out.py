@@ -38,6 +38,7 @@ from fedtre.v2 import link_pb2 as lpb
 from fedtre.v2 import link_pb2_grpc
 from node.config import parse_node_config
 from node.server import create_server
+from tests.conftest import private_database
 from tests.integration.federation import (
     PROJECT,
     Federation,
@@ -107,7 +108,7 @@ def _dial_out_node(tmp: Path, pki: Path, database: Path, address: str):  # type:
     tls = TlsFiles.in_pki_dir(pki, Role.NODE, "trust-a")
     data = {
         "node_id": "trust-a",
-        "database": str(database),
+        "database": str(private_database(tmp, database)),
         "state_dir": str(tmp / "state"),
         "node_epsilon_ceiling": 10.0,
         "answer_slot_ms": 10,

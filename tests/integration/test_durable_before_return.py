@@ -21,7 +21,7 @@ import fedtre.audit as audit_module
 from fedtre.errors import QueryRefused
 from node.config import load_node_config
 from node.engine import NodeEngine
-from tests.conftest import request
+from tests.conftest import private_database, request
 
 GOOD = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
 _real_fsync = os.fsync
@@ -115,7 +115,7 @@ def test_the_commit_waits_for_the_disk_and_the_reservation_does_not(engine):
 
 
 def _projects_config(directory: Path, database: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
+    database = private_database(directory, database)
     path = directory / "node.toml"
     path.write_text(
         textwrap.dedent(
