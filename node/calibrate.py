@@ -247,11 +247,8 @@ def calibrate(
             for k in range(len(shapes)):
                 i = (k + offset + r) % len(shapes)
                 start = time.perf_counter()
-                cursor = database.cursor()
-                try:
+                with database.reading() as cursor:
                     release(prepared[i].release, run_exact(cursor, prepared[i].compiled))
-                finally:
-                    cursor.close()
                 with lock:
                     times[i].append(time.perf_counter() - start)
 

@@ -14,12 +14,19 @@ person (``patients``) has one row per person.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from fedtre.catalog import Catalog, ColumnType, Tier, View
+from fedtre.errors import FedtreError
 from node.errors import DatabaseError
 
 META_TABLE = "_fedtre_meta"
@@ -161,16 +168,107 @@ def _check_views(con, catalog: Catalog) -> None:
 
 
 class ResearchDatabase:
-    """The opened research database: the only way the engine reads data."""
+    """The opened research database: the only way the engine reads data.
 
-    def __init__(self, path: Path, catalog: Catalog, threads: int, memory_limit: str) -> None:
+    ``fedtre node load`` replaces the database file atomically. Before each query the node
+    looks (one ``stat``) whether the file at its path is still the one it opened; if not, it
+    opens the new one, checks it like at start-up, and switches to it for the following
+    queries; queries already running finish on the old one, which is closed after them. A new
+    file that fails the checks is refused loudly (``on_reload``) and the node keeps serving the
+    database it has. So a reload (e.g. with a new opt-out list) takes effect without a restart.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        catalog: Catalog,
+        threads: int,
+        memory_limit: str,
+        on_reload: Callable[[bool, str], None] = lambda ok, detail: None,
+    ) -> None:
+        self._path = path
+        self._catalog = catalog
+        self._threads = threads
+        self._memory_limit = memory_limit
+        self._on_reload = on_reload
+        self._identity = _file_identity(path)
         self._con = open_research_db(path, catalog, threads, memory_limit)
         self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._active: Counter[int] = Counter()  # cursors open per connection
+        self._retired: dict[int, Any] = {}
 
-    def cursor(self):
-        """A cursor of the locked-down connection, for one query on one thread."""
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Any]:
+        """A cursor of the locked-down connection for one query on one thread, on the newest
+        loaded database."""
+        self._maybe_reload()
+        with self._lock:
+            con = self._con
+            self._active[id(con)] += 1
+            cursor = con.cursor()
+        try:
+            yield cursor
+        finally:
+            cursor.close()
+            with self._lock:
+                self._active[id(con)] -= 1
+                if id(con) in self._retired and self._active[id(con)] == 0:
+                    self._retired.pop(id(con)).close()
+
+    def cursor(self) -> Any:
+        """A cursor on the connection now open, without looking for a reload (measurements)."""
         with self._lock:
             return self._con.cursor()
 
     def close(self) -> None:
-        self._con.close()
+        with self._lock:
+            self._con.close()
+            for con in self._retired.values():
+                con.close()
+            self._retired.clear()
+
+    def _maybe_reload(self) -> None:
+        try:
+            identity = _file_identity(self._path)
+        except OSError:  # mid-replace or removed: keep serving what is open
+            return
+        if identity == self._identity:
+            return
+        with self._reload_lock:
+            if identity == self._identity:
+                return
+            self._identity = identity  # judged once, whatever the outcome
+            # DuckDB shares one instance per path within a process, so the new file is opened
+            # under a name of its own (a hard link, removed once open: the inode stays).
+            alias = self._path.with_name(f".{self._path.name}.open-{uuid.uuid4().hex}")
+            try:
+                os.link(self._path, alias)
+                new = open_research_db(alias, self._catalog, self._threads, self._memory_limit)
+            except (FedtreError, OSError) as exc:
+                self._on_reload(False, str(exc).replace(alias.name, self._path.name))
+                return
+            finally:
+                alias.unlink(missing_ok=True)
+            loaded_at = _loaded_at(new)
+            with self._lock:
+                old = self._con
+                self._con = new
+                if self._active[id(old)] == 0:
+                    old.close()
+                else:
+                    self._retired[id(old)] = old
+            self._on_reload(True, loaded_at)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return (info.st_dev, info.st_ino, info.st_mtime_ns)
+
+
+def _loaded_at(con: Any) -> str:
+    try:
+        row = con.execute(f"SELECT value FROM {META_TABLE} WHERE key = 'loaded_at'").fetchone()
+    except duckdb.Error:
+        return ""
+    return str(row[0]) if row else ""

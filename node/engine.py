@@ -118,7 +118,11 @@ class NodeEngine:
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         self.planner = Planner(config)
         self.database = ResearchDatabase(
-            config.database, config.catalog, config.duckdb_threads, config.duckdb_memory_limit
+            config.database,
+            config.catalog,
+            config.duckdb_threads,
+            config.duckdb_memory_limit,
+            on_reload=self._reloaded,
         )
         self._closing = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -481,13 +485,22 @@ class NodeEngine:
             released_at=released_at,
         )
 
+    def _reloaded(self, ok: bool, detail: str) -> None:
+        """A newly loaded database was switched to between queries, or refused (audited)."""
+        if ok:
+            self.audit.write("database.reloaded", loaded_at=detail or None)
+            log.info("database reloaded", extra={"node": self.config.node_id, "loaded_at": detail})
+        else:
+            self.audit.write("database.reload_refused", reason=detail[:300])
+            log.error(
+                "newly loaded database refused; still serving the previous one",
+                extra={"node": self.config.node_id, "reason": detail[:300]},
+            )
+
     def _run(self, compiled: CompiledQuery) -> list[list[int]]:
         try:
-            cursor = self.database.cursor()
-            try:
+            with self.database.reading() as cursor:
                 return run_exact(cursor, compiled)
-            finally:
-                cursor.close()
         except duckdb.Error as exc:
             raise DatabaseError(f"query execution failed: {type(exc).__name__}") from exc
 
