@@ -34,8 +34,10 @@ class Health:
     def __init__(self, services: tuple[str, ...]) -> None:
         self.servicer = health.HealthServicer()
         self.services = ("", *services)
+        self.serving = False
 
     def set(self, serving: bool) -> None:
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -63,6 +65,7 @@ class Running(Generic[E]):
     health: Health
     engine: E
     stoppers: list[Callable[[], None]] = field(default_factory=list)
+    metrics_address: str = ""  # the local /metrics and /healthz endpoint, if any
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set(False)

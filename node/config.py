@@ -81,6 +81,8 @@ class NodeConfig:
     # How long a prepared answer waits for the coordinator's commit or abort; then its
     # reservation is refunded and the answer destroyed (a coordinator may die between phases).
     prepare_lease_seconds: float = DEFAULT_PREPARE_LEASE_SECONDS
+    # Where /metrics (Prometheus) and /healthz (plain text) are served: a local port, no TLS.
+    metrics_listen: str = ""
 
     @property
     def ledger_path(self) -> Path:
@@ -110,6 +112,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "min_epsilon_per_query",
         "answer_slot_ms",
         "prepare_lease_seconds",
+        "metrics",
         "server",
     }
     required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
@@ -161,6 +164,13 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
             f"{source}: prepare_lease_seconds must be a number of seconds from 1 to "
             f"{MAX_PREPARE_LEASE_SECONDS:g}"
         )
+    metrics_listen = ""
+    if "metrics" in data:
+        spec = data["metrics"]
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{source}: [metrics] must be a table")
+        check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
+        metrics_listen = parse_listen(spec["listen"], f"{source}: metrics.listen")
     return NodeConfig(
         node_id=node_id,
         database=resolve_path(data["database"], base_dir, source),
@@ -174,6 +184,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         min_units_per_query=min_units,
         answer_slot_ms=slot,
         prepare_lease_seconds=float(lease),
+        metrics_listen=metrics_listen,
     )
 
 

@@ -37,11 +37,15 @@ INTERNAL = "Internal error at this trust; its operators have details."
 
 class NodeHandler:
     def __init__(
-        self, engine: NodeEngine, on_audit_failure: Callable[[], None] = lambda: None
+        self,
+        engine: NodeEngine,
+        on_audit_failure: Callable[[], None] = lambda: None,
+        observe: Callable[[str, str, float], None] = lambda call, outcome, seconds: None,
     ) -> None:
         self.engine = engine
         self.node_id = engine.config.node_id
         self._on_audit_failure = on_audit_failure
+        self._observe = observe  # metrics: (call, outcome, seconds)
 
     def prepare(
         self,
@@ -50,13 +54,19 @@ class NodeHandler:
         time_left: float | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> NodeOutcome:
-        return _timed(self._prepare, request, caller, time_left, cancelled)
+        return self._timed(self._prepare, request, caller, time_left, cancelled)
 
     def commit(self, decision: Decision, caller: str) -> NodeOutcome:
-        return _timed(self._commit, decision, caller)
+        return self._timed(self._commit, decision, caller)
 
     def abort(self, decision: Decision, caller: str) -> NodeOutcome:
-        return _timed(self._abort, decision, caller)
+        return self._timed(self._abort, decision, caller)
+
+    def _timed(self, work: Callable[..., NodeOutcome], *args: Any) -> NodeOutcome:
+        outcome = _timed(work, *args)
+        call = work.__name__.lstrip("_")
+        self._observe(call, outcome.kind.value, outcome.handling_ms / 1000.0)
+        return outcome
 
     def _prepare(
         self,

@@ -25,6 +25,7 @@ from node.config import NodeConfig, ServerMode, ServerSettings
 from node.dial_out import DialOut
 from node.engine import NodeEngine
 from node.handler import NodeHandler
+from node.metrics import NodeMetrics, serve_metrics
 from node.service import NodeServicer
 
 log = logs.get("node")
@@ -45,10 +46,17 @@ def create_server(
     settings = _settings(config, insecure)
     engine = NodeEngine(config)
     try:
+        metrics = NodeMetrics(engine) if config.metrics_listen else None
         if settings.mode is ServerMode.DIAL_OUT:
-            running = _dial_out(config, settings, engine, insecure, on_connected)
+            running = _dial_out(config, settings, engine, insecure, on_connected, metrics)
         else:
-            running = _dial_in(config, settings, engine, insecure)
+            running = _dial_in(config, settings, engine, insecure, metrics)
+        if metrics is not None:
+            server, port = serve_metrics(
+                config.metrics_listen, metrics, lambda: running.health.serving
+            )
+            running.stoppers.append(server.shutdown)
+            running.metrics_address = bound_address(config.metrics_listen, port)
     except BaseException:
         engine.close()
         raise
@@ -69,7 +77,11 @@ def create_server(
 
 
 def _dial_in(
-    config: NodeConfig, settings: ServerSettings, engine: NodeEngine, insecure: bool
+    config: NodeConfig,
+    settings: ServerSettings,
+    engine: NodeEngine,
+    insecure: bool,
+    metrics: NodeMetrics | None,
 ) -> Running[NodeEngine]:
     tls = None if insecure else _tls(settings)
     policy = (
@@ -95,7 +107,8 @@ def _dial_in(
         for h in holder:
             h.set(False)
 
-    servicer = NodeServicer(NodeHandler(engine, on_audit_failure), caller)
+    observe = metrics.observe if metrics is not None else _ignore
+    servicer = NodeServicer(NodeHandler(engine, on_audit_failure, observe), caller)
     server, port, health = build_server(
         address=settings.listen,
         tls=tls,
@@ -117,10 +130,12 @@ def _dial_out(
     engine: NodeEngine,
     insecure: bool,
     on_connected: Callable[[str], None],
+    metrics: NodeMetrics | None,
 ) -> Running[NodeEngine]:
-    health = Health((SERVICE_NAME,))  # not served: a dial-out node listens on nothing
+    health = Health((SERVICE_NAME,))  # not served over gRPC: a dial-out node listens on nothing
+    observe = metrics.observe if metrics is not None else _ignore
     links = DialOut(
-        NodeHandler(engine, lambda: health.set(False)),
+        NodeHandler(engine, lambda: health.set(False), observe),
         settings.connect,
         settings.coordinator,
         None if insecure else _tls(settings),
@@ -131,6 +146,10 @@ def _dial_out(
     links.start()
     health.set(True)
     return Running(None, 0, "", health, engine, stoppers=[links.stop])
+
+
+def _ignore(call: str, outcome: str, seconds: float) -> None:
+    pass
 
 
 def _audit_refusal(engine: NodeEngine) -> Callable[[str, str, str], None]:

@@ -1,0 +1,97 @@
+"""The node's local metrics endpoint, scraped after real queries over gRPC: its counters match
+the audit log, its ε gauges match the ledger, and ``/healthz`` answers plain-text probes."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from fedtre.audit import read_audit
+from fedtre.v2 import node_pb2 as npb
+from fedtre.v2 import node_pb2_grpc
+from node.config import parse_node_config
+from node.ledger import project_scope
+from node.server import create_server
+from tests.conftest import private_database
+
+SQL = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+
+
+def _config(tmp_path: Path, node_db: Path):  # type: ignore[no-untyped-def]
+    data = {
+        "node_id": "trust-m",
+        "database": str(private_database(tmp_path, node_db)),
+        "state_dir": str(tmp_path / "state"),
+        "node_epsilon_ceiling": 10.0,
+        "answer_slot_ms": 5,
+        "projects": {
+            "study": {
+                "total_epsilon": 5.0,
+                "max_epsilon_per_query": 1.0,
+                "views": ["patients"],
+                "max_tier": "general",
+            }
+        },
+        "server": {"listen": "127.0.0.1:0", "coordinator": "hub"},
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    return parse_node_config(data, base_dir=tmp_path, source="test")
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+def test_metrics_match_the_audit_log_and_the_ledger(tmp_path: Path, node_db: Path) -> None:
+    running = create_server(_config(tmp_path, node_db), insecure=True)
+    base = f"http://{running.metrics_address}"
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stub = node_pb2_grpc.NodeServiceStub(channel)
+            for i in range(3):
+                prepared = stub.Prepare(
+                    npb.PrepareRequest(
+                        query_id=f"m-{i}", project_id="study", sql=SQL, epsilon_units=200_000
+                    ),
+                    timeout=10,
+                )
+                assert prepared.outcome == npb.OUTCOME_PREPARED
+                stub.Commit(npb.DecisionRequest(query_id=f"m-{i}", project_id="study"), timeout=10)
+            stub.Commit(npb.DecisionRequest(query_id="m-0", project_id="study"), timeout=10)
+            refused = stub.Prepare(
+                npb.PrepareRequest(query_id="x", project_id="nope", sql=SQL, epsilon_units=1000),
+                timeout=10,
+            )
+            assert refused.outcome == npb.OUTCOME_REFUSED
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        log = [r["event"] for r in read_audit(running.engine.config.audit_path)]
+        committed = _metric(text, "fedtre_node_requests_total", call="commit", outcome="committed")
+        assert committed == log.count("query.released") + log.count("query.replayed") == 4
+        assert _metric(text, "fedtre_node_requests_total", call="prepare", outcome="prepared") == 3
+        assert _metric(text, "fedtre_node_requests_total", call="prepare", outcome="refused") == 1
+        assert log.count("query.refused") == 1
+        assert _metric(text, "fedtre_node_request_seconds_count", call="prepare") == 4
+        spent = running.engine.ledger.spent(project_scope("study")) / 1e6
+        assert _metric(text, "fedtre_node_epsilon_spent", project="study") == spent == 0.6
+        assert _metric(text, "fedtre_node_epsilon_left", project="study") == 5.0 - spent
+        assert "SELECT" not in text and "female" not in text  # no query text, no values
+        health = urllib.request.urlopen(f"{base}/healthz", timeout=10)
+        assert health.status == 200 and health.read() == b"SERVING\n"
+        running.health.set(False)
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=10)
+            raise AssertionError("NOT_SERVING must not answer 200")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503 and exc.read() == b"NOT_SERVING\n"
+    finally:
+        running.stop(grace=1)
