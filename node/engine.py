@@ -43,7 +43,7 @@ import duckdb
 from fedtre import logs
 from fedtre.audit import AuditLog
 from fedtre.dp import units_to_epsilon
-from fedtre.errors import InternalError, QueryRefused, Refusal, UserError
+from fedtre.errors import AuditUnavailable, InternalError, QueryRefused, Refusal, UserError
 from fedtre.request import QueryRequest, check_ids
 from fedtre.result import NodeResult
 from node.compiler import CompiledQuery, run_exact
@@ -150,10 +150,16 @@ class NodeEngine:
         self._sweeper.start()
 
     def close(self) -> None:
+        """Release everything, once; a broken audit log does not keep resources open."""
+        if self._closing.is_set():
+            return
         self._closing.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
-        self.audit.write("node.stopped")
+        try:
+            self.audit.write("node.stopped")
+        except AuditUnavailable:
+            log.error("could not audit the stop: the audit log is unwritable")
         self.database.close()
         self.audit.close()
 

@@ -658,6 +658,12 @@ def _audit_fails_after_commit(eng: NodeEngine) -> Iterator[None]:
         os.close(bad)
 
 
+def _restarted(engine: NodeEngine) -> NodeEngine:
+    """What the node asks for after a lost audit write ("restart the node")."""
+    engine.close()
+    return NodeEngine(engine.config)
+
+
 def test_audit_failure_after_the_debit_releases_nothing(engine):
     with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="late-fail"))
@@ -665,10 +671,14 @@ def test_audit_failure_after_the_debit_releases_nothing(engine):
     (stored,) = engine.ledger.releases()
     assert stored.query_id == "late-fail"
     assert _spent(engine) == (stored.units, stored.units) == (TENTH, TENTH)
-    # a retry returns the stored answer and spends nothing more
-    replay = engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    assert replay == NodeResult.from_json(stored.result)
-    assert _spent(engine) == (TENTH, TENTH)
+    # after the restart a retry returns the stored answer and spends nothing more
+    engine = _restarted(engine)
+    try:
+        replay = engine.answer(request(GOOD, 0.1, query_id="late-fail"))
+        assert replay == NodeResult.from_json(stored.result)
+        assert _spent(engine) == (TENTH, TENTH)
+    finally:
+        engine.close()
 
 
 def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
@@ -678,7 +688,11 @@ def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
     carries the query's cost."""
     with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    engine.answer(request(GOOD, 0.1, query_id="late-fail"))
+    engine = _restarted(engine)
+    try:
+        engine.answer(request(GOOD, 0.1, query_id="late-fail"))
+    finally:
+        engine.close()
     log = read_audit(engine.config.audit_path)
     # Reconciliation rule: per query id, the units charged are named on every released or
     # replayed line (charged_epsilon_units); a replay itself spends nothing (epsilon_units 0).
