@@ -58,6 +58,7 @@ class CoordinatorConfig:
     key: Path | None
     nodes: Mapping[str, TrustEndpoint]
     projects: Mapping[str, Project]
+    metrics_listen: str = ""  # /metrics and /healthz on a local port, no TLS ("" = off)
 
     @property
     def audit_path(self) -> Path:
@@ -74,7 +75,7 @@ def parse_coordinator_config(
     data: Mapping[str, Any], base_dir: Path, source: str
 ) -> CoordinatorConfig:
     required = {"coordinator_id", "listen", "state_dir", "nodes", "projects"}
-    optional = {"catalog", "deadline_seconds", "max_workers", "tls"}
+    optional = {"catalog", "deadline_seconds", "max_workers", "tls", "metrics"}
     check_keys(data, source, required, required | optional)
     cid = data["coordinator_id"]
     if not isinstance(cid, str) or not NAME.match(cid):
@@ -107,6 +108,13 @@ def parse_coordinator_config(
         pid: _project(pid, spec, nodes, f"{source}: projects.{pid}")
         for pid, spec in projects_raw.items()
     }
+    metrics_listen = ""
+    if "metrics" in data:
+        spec = data["metrics"]
+        if not isinstance(spec, dict):
+            raise CoordinatorConfigError(f"{source}: [metrics] must be a table")
+        check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
+        metrics_listen = parse_listen(spec["listen"], f"{source}: metrics.listen")
     return CoordinatorConfig(
         coordinator_id=cid,
         listen=parse_listen(data["listen"], f"{source}: listen"),
@@ -119,6 +127,7 @@ def parse_coordinator_config(
         key=key,
         nodes=MappingProxyType(nodes),
         projects=MappingProxyType(projects),
+        metrics_listen=metrics_listen,
     )
 
 

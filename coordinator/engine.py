@@ -47,6 +47,8 @@ class CoordinatorEngine:
         self.config = config
         self.trusts = trusts
         self._on_close: list[Callable[[], None]] = []
+        # Told (outcome, seconds) after every query that reached the trusts (metrics).
+        self.on_query: Callable[[str, float], None] = lambda outcome, seconds: None
         # Parsed plans by SQL text (the catalog is fixed): a question asked again is not
         # parsed again. Refusals raise, so they are never cached.
         self._parse = functools.lru_cache(maxsize=512)(self._parse_sql)
@@ -108,17 +110,20 @@ class CoordinatorEngine:
                 "states": {o.node_id: o.state.value for o in outcome.trusts},
             },
         )
+        seconds = time.perf_counter() - started
+        status = "released" if outcome.combined is not None else "withheld"
         log.info(
             "query",
             extra={
                 "query_id": query_id,
                 "project": project.project_id,
-                "outcome": "released" if outcome.combined is not None else "withheld",
+                "outcome": status,
                 "epsilon_units": units,
                 "trusts_answered": sum(o.state is TrustState.ANSWERED for o in outcome.trusts),
-                "ms": round((time.perf_counter() - started) * 1000.0, 3),
+                "ms": round(seconds * 1000.0, 3),
             },
         )
+        self.on_query(status, seconds)
         self.audit.write(
             "query.released" if outcome.combined is not None else "query.withheld",
             query_id=query_id,

@@ -21,9 +21,11 @@ from coordinator.dial_out import DialOutLink, LinkHub
 from coordinator.engine import CoordinatorEngine
 from coordinator.fanout import Trusts
 from coordinator.links import LinkDown, TrustLink
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.service import ResearcherServicer
 from fedtre import logs
 from fedtre.errors import ConfigError, InternalError
+from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
@@ -116,6 +118,15 @@ def create_server(
     engine.audit.write("coordinator.serving", address=address, tls=not insecure)
     monitor = TrustMonitor(config, engine.trusts, links, health)
     monitors.append(monitor)
+    running = Running(server, port, address, health, engine)
+    if config.metrics_listen:
+        metrics = CoordinatorMetrics(monitor.state)
+        engine.on_query = metrics.observe
+        endpoint, metrics_port = serve_metrics(
+            config.metrics_listen, metrics.registry, lambda: health.serving
+        )
+        running.stoppers.append(endpoint.shutdown)
+        running.metrics_address = bound_address(config.metrics_listen, metrics_port)
     engine.on_close(hub.close)
     engine.on_close(monitor.stop)
     monitor.start()
@@ -123,7 +134,7 @@ def create_server(
         "serving",
         extra={"coordinator": config.coordinator_id, "address": address, "tls": not insecure},
     )
-    return Running(server, port, address, health, engine)
+    return running
 
 
 class TrustMonitor:
@@ -188,6 +199,10 @@ class TrustMonitor:
                 )
             self.up[nid] = reachable
         self.health.set(self.rules_met())
+
+    def state(self) -> dict[str, bool]:
+        """Each trust: reachable and serving this catalog (for metrics)."""
+        return {t: bool(self.up.get(t)) and t not in self.trusts.mismatched for t in self.links}
 
     def rules_met(self) -> bool:
         for project in self.config.projects.values():

@@ -16,6 +16,7 @@ import grpc
 
 from fedtre import logs
 from fedtre.errors import ConfigError, InternalError
+from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serving import Health, Running, bound_address, build_server
@@ -25,7 +26,7 @@ from node.config import NodeConfig, ServerMode, ServerSettings
 from node.dial_out import DialOut
 from node.engine import NodeEngine
 from node.handler import NodeHandler
-from node.metrics import NodeMetrics, serve_metrics
+from node.metrics import NodeMetrics
 from node.service import NodeServicer
 
 log = logs.get("node")
@@ -53,7 +54,7 @@ def create_server(
             running = _dial_in(config, settings, engine, insecure, metrics)
         if metrics is not None:
             server, port = serve_metrics(
-                config.metrics_listen, metrics, lambda: running.health.serving
+                config.metrics_listen, metrics.registry, lambda: running.health.serving
             )
             running.stoppers.append(server.shutdown)
             running.metrics_address = bound_address(config.metrics_listen, port)

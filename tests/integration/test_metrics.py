@@ -3,6 +3,7 @@ the audit log, its ε gauges match the ledger, and ``/healthz`` answers plain-te
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,7 @@ SQL = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
 
 
 def _config(tmp_path: Path, node_db: Path):  # type: ignore[no-untyped-def]
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = {
         "node_id": "trust-m",
         "database": str(private_database(tmp_path, node_db)),
@@ -95,3 +97,50 @@ def test_metrics_match_the_audit_log_and_the_ledger(tmp_path: Path, node_db: Pat
             assert exc.code == 503 and exc.read() == b"NOT_SERVING\n"
     finally:
         running.stop(grace=1)
+
+
+def test_coordinator_metrics_count_queries_and_show_each_trust(
+    tmp_path: Path, node_db: Path
+) -> None:
+    """Development mode (plaintext) in one process: a node, a coordinator with metrics, and a
+    researcher client; the coordinator's counters follow its queries and its trust gauge the
+    node going away."""
+    from coordinator.config import parse_coordinator_config
+    from coordinator.server import create_server as create_coordinator
+    from fedtre.client import Client, Profile
+
+    node = create_server(_config(tmp_path / "n", node_db), insecure=True)
+    config = parse_coordinator_config(
+        {
+            "coordinator_id": "hub",
+            "listen": "127.0.0.1:0",
+            "state_dir": str(tmp_path / "hub"),
+            "nodes": {"trust-m": {"address": node.address}},
+            "projects": {"study": {"researchers": ["dev"], "max_epsilon_per_query": 1.0}},
+            "metrics": {"listen": "127.0.0.1:0"},
+        },
+        tmp_path,
+        "test",
+    )
+    hub = create_coordinator(config, insecure=True)
+    base = f"http://{hub.metrics_address}"
+    try:
+        with Client(Profile(hub.address, "hub", None), timeout=30) as client:
+            for _ in range(2):
+                assert client.query("study", SQL, 0.1).released
+        text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+        assert _metric(text, "fedtre_coordinator_queries_total", outcome="released") == 2
+        assert _metric(text, "fedtre_coordinator_query_seconds_count") == 2
+        assert _metric(text, "fedtre_coordinator_trust_up", trust="trust-m") == 1
+        assert urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
+        node.stop(grace=1)  # the trust goes away: the monitor notices within a few seconds
+        deadline = time.monotonic() + 15
+        while True:
+            text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+            if _metric(text, "fedtre_coordinator_trust_up", trust="trust-m") == 0:
+                break
+            assert time.monotonic() < deadline, "the trust still shows as up"
+            time.sleep(0.2)
+    finally:
+        hub.stop(grace=1)
+        node.stop(grace=1)
