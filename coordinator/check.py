@@ -5,36 +5,21 @@ and refuses to start on any problem."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.config import CoordinatorConfig, load_coordinator_config
-from fedtre.checks import certificate_problems, private_dir_problems, private_file_problems
+from fedtre.checks import (
+    CheckReport,
+    certificate_problems,
+    private_dir_problems,
+    private_file_problems,
+)
 from fedtre.errors import ConfigError
 from fedtre.pki import Role
 
 
-@dataclass
-class CheckReport:
-    config: CoordinatorConfig | None = None
-    passed: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def lines(self) -> list[str]:
-        return (
-            [f"ok       {line}" for line in self.passed]
-            + [f"WARNING  {line}" for line in self.warnings]
-            + [f"PROBLEM  {line}" for line in self.problems]
-        )
-
-
-def check_coordinator(path: Path, *, insecure: bool = False) -> CheckReport:
-    report = CheckReport()
+def check_coordinator(path: Path, *, insecure: bool = False) -> CheckReport[CoordinatorConfig]:
+    report: CheckReport[CoordinatorConfig] = CheckReport()
     try:
         config = load_coordinator_config(path)
     except ConfigError as exc:

@@ -26,6 +26,8 @@ from coordinator.links import LinkDown
 from fedtre import logs
 from fedtre.errors import WireError
 from fedtre.protocol import (
+    HEARTBEAT_SECONDS,
+    SILENCE_LIMIT,
     Call,
     Decision,
     LinkReply,
@@ -43,8 +45,6 @@ from fedtre.v2 import link_pb2_grpc
 log = logs.get("coordinator")
 
 CONNECT = "/fedtre.v2.TrustLinkService/Connect"
-HEARTBEAT_SECONDS = 2.0
-SILENCE_LIMIT = 3 * HEARTBEAT_SECONDS
 NOT_CONNECTED = "is not connected (a dial-out trust: its node has not dialled in)"
 LOST = "lost its connection during the call"
 LATE = "did not answer within the deadline"

@@ -162,7 +162,8 @@ class CoordinatorEngine:
                 final[o.node_id] = _withdrawn(o)
         timing = {o.node_id: o.handling_ms for o in prepared}
         return tuple(
-            _with_time(final[nid], timing.get(nid, 0.0) + final[nid].handling_ms) for nid in trusts
+            replace(final[nid], handling_ms=timing.get(nid, 0.0) + final[nid].handling_ms)
+            for nid in trusts
         )
 
     def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int]:
@@ -304,7 +305,3 @@ def _withdrawn(o: NodeOutcome) -> TrustOutcome:
             handling_ms=o.handling_ms,
         )
     return _trust(o)  # the abort itself failed: its lease at the trust refunds it
-
-
-def _with_time(o: TrustOutcome, handling_ms: float) -> TrustOutcome:
-    return replace(o, handling_ms=handling_ms)

@@ -6,9 +6,34 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from fedtre.pki import PkiError, Role, identity_problems, read_identity
+
+C = TypeVar("C")
+
+
+@dataclass
+class CheckReport(Generic[C]):
+    """What a check found: ``problems`` stop ``serve``; ``warnings`` are logged only."""
+
+    config: C | None = None
+    passed: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def lines(self) -> list[str]:
+        return (
+            [f"ok       {line}" for line in self.passed]
+            + [f"WARNING  {line}" for line in self.warnings]
+            + [f"PROBLEM  {line}" for line in self.problems]
+        )
 
 
 def certificate_problems(

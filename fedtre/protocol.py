@@ -103,6 +103,12 @@ class NodeDescription:
 # -- the outbound link: the same calls, carried on one stream the node opened ---------------
 
 
+# Both ends of a link: the coordinator sends a heartbeat when idle this often, and either end
+# drops a stream on which it has heard nothing for SILENCE_LIMIT seconds.
+HEARTBEAT_SECONDS = 2.0
+SILENCE_LIMIT = 3 * HEARTBEAT_SECONDS
+
+
 class Call(Enum):
     PREPARE = "prepare"
     COMMIT = "commit"

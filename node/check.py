@@ -11,10 +11,14 @@ the answer slot and ε settings are sane.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtre.checks import certificate_problems, private_dir_problems, private_file_problems
+from fedtre.checks import (
+    CheckReport,
+    certificate_problems,
+    private_dir_problems,
+    private_file_problems,
+)
 from fedtre.errors import ConfigError, FedtreError
 from fedtre.pki import Role
 from node.config import NodeConfig, ServerMode, load_node_config
@@ -23,27 +27,8 @@ from node.generation import marker_path, mismatch
 from node.ledger import Ledger
 
 
-@dataclass
-class CheckReport:
-    config: NodeConfig | None = None
-    passed: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # each stops ``serve``
-    warnings: list[str] = field(default_factory=list)  # logged; do not stop it
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def lines(self) -> list[str]:
-        return (
-            [f"ok       {line}" for line in self.passed]
-            + [f"WARNING  {line}" for line in self.warnings]
-            + [f"PROBLEM  {line}" for line in self.problems]
-        )
-
-
-def check_node(path: Path, *, insecure: bool = False) -> CheckReport:
-    report = CheckReport()
+def check_node(path: Path, *, insecure: bool = False) -> CheckReport[NodeConfig]:
+    report: CheckReport[NodeConfig] = CheckReport()
     try:
         config = load_node_config(path)
     except ConfigError as exc:
@@ -58,7 +43,7 @@ def check_node(path: Path, *, insecure: bool = False) -> CheckReport:
     return report
 
 
-def _certificate(config: NodeConfig, insecure: bool, report: CheckReport) -> None:
+def _certificate(config: NodeConfig, insecure: bool, report: CheckReport[NodeConfig]) -> None:
     server = config.server
     if server is None:
         report.warnings.append("no [server] section: this node can load and query locally only")
@@ -83,7 +68,7 @@ def _certificate(config: NodeConfig, insecure: bool, report: CheckReport) -> Non
         )
 
 
-def _database(config: NodeConfig, report: CheckReport) -> None:
+def _database(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
     if not config.database.exists():
         report.problems.append(
             f"database {config.database} does not exist: run "
@@ -107,7 +92,7 @@ def _database(config: NodeConfig, report: CheckReport) -> None:
     )
 
 
-def _state(config: NodeConfig, report: CheckReport) -> None:
+def _state(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
     state = config.state_dir
     problems = private_dir_problems(state, "state directory")
     if not state.exists() and not problems:
@@ -138,7 +123,7 @@ def _state(config: NodeConfig, report: CheckReport) -> None:
         report.passed.append(f"state directory {state} is writable and private")
 
 
-def _settings(config: NodeConfig, report: CheckReport) -> None:
+def _settings(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
     if config.answer_slot_ms == 0:
         report.warnings.append(
             "answer_slot_ms = 0: answer times can reveal the data (measurements only); set it "

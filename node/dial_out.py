@@ -25,7 +25,7 @@ import grpc
 
 from fedtre import logs
 from fedtre.pki import Role
-from fedtre.protocol import Call, Hello, LinkReply, LinkRequest
+from fedtre.protocol import HEARTBEAT_SECONDS, SILENCE_LIMIT, Call, Hello, LinkReply, LinkRequest
 from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serde.link import link_reply_to_proto, link_request_from_proto
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
@@ -35,8 +35,6 @@ from node.handler import NodeHandler
 
 log = logs.get("node")
 
-HEARTBEAT_SECONDS = 2.0  # the coordinator's heartbeat when idle
-SILENCE_LIMIT = 3 * HEARTBEAT_SECONDS
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 30.0
 
 _OPTIONS = [

@@ -63,10 +63,28 @@ class NodeHandler:
         return self._timed(self._abort, decision, caller)
 
     def _timed(self, work: Callable[..., NodeOutcome], *args: Any) -> NodeOutcome:
-        outcome = _timed(work, *args)
+        """Run one call; one operator log line for it (what, which id, outcome, ε, time: never
+        a value), its metrics, and its handling time on the reply for the coordinator's
+        operators."""
+        start = time.perf_counter()
+        outcome = work(*args)
+        seconds = time.perf_counter() - start
         call = work.__name__.lstrip("_")
-        self._observe(call, outcome.kind.value, outcome.handling_ms / 1000.0)
-        return outcome
+        log.info(
+            "request",
+            extra={
+                "node": outcome.node_id,
+                "call": call,
+                "query_id": outcome.query_id,
+                "project": outcome.project_id,
+                "outcome": outcome.kind.value,
+                "refusal": outcome.refusal.value if outcome.refusal else None,
+                "epsilon_units": outcome.epsilon_units,
+                "ms": round(seconds * 1000.0, 3),
+            },
+        )
+        self._observe(call, outcome.kind.value, seconds)
+        return replace(outcome, handling_ms=seconds * 1000.0)
 
     def _prepare(
         self,
@@ -182,25 +200,3 @@ class NodeHandler:
             extra={"node": self.node_id, "query_id": query_id, "error": type(exc).__name__},
         )
         return NodeOutcome(OutcomeKind.FAILED, self.node_id, project_id, query_id, reason=INTERNAL)
-
-
-def _timed(work: Callable[..., NodeOutcome], *args: Any) -> NodeOutcome:
-    """Run one call; one operator log line for it (what, which id, outcome, ε, time: never a
-    value), and its handling time on the reply for the coordinator's operators."""
-    start = time.perf_counter()
-    outcome = work(*args)
-    ms = (time.perf_counter() - start) * 1000.0
-    log.info(
-        "request",
-        extra={
-            "node": outcome.node_id,
-            "call": work.__name__.lstrip("_"),
-            "query_id": outcome.query_id,
-            "project": outcome.project_id,
-            "outcome": outcome.kind.value,
-            "refusal": outcome.refusal.value if outcome.refusal else None,
-            "epsilon_units": outcome.epsilon_units,
-            "ms": round(ms, 3),
-        },
-    )
-    return replace(outcome, handling_ms=ms)

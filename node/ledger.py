@@ -255,9 +255,6 @@ class Ledger:
             for e in rows
         ]
 
-    def entries(self, project_id: str | None = None) -> list[Entry]:
-        return self._listing("1 = 1", project_id)
-
     def _listing(self, where: str, project_id: str | None) -> list[Entry]:
         args: tuple[str, ...] = ()
         if project_id is not None:
