@@ -21,6 +21,7 @@ from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.ledger import NODE_SCOPE
+from node.load_progress import LoadProgress
 from node.loader import load_omop
 
 
@@ -105,7 +106,7 @@ def _load(args: argparse.Namespace) -> int:
         catalog,
         mapping=args.mapping,
         opt_out=args.opt_out,
-        progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        progress=LoadProgress(sys.stderr),
         memory_limit=args.memory_limit,
         threads=args.threads,
     )

@@ -35,6 +35,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -53,6 +54,7 @@ from node.database import (
     stored_columns,
 )
 from node.errors import LoadError
+from node.load_progress import LoadProgress
 from node.memory import DUCKDB_SHARE, MEMORY_LIMIT_PATTERN, default_memory_limit, memory_bytes
 
 Progress = Callable[[str], None]
@@ -69,6 +71,7 @@ REQUIRED = {
     ],
 }
 OPTIONAL_TABLES = {
+    "concept": ["concept_id", "concept_name"],  # names in the unmapped-concepts report only
     "observation_period": ["person_id", "observation_period_end_date"],
     "concept_ancestor": [
         "ancestor_concept_id",
@@ -134,6 +137,7 @@ class LoadReport:
     concepts_mixed_tiers: int
     persons_over_cap: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    unmapped_report: Path | None = None
 
     @property
     def stored_rows(self) -> int:
@@ -155,6 +159,15 @@ class LoadReport:
             "of another person: their setting is 'unknown'",
             f"unmapped concepts  {self.unmapped_concepts:,} condition concepts, "
             f"{self.unmapped_condition_rows:,} rows: counted as 'other'",
+            *(
+                [
+                    f"                   review them in {self.unmapped_report} (one line per "
+                    "concept, most rows first); to count one in a group, add it to a mapping "
+                    "file and load again with --mapping",
+                ]
+                if self.unmapped_report is not None and self.unmapped_concepts
+                else []
+            ),
             f"mixed tiers        {self.concepts_mixed_tiers:,} concepts match groups of "
             "different tiers: each counts in its highest-tier group",
             f"over the row cap   {over} persons (their extra rows are not stored)",
@@ -202,7 +215,7 @@ def load_omop(
     umask = os.umask(0o077)
     try:
         return _load_private(
-            source, out, catalog, groups, opt_out, memory_limit, threads, say, started
+            source, out, catalog, groups, opt_out, memory_limit, threads, say, started, progress
         )
     finally:
         os.umask(umask)
@@ -218,6 +231,7 @@ def _load_private(
     threads: int | None,
     say: Callable[[str], None],
     started: float,
+    progress: Progress | None,
 ) -> LoadReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_interrupted_loads(out)
@@ -225,6 +239,8 @@ def _load_private(
         say(f"removed {removed} file(s) left by an interrupted load")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     _remove(tmp)
+    unmapped_report = unmapped_report_path(out)
+    tmp_unmapped = tmp.with_name(tmp.name + ".unmapped.csv")
     spill = tmp.with_name(tmp.name + ".spill")
     # DuckDB's limit covers its buffer pool; reading files, its other allocations and Python
     # take the rest (measured: peak RSS about 1.2x DuckDB's limit), so the whole load stays
@@ -242,15 +258,21 @@ def _load_private(
     con: duckdb.DuckDBPyConnection | None = None
     try:  # from the moment the file exists, any way out removes it (SIGTERM included)
         con = duckdb.connect(str(tmp), config=config)
+        # DuckDB tracks each statement's progress; the load shows it (node.load_progress)
+        # instead of DuckDB printing its own bar on stdout.
+        con.execute("SET enable_progress_bar = true")
+        con.execute("SET enable_progress_bar_print = false")
         say(f"memory limit {memory_limit} (DuckDB {duckdb_limit}), spilling to {spill}")
         _no_type_pushdown(con)
-        found = _stage_sources(con, source, say)
-        mixed_tiers = _stage_mapping(con, groups, "concept_ancestor" in found, catalog, say)
-        ref = catalog.reference_date
-        say(f"reference date for ages: {ref.isoformat()} (from the catalog)")
-        _stage_opt_out(con, opt_out)
-        report = _build_views(con, catalog, say)
-        _validate(con, catalog)
+        watching = progress.watching(con) if isinstance(progress, LoadProgress) else nullcontext()
+        with watching:
+            found = _stage_sources(con, source, say)
+            mixed_tiers = _stage_mapping(con, groups, "concept_ancestor" in found, catalog, say)
+            ref = catalog.reference_date
+            say(f"reference date for ages: {ref.isoformat()} (from the catalog)")
+            _stage_opt_out(con, opt_out)
+            report = _build_views(con, catalog, say, "concept" in found)
+            _validate(con, catalog)
         con.execute(f"CREATE TABLE {META_TABLE} (key VARCHAR PRIMARY KEY, value VARCHAR)")
         meta = {
             "catalog_version": catalog.version,
@@ -262,18 +284,26 @@ def _load_private(
         }
         con.executemany(f"INSERT INTO {META_TABLE} VALUES (?, ?)", list(meta.items()))
         con.execute("CHECKPOINT")
+        con.execute(
+            "COPY (SELECT * FROM unmapped_concepts ORDER BY condition_rows DESC, concept_id) "
+            f"TO {_sql_str(str(tmp_unmapped))} (HEADER, DELIMITER ',')"
+        )
         con.close()
         os.chmod(tmp, 0o600)
+        os.chmod(tmp_unmapped, 0o600)
         os.replace(tmp, out)
+        os.replace(tmp_unmapped, unmapped_report)
     except duckdb.Error as exc:
         if con is not None:
             con.close()
         _remove(tmp)
+        tmp_unmapped.unlink(missing_ok=True)
         raise LoadError(f"loading failed: {_described(exc)}") from exc
     except BaseException:
         if con is not None:
             con.close()
         _remove(tmp)
+        tmp_unmapped.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(spill, ignore_errors=True)
@@ -283,8 +313,14 @@ def _load_private(
         reference_date=ref,
         seconds=time.perf_counter() - started,
         concepts_mixed_tiers=mixed_tiers,
+        unmapped_report=unmapped_report,
         **report,
     )
+
+
+def unmapped_report_path(database: Path) -> Path:
+    """The unmapped-concepts report written beside ``database`` by every load."""
+    return database.with_name(database.stem + ".unmapped-concepts.csv")
 
 
 def _described(exc: duckdb.Error) -> str:
@@ -626,7 +662,7 @@ def _content_key(*exprs: str) -> str:
     return f"hash({', '.join(exprs)})"
 
 
-def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
+def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str, Any]:
     """Stage typed rows, derive every value within one person, then store the views.
 
     Every derived value of a person comes from that person's own rows and from public
@@ -768,9 +804,27 @@ def _build_views(con, catalog: Catalog, say: Progress) -> dict[str, Any]:
                              WHERE v.person_id = c.person_id AND v.visit_id = c.visit_id)
              AND c.visit_id IN (SELECT visit_id FROM visit_setting)""",  # so: another person's
     )
+    # Concepts the mapping does not know, for trust IT to review (UNMAPPED_CSV, beside the
+    # database, owner-only like it): how many condition rows each one holds, and its name when
+    # the extract has a concept table.
+    names_sql = (
+        f"""SELECT {_number(con, "concept", "concept_id")} AS concept_id,
+                   min(CAST(concept_name AS VARCHAR)) AS concept_name
+            FROM src_concept GROUP BY 1"""
+        if names
+        else "SELECT NULL::BIGINT AS concept_id, NULL::VARCHAR AS concept_name"
+    )
+    con.execute(
+        f"""CREATE TEMP TABLE unmapped_concepts AS
+        SELECT u.concept_id, n.concept_name, u.condition_rows
+        FROM (SELECT concept_id, count(*) AS condition_rows FROM cond_grouped
+              WHERE grp = 'other' AND concept_id IS NOT NULL
+                AND concept_id NOT IN (SELECT concept_id FROM concept_group)
+              GROUP BY concept_id) u
+        LEFT JOIN ({names_sql}) n ON n.concept_id = u.concept_id"""
+    )
     unmapped = con.execute(
-        "SELECT count(DISTINCT concept_id), count(*) FROM cond_grouped WHERE grp = 'other' "
-        "AND concept_id IS NOT NULL AND concept_id NOT IN (SELECT concept_id FROM concept_group)"
+        "SELECT count(*), COALESCE(sum(condition_rows), 0) FROM unmapped_concepts"
     ).fetchone()
     over_cap = {
         name: _scalar(

