@@ -118,7 +118,7 @@ def create_server(
     engine.audit.write("coordinator.serving", address=address, tls=not insecure)
     monitor = TrustMonitor(config, engine.trusts, links, health)
     monitors.append(monitor)
-    running = Running(server, port, address, health, engine)
+    running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
     if config.metrics_listen:
         metrics = CoordinatorMetrics(monitor.state)
         engine.on_query = metrics.observe

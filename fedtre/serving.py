@@ -23,9 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedtre import logs
 from fedtre.errors import ConfigError, InternalError
+from fedtre.native_logs import route_native_stderr
 from fedtre.tls import CallerPolicy, TlsFiles, server_credentials
 
 log = logs.get("serving")
+HANDSHAKE = "tls-handshake"  # the "method" of a connection refused before any call
+UNVERIFIED_PEER = "unverified peer"
 
 
 class Health:
@@ -66,6 +69,9 @@ class Running(Generic[E]):
     engine: E
     stoppers: list[Callable[[], None]] = field(default_factory=list)
     metrics_address: str = ""  # the local /metrics and /healthz endpoint, if any
+    # Audits (method, who, why) for a call refused before any handler ran; also told of each
+    # failed TLS handshake (``fedtre.native_logs``).
+    audit_refusal: Callable[[str, str, str], None] | None = None
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.set(False)
@@ -87,6 +93,7 @@ def serve_command(
     service: str, start: Callable[[], Running[E]], insecure: bool, ready_file: Path | None
 ) -> int:
     """What ``fedtre node serve`` and ``fedtre coordinator serve`` do once config is loaded."""
+    native = route_native_stderr()  # gRPC's own lines into the same JSON stream
     logs.setup(service)
     if insecure:
         print(
@@ -94,6 +101,9 @@ def serve_command(
             file=sys.stderr,
         )
     running = start()
+    audit = running.audit_refusal
+    if audit is not None:
+        native.on_handshake_failed = lambda why: audit(HANDSHAKE, UNVERIFIED_PEER, why)
     if ready_file is not None and running.address:  # a dial-out node writes it when linked
         write_ready_file(ready_file, running.address)
     run_until_signalled(running)

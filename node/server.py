@@ -61,6 +61,7 @@ def create_server(
     except BaseException:
         engine.close()
         raise
+    running.audit_refusal = _audit_refusal(engine)
     engine.start_expiry()
     engine.audit.write(
         "node.serving", mode=settings.mode.value, address=running.address or None, tls=not insecure

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import grpc
@@ -354,7 +356,39 @@ def test_bad_certificates_fail_the_handshake(fed: Federation, which: str, says: 
     with channel, pytest.raises(grpc.RpcError) as node_info:
         stub.Describe(npb.DescribeRequest(), timeout=5)
     assert node_info.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert {n: len(fed.audit(n)) for n in [*fed.nodes, "coordinator"]} == lines
+    # No call reached a handler. Another CA in the profile: the client refuses the server's
+    # certificate, so no server refused anything. An expired certificate: the client checks
+    # its own certificate before it connects (ConnectionTrust); the raw stub does not, and the
+    # server it reaches (trust-a; dial-out: trust-a listens on nothing, its address is the
+    # coordinator's) refuses the connection and audits it (who: nobody verified; why: TLS's).
+    refused_at = ["trust-a"] if fed.mode == "dial-in" else ["coordinator"]
+    for name in [*fed.nodes, "coordinator"]:
+        expect = which == "expired" and name in refused_at
+        new = _new_audit(fed, name, lines[name], wait=expect)
+        assert all(_handshake_refusal(e) for e in new), new
+        assert bool(new) == expect, (name, new)
+
+
+def _handshake_refusal(entry: dict[str, Any]) -> bool:
+    return (
+        entry["event"] == "call.refused"
+        and entry["method"] == "tls-handshake"
+        and entry["caller"] == "unverified peer"
+        and bool(entry["reason"])
+    )
+
+
+def _new_audit(
+    fed: Federation, name: str, since: int, wait: bool, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """The audit entries written after the first ``since``; with ``wait``, at least one (a
+    refused handshake is audited by the thread reading gRPC's log, a moment later)."""
+    stop = time.monotonic() + timeout
+    while True:
+        new = fed.audit(name)[since:]
+        if new or not wait or time.monotonic() > stop:
+            return new
+        time.sleep(0.05)
 
 
 def test_a_wrong_coordinator_name_and_a_down_coordinator_say_different_things(
@@ -388,6 +422,49 @@ def test_missing_client_certificate_fails_the_handshake(fed: Federation) -> None
         with pytest.raises(grpc.RpcError) as plain:
             stub.Describe(npb.DescribeRequest(), timeout=5)
     assert plain.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_refused_handshakes_are_audited_and_grpc_logs_are_json(fed: Federation) -> None:
+    """At a dial-in node, or (dial-out) at the coordinator the nodes dial."""
+    name, server, role = (
+        ("trust-a", "trust-a", Role.NODE)
+        if fed.mode == "dial-in"
+        else ("coordinator", "hub", Role.COORDINATOR)
+    )
+    proc = fed.nodes.get(name, fed.coordinator)
+    since = len(fed.audit(name))
+    ca = (fed.pki / "ca.pem").read_bytes()
+    other = fed.pki / "other-ca"
+    attempts = [  # no certificate; another CA's certificate; plaintext
+        grpc.ssl_channel_credentials(root_certificates=ca),
+        grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=(other / "coordinator-hub.key").read_bytes(),
+            certificate_chain=(other / "coordinator-hub.pem").read_bytes(),
+        ),
+        None,
+    ]
+    for creds in attempts:
+        channel = (
+            grpc.insecure_channel(proc.address)
+            if creds is None
+            else grpc.secure_channel(proc.address, creds, options=channel_options(server, role))
+        )
+        with channel, pytest.raises(grpc.RpcError) as info:
+            node_pb2_grpc.NodeServiceStub(channel).Describe(npb.DescribeRequest(), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    stop = time.monotonic() + 5
+    while len(_new_audit(fed, name, since, wait=True)) < 3 and time.monotonic() < stop:
+        time.sleep(0.05)
+    new = _new_audit(fed, name, since, wait=True)
+    assert len(new) >= 3 and all(_handshake_refusal(e) for e in new), new
+    reasons = " ".join(e["reason"] for e in new)
+    assert "CERTIFICATE" in reasons.upper()  # the TLS library's own words, for trust IT
+    # gRPC's C core wrote those failures on its stderr: they arrive as JSON lines too
+    logged = [e for e in fed.log_lines(name) if e.get("event") == "tls.handshake_failed"]
+    assert len(logged) >= 3 and all(e["why"] for e in logged)
+    raw = proc.log.read_text().splitlines()
+    assert not [line for line in raw if re.match(r"^[IWEF]\d{4} ", line)], "unformatted gRPC line"
 
 
 def test_health_service_reports_serving(fed: Federation) -> None:
