@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fedtre.metrics_http import WRITE_BUCKETS
+
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -23,6 +25,12 @@ class CoordinatorMetrics:
             "fedtre_coordinator_query_seconds",
             "End-to-end time of a query at the coordinator, both phases",
             buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_fsync = Histogram(
+            "fedtre_coordinator_audit_fsync_seconds",
+            "Audit log fsyncs (one may cover several records: group commit)",
+            buckets=WRITE_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(_TrustsUp(trusts_up))

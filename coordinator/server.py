@@ -122,6 +122,7 @@ def create_server(
     if config.metrics_listen:
         metrics = CoordinatorMetrics(monitor.state)
         engine.on_query = metrics.observe
+        engine.audit.on_fsync = metrics.audit_fsync.observe
         endpoint, metrics_port = serve_metrics(
             config.metrics_listen, metrics.registry, lambda: health.serving
         )

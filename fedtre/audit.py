@@ -18,6 +18,8 @@ import json
 import math
 import os
 import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,8 @@ class AuditLog:
         self._wake = threading.Event()  # a line is waiting for its fsync
         self._failure: str | None = None  # a failed fsync: final
         self._closed = False
+        # Told the duration of every fsync (metrics: audit write times); must not raise.
+        self.on_fsync: Callable[[float], None] = lambda seconds: None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -135,6 +139,7 @@ class AuditLog:
                 self._syncing = True
                 target = self._appended  # every line counted here was written before
                 self._sync.release()
+                started = time.perf_counter()
                 try:
                     os.fsync(self._fd)
                     failure = None
@@ -144,6 +149,8 @@ class AuditLog:
                     self._sync.acquire()
                     self._syncing = False
                     self._sync.notify_all()
+                with contextlib.suppress(Exception):
+                    self.on_fsync(time.perf_counter() - started)
                 if failure is not None:
                     self._failure = str(failure)
                     raise AuditUnavailable(f"cannot write audit log {self.path}: {failure}")

@@ -31,6 +31,7 @@ records what was spent and the operator's current policy decides what may still 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -161,6 +162,8 @@ class Ledger:
         self.path = path
         self._local = threading.local()
         self._now = clock  # unix seconds: leases end by it (tests pass a fake clock)
+        # Told (durable, seconds) of every write transaction (metrics: ledger write times).
+        self.on_write: Callable[[bool, float], None] = lambda durable, seconds: None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fresh = not path.exists()
@@ -435,6 +438,7 @@ class Ledger:
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T], durable: bool) -> T:
         con = self._con()
+        started = time.perf_counter()
         try:
             con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             con.execute("BEGIN IMMEDIATE")
@@ -447,6 +451,8 @@ class Ledger:
                 raise
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
+        with contextlib.suppress(Exception):
+            self.on_write(durable, time.perf_counter() - started)
         return out
 
 

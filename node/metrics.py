@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fedtre.dp import units_to_epsilon
+from fedtre.metrics_http import WRITE_BUCKETS
 from node.engine import NodeEngine
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -33,7 +34,24 @@ class NodeMetrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
+        self.ledger_write = Histogram(
+            "fedtre_node_ledger_write_seconds",
+            "Ledger write transactions; sync=full is a release's commit (fsync), normal the rest",
+            ["sync"],
+            buckets=WRITE_BUCKETS,
+            registry=self.registry,
+        )
+        self.audit_fsync = Histogram(
+            "fedtre_node_audit_fsync_seconds",
+            "Audit log fsyncs (one may cover several records: group commit)",
+            buckets=WRITE_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_Budget(engine))
+        engine.ledger.on_write = lambda durable, seconds: self.ledger_write.labels(
+            "full" if durable else "normal"
+        ).observe(seconds)
+        engine.audit.on_fsync = self.audit_fsync.observe
 
     def observe(self, call: str, outcome: str, seconds: float) -> None:
         self.requests.labels(call, outcome).inc()

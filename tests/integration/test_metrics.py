@@ -86,6 +86,13 @@ def test_metrics_match_the_audit_log_and_the_ledger(tmp_path: Path, node_db: Pat
         spent = running.engine.ledger.spent(project_scope("study")) / 1e6
         assert _metric(text, "fedtre_node_epsilon_spent", project="study") == spent == 0.6
         assert _metric(text, "fedtre_node_epsilon_left", project="study") == 5.0 - spent
+        # write times: a full-sync ledger transaction per commit call (a replayed commit
+        # changes nothing), normal ones for the rest; the audit log's fsyncs (group commit)
+        full = _metric(text, "fedtre_node_ledger_write_seconds_count", sync="full")
+        assert full == log.count("query.released") + log.count("query.replayed") == 4
+        assert _metric(text, "fedtre_node_ledger_write_seconds_count", sync="normal") >= 3
+        assert 1 <= _metric(text, "fedtre_node_audit_fsync_seconds_count") <= len(log)
+        assert _metric(text, "fedtre_node_audit_fsync_seconds_sum") > 0
         assert "SELECT" not in text and "female" not in text  # no query text, no values
         health = urllib.request.urlopen(f"{base}/healthz", timeout=10)
         assert health.status == 200 and health.read() == b"SERVING\n"
@@ -132,6 +139,7 @@ def test_coordinator_metrics_count_queries_and_show_each_trust(
         assert _metric(text, "fedtre_coordinator_queries_total", outcome="released") == 2
         assert _metric(text, "fedtre_coordinator_query_seconds_count") == 2
         assert _metric(text, "fedtre_coordinator_trust_up", trust="trust-m") == 1
+        assert _metric(text, "fedtre_coordinator_audit_fsync_seconds_count") >= 2
         assert urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
         node.stop(grace=1)  # the trust goes away: the monitor notices within a few seconds
         deadline = time.monotonic() + 15
