@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from coordinator.check import check_coordinator
+from coordinator.config import load_coordinator_config
+from fedtre.metrics_http import health_command
 from fedtre.serving import add_serve_arguments, serve_command
 
 
@@ -22,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     check.add_argument("--config", type=Path, required=True)
     check.add_argument("--insecure", action="store_true", help="skip the certificate checks")
     check.set_defaults(func=_check)
+    health = c_sub.add_parser(
+        "health", help="ask the running coordinator's local health endpoint ([metrics] listen)"
+    )
+    health.add_argument("--config", type=Path, required=True)
+    health.set_defaults(func=_health)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -54,3 +61,7 @@ def _check(args: argparse.Namespace) -> int:
         return 0
     print(f"coordinator check found {len(report.problems)} problem(s): fix them before serving")
     return 3
+
+
+def _health(args: argparse.Namespace) -> int:
+    return health_command(load_coordinator_config(args.config).metrics_listen, args.config)

@@ -4,8 +4,12 @@ text at ``/metrics`` from a registry of the service's own, and ``/healthz``: pla
 
 from __future__ import annotations
 
+import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -40,3 +44,35 @@ def serve_metrics(
     server = make_server(host, int(port), app, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port
+
+
+def probe(listen: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Ask the local ``/healthz`` at ``listen`` (a wildcard host is asked on loopback):
+    (serving, what it said), for ``fedtre node health`` and container health checks."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a wildcard listen is asked on loopback)
+        host = "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return True, reply.read().decode("utf-8", "replace").strip()
+    except urllib.error.HTTPError as exc:
+        return False, exc.read().decode("utf-8", "replace").strip() or f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return False, f"no answer at {url} ({reason}): is the service running?"
+
+
+def health_command(listen: str, config: Path) -> int:
+    """``fedtre node|coordinator health``: 0 when serving, 1 when not, 3 without a port."""
+    if not listen:
+        print(
+            f"{config} has no [metrics] listen: the health endpoint is served there "
+            '(e.g. listen = "127.0.0.1:9464")',
+            file=sys.stderr,
+        )
+        return 3
+    ok, said = probe(listen)
+    print(said if ok else f"NOT SERVING: {said}")
+    return 0 if ok else 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedtre.catalog import load_catalog
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError
+from fedtre.metrics_http import health_command
 from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
@@ -86,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, no caller authentication")
     serve.set_defaults(func=_serve)
+
+    health = node_sub.add_parser(
+        "health", help="ask a running node's local health endpoint ([metrics] listen)"
+    )
+    health.add_argument("--config", type=Path, required=True)
+    health.set_defaults(func=_health)
 
     demo.register(node_sub)
 
@@ -235,3 +242,7 @@ def _budget(args: argparse.Namespace) -> int:
         )
     print(f"node-wide ε spent: {units_to_epsilon(node_spent):g}")
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    return health_command(load_node_config(args.config).metrics_listen, args.config)

@@ -9,8 +9,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import pytest
 
 from fedtre.audit import read_audit
+from fedtre.cli import main
+from fedtre.metrics_http import health_command
 from fedtre.v2 import node_pb2 as npb
 from fedtre.v2 import node_pb2_grpc
 from node.config import parse_node_config
@@ -54,7 +57,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_match_the_audit_log_and_the_ledger(tmp_path: Path, node_db: Path) -> None:
+def test_metrics_match_the_audit_log_and_the_ledger(
+    tmp_path: Path, node_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     running = create_server(_config(tmp_path, node_db), insecure=True)
     base = f"http://{running.metrics_address}"
     try:
@@ -96,7 +101,13 @@ def test_metrics_match_the_audit_log_and_the_ledger(tmp_path: Path, node_db: Pat
         assert "SELECT" not in text and "female" not in text  # no query text, no values
         health = urllib.request.urlopen(f"{base}/healthz", timeout=10)
         assert health.status == 200 and health.read() == b"SERVING\n"
+        # `fedtre node health` asks the same endpoint (a wildcard listen: on loopback)
+        port = running.metrics_address.rsplit(":", 1)[1]
+        assert health_command(f"0.0.0.0:{port}", Path("node.toml")) == 0
+        assert capsys.readouterr().out == "SERVING\n"
         running.health.set(False)
+        assert health_command(running.metrics_address, Path("node.toml")) == 1
+        assert capsys.readouterr().out == "NOT SERVING: NOT_SERVING\n"
         try:
             urllib.request.urlopen(f"{base}/healthz", timeout=10)
             raise AssertionError("NOT_SERVING must not answer 200")
@@ -152,3 +163,17 @@ def test_coordinator_metrics_count_queries_and_show_each_trust(
     finally:
         hub.stop(grace=1)
         node.stop(grace=1)
+
+
+def test_the_health_command_says_what_is_missing_or_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = Path(__file__).parents[2] / "deploy" / "node.example.toml"
+    text = example.read_text()
+    config = tmp_path / "node.toml"
+    config.write_text(text.replace('listen = "127.0.0.1:9464"', 'listen = "127.0.0.1:1"'))
+    assert main(["node", "health", "--config", str(config)]) == 1  # nothing listens there
+    assert "NOT SERVING: no answer at http://127.0.0.1:1/healthz" in capsys.readouterr().out
+    config.write_text(text.replace("[metrics]", "").replace('listen = "127.0.0.1:9464"', ""))
+    assert main(["node", "health", "--config", str(config)]) == 3
+    assert "has no [metrics] listen" in capsys.readouterr().err
