@@ -11,6 +11,7 @@ from coordinator.config import CoordinatorConfig, load_coordinator_config
 from fedtre.checks import (
     CheckReport,
     certificate_problems,
+    expiry_warnings,
     private_dir_problems,
     private_file_problems,
 )
@@ -41,6 +42,7 @@ def check_coordinator(path: Path, *, insecure: bool = False) -> CheckReport[Coor
             config.ca, config.cert, config.key, Role.COORDINATOR, config.coordinator_id, "[tls]"
         )
         report.problems += problems
+        report.warnings += expiry_warnings(config.cert, "[tls]")
         if not problems:
             report.passed.append(
                 f"certificate: coordinator '{config.coordinator_id}', issued by the federation "

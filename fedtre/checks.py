@@ -4,11 +4,14 @@ person-level data readable by their owner only. Each problem is one line saying 
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
+
+from cryptography import x509
 
 from fedtre.pki import PkiError, Role, identity_problems, read_identity
 
@@ -63,6 +66,24 @@ def certificate_problems(
         )
     problems += private_file_problems(key, f"the {role.value}'s private key")
     return problems
+
+
+EXPIRY_WARNING_DAYS = 30
+
+
+def expiry_warnings(cert: Path, where: str, days: int = EXPIRY_WARNING_DAYS) -> list[str]:
+    """A warning when ``cert`` expires within ``days``: time to rotate it (README)."""
+    try:
+        found = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return []  # certificate_problems says what is wrong with it
+    left = found.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    if dt.timedelta(0) <= left < dt.timedelta(days=days):
+        return [
+            f"{where} cert {cert.name} expires on {found.not_valid_after_utc:%Y-%m-%d} "
+            f"({left.days} days): issue a new one and restart (README: rotating certificates)"
+        ]
+    return []
 
 
 def private_file_problems(path: Path, what: str) -> list[str]:

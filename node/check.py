@@ -16,6 +16,7 @@ from pathlib import Path
 from fedtre.checks import (
     CheckReport,
     certificate_problems,
+    expiry_warnings,
     private_dir_problems,
     private_file_problems,
 )
@@ -58,6 +59,7 @@ def _certificate(config: NodeConfig, insecure: bool, report: CheckReport[NodeCon
         server.ca, server.cert, server.key, Role.NODE, config.node_id, "[server]"
     )
     report.problems += problems
+    report.warnings += expiry_warnings(server.cert, "[server]")
     if not problems:
         mode = "dials out to " + ", ".join(server.connect)
         if server.mode is ServerMode.DIAL_IN:
@@ -96,7 +98,10 @@ def _state(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
     state = config.state_dir
     problems = private_dir_problems(state, "state directory")
     if not state.exists() and not problems:
-        report.warnings.append(f"state directory {state} will be created (0700) at start")
+        if marker_path(config).exists():  # it existed: this node has released answers
+            report.problems.append(_missing_ledger(config))
+        else:
+            report.warnings.append(f"state directory {state} will be created (0700) at start")
         return
     for file, what in ((config.ledger_path, "the budget ledger"), (config.audit_path, "audit log")):
         if file.exists():
@@ -113,11 +118,7 @@ def _state(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
             if problem:
                 problems.append(problem)
     elif not config.ledger_path.exists() and marker_path(config).exists():
-        problems.append(
-            f"the budget ledger {config.ledger_path} is missing, but this node has released "
-            f"answers from one (its records: {marker_path(config)}): restore the state directory "
-            "from its latest backup; a new ledger would give every budget back"
-        )
+        problems.append(_missing_ledger(config))
     report.problems += problems
     if not problems:
         report.passed.append(f"state directory {state} is writable and private")
@@ -138,3 +139,11 @@ def _settings(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
         )
     if not config.projects:
         report.warnings.append("no projects: this node will refuse every query")
+
+
+def _missing_ledger(config: NodeConfig) -> str:
+    return (
+        f"the budget ledger {config.ledger_path} is missing, but this node has released "
+        f"answers from one (its records: {marker_path(config)}): restore the state directory "
+        "from its latest backup; a new ledger would give every budget back"
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedtre.catalog import load_catalog
-from fedtre.pki import Role
+from fedtre.pki import Role, issue
 from fedtre.synthetic import generate
 from fedtre.tls import TlsFiles
 from node.config import load_node_config
@@ -83,6 +83,30 @@ def test_a_good_node_passes(node_home: Callable[..., Path]) -> None:
     assert "node check passed" in result.stdout
     assert "PROBLEM" not in result.stdout
     assert "certificate: node 'trust-a'" in result.stdout
+
+
+def test_a_certificate_near_its_end_passes_with_a_warning_to_rotate(
+    node_home: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    soon = tmp_path / "soon"
+    soon.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, soon / name)
+    issued = issue(soon, Role.NODE, "trust-a", valid_days=10)
+    config = node_home()
+    text = config.read_text()
+    files = TlsFiles.in_pki_dir(pki, Role.NODE, "trust-a")
+    config.write_text(
+        text.replace(str(files.cert), str(issued.cert_path)).replace(
+            str(files.key), str(issued.key_path)
+        )
+    )
+    result = _fedtre("node", "check", "--config", str(config))
+    assert result.returncode == 0, result.stdout
+    warning = [line for line in result.stdout.splitlines() if "expires" in line]
+    assert len(warning) == 1 and warning[0].startswith("WARNING  [server] cert node-trust-a.pem")
+    assert "(9 days)" in warning[0]
+    assert "rotating certificates" in warning[0]
 
 
 def _assert_problem(config: Path, says: str) -> None:

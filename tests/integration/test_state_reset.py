@@ -58,6 +58,8 @@ def test_a_lost_state_directory_is_refused_not_started_over(node: Path) -> None:
     _answer(node, "q-1", "q-2")
     state = load_node_config(node).state_dir
     shutil.rmtree(state)
+    checked = _check(node)  # before anything runs: the directory is simply gone
+    assert checked.returncode == 3 and "restore the state directory" in checked.stdout
     with pytest.raises(StateMismatch, match="not the one this node last used"):
         NodeEngine(load_node_config(node))
     checked = _check(node)
