@@ -33,6 +33,7 @@ import io
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -138,6 +139,7 @@ class LoadReport:
     persons_over_cap: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     unmapped_report: Path | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def stored_rows(self) -> int:
@@ -173,6 +175,7 @@ class LoadReport:
             f"over the row cap   {over} persons (their extra rows are not stored)",
             f"took               {self.seconds:.1f} s "
             f"({self.stored_rows / max(self.seconds, 1e-9):,.0f} stored rows/s)",
+            *(f"WARNING            {w}" for w in self.warnings),
         ]
 
 
@@ -314,8 +317,22 @@ def _load_private(
         seconds=time.perf_counter() - started,
         concepts_mixed_tiers=mixed_tiers,
         unmapped_report=unmapped_report,
+        warnings=tuple(_opt_out_warnings(opt_out)),
         **report,
     )
+
+
+def _opt_out_warnings(opt_out: Path | None) -> list[str]:
+    """The opt-out register names persons who said no: it is person-level, owner-only data."""
+    if opt_out is None:
+        return []
+    mode = stat.S_IMODE(opt_out.stat().st_mode)
+    if mode & 0o077:
+        return [
+            f"the opt-out list {opt_out} is readable by other users (mode {mode:04o}): "
+            f"chmod 600 {opt_out}"
+        ]
+    return []
 
 
 def unmapped_report_path(database: Path) -> Path:

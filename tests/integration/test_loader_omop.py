@@ -188,8 +188,15 @@ def test_opted_out_persons_vanish_from_every_view(tmp_path, catalog, omop_dir, b
         for pid, src in persons:
             w.writerow([pid if by == "person_id" else src])
     out = tmp_path / "node.duckdb"
+    opt_out.chmod(0o644)
     report = load_omop(omop_dir, out, catalog, opt_out=opt_out)
     assert report.opted_out == 25
+    assert report.warnings == (
+        f"the opt-out list {opt_out} is readable by other users (mode 0644): chmod 600 {opt_out}",
+    )
+    assert report.lines()[-1].startswith("WARNING            the opt-out list")
+    opt_out.chmod(0o600)
+    assert load_omop(omop_dir, out, catalog, opt_out=opt_out).warnings == ()
     ids = ", ".join(str(p) for p, _ in persons)
     for view in catalog.views:
         assert _rows(out, f'SELECT count(*) FROM "{view}" WHERE person_id IN ({ids})') == [(0,)]
