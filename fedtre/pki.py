@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import os
 import re
@@ -214,11 +215,13 @@ def check_name(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=256)
 def read_identity(cert_pem: bytes) -> tuple[Role, str]:
     """The (role, name) a federation certificate speaks for: role from OU, name from CN.
 
     This does not verify the certificate; the TLS handshake has done that by the time a
-    service asks.
+    service asks. Cached by the certificate's bytes (every call on a connection presents the
+    same ones); a certificate without an identity raises each time.
     """
     cert = _parse_pem(cert_pem)
     ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
