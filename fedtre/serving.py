@@ -93,7 +93,7 @@ def serve_command(
     service: str, start: Callable[[], Running[E]], insecure: bool, ready_file: Path | None
 ) -> int:
     """What ``fedtre node serve`` and ``fedtre coordinator serve`` do once config is loaded."""
-    native = route_native_stderr()  # gRPC's own lines into the same JSON stream
+    native = route_native_stderr(service)  # gRPC's own lines into the same JSON stream
     logs.setup(service)
     if insecure:
         print(
@@ -103,7 +103,13 @@ def serve_command(
     running = start()
     audit = running.audit_refusal
     if audit is not None:
-        native.on_handshake_failed = lambda why: audit(HANDSHAKE, UNVERIFIED_PEER, why)
+
+        def refused(why: str, count: int) -> None:
+            # gRPC does not say whether the connection came in or went out, nor from where
+            audit(HANDSHAKE, UNVERIFIED_PEER, f"{why} ({count} connection(s) in or out)")
+
+        native.handshakes.set_report(refused)
+        running.stoppers.append(native.handshakes.close)  # the last counts, while audit is open
     if ready_file is not None and running.address:  # a dial-out node writes it when linked
         write_ready_file(ready_file, running.address)
     run_until_signalled(running)
