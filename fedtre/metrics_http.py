@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -20,8 +21,16 @@ WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 5  # seconds a connection may sit idle: a silent client cannot hold a thread
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # probes every few seconds would flood the operator log
+
+
+class _Threaded(ThreadingMixIn, WSGIServer):
+    """One thread per connection: a slow or idle client never delays a probe."""
+
+    daemon_threads = True
 
 
 def serve_metrics(
@@ -41,7 +50,7 @@ def serve_metrics(
         return prometheus(environ, start)
 
     host, port = listen.rsplit(":", 1)
-    server = make_server(host, int(port), app, handler_class=_Quiet)
+    server = make_server(host, int(port), app, server_class=_Threaded, handler_class=_Quiet)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port
 
