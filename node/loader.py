@@ -164,8 +164,9 @@ class LoadReport:
             *(
                 [
                     f"                   review them in {self.unmapped_report} (one line per "
-                    "concept, most rows first); to count one in a group, add it to a mapping "
-                    "file and load again with --mapping",
+                    "concept, most rows first; exact counts: keep it inside the trust); to "
+                    "count one in a group, add it to a mapping file and load again with "
+                    "--mapping",
                 ]
                 if self.unmapped_report is not None and self.unmapped_concepts
                 else []

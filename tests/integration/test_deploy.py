@@ -116,16 +116,34 @@ def test_the_compose_federation_runs_with_the_same_commands(tmp_path: Path) -> N
         return [a.replace("/config/", f"{config}/") for a in argv]
 
     setup = services["setup"]
-    setup_env = {**env, "OUT": str(volumes), "CONFIG": str(config)}  # OWNER: already us
     assert setup["entrypoint"] == ["sh", "/config/setup.sh"]
+    # As in the container: root with only the capabilities compose leaves it (cap_drop ALL,
+    # cap_add), handing every volume to another user (the image's is 10001).
+    owner = 12345
+    setup_env = {**env, "OUT": str(volumes), "CONFIG": str(config), "OWNER": f"{owner}:{owner}"}
+    assert setup["cap_drop"] == ["ALL"]
+    caps = ",".join(["-all", *(f"+{c.lower()}" for c in setup.get("cap_add", []))])
+    as_container = ["setpriv", "--bounding-set", caps, "--inh-caps", "-all"]
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the setup as the container does")
     done = subprocess.run(
-        command(setup["entrypoint"]), env=setup_env, capture_output=True, text=True, timeout=600
+        [*as_container, *command(setup["entrypoint"])],
+        env=setup_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for volume in ("trust-a", "trust-b", "trust-c", "coordinator", "researcher"):
-        assert (volumes / volume).stat().st_mode & 0o777 == 0o700
-        keys = list((volumes / volume / "pki").glob("*.key"))
+        root = volumes / volume
+        assert root.stat().st_mode & 0o777 == 0o700
+        assert {p.stat().st_uid for p in [root, *root.rglob("*")]} == {owner}
+        keys = list((root / "pki").glob("*.key"))
         assert len(keys) == 1 and keys[0].stat().st_mode & 0o777 == 0o600  # its own key only
+    # Outside containers the services below run as this test's user, not as 10001: give the
+    # volumes to it (ownership is what the node's own checks look at).
+    for path in [volumes, *volumes.rglob("*")]:
+        os.chown(path, os.geteuid(), os.getegid())
     again = subprocess.run(
         command(setup["entrypoint"]), env=setup_env, capture_output=True, text=True, timeout=60
     )
@@ -238,9 +256,13 @@ def test_the_manifests_run_fedtre_commands_on_configs_fedtre_accepts(tmp_path: P
             if "args" in container:  # through the image's entrypoint
                 assert callable(parser.parse_args(container["args"]).func)
         for container in pod["containers"]:
-            probes = [container.get(p) for p in ("readinessProbe", "startupProbe")]
-            if doc["kind"] == "Deployment":
-                assert any(p and p.get("httpGet", {}).get("path") == "/healthz" for p in probes)
+            if doc["kind"] != "Deployment":
+                continue
+            ready = container["readinessProbe"]
+            if container["name"] == "node":  # ready while its own checks hold
+                assert ready["httpGet"]["path"] == "/healthz"
+            else:  # the coordinator stays reachable while it waits for a dial-out trust
+                assert "tcpSocket" in ready
         secrets = [v for v in pod["volumes"] if "secret" in v]
         if doc["kind"] == "Deployment":
             assert secrets and all(v["secret"]["defaultMode"] == 0o400 for v in secrets)

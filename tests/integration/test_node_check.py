@@ -5,6 +5,7 @@ are written 0600 in 0700 directories; interrupted loads leave nothing behind."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import stat
@@ -20,9 +21,11 @@ from fedtre.catalog import load_catalog
 from fedtre.pki import Role, issue
 from fedtre.synthetic import generate
 from fedtre.tls import TlsFiles
+from node.check import check_node
 from node.config import load_node_config
 from node.database import open_research_db
 from node.engine import NodeEngine
+from node.generation import marker_path
 from node.loader import load_omop, remove_interrupted_loads
 from tests.integration.federation import make_pki
 
@@ -269,3 +272,74 @@ def test_the_coordinator_check_passes_and_refuses_like_the_nodes(tmp_path: Path,
     served = _fedtre("coordinator", "serve", "--config", str(bad), "--ready-file", str(ready))
     assert served.returncode == 3 and "refusing to serve" in served.stderr
     assert not ready.exists()
+
+
+def _normal(line: str) -> str:
+    """A check line without what differs between machines: paths, numbers, dates."""
+    line = re.sub(r"(?:[\w.-]*/)+[\w.-]+|[\w.-]+\.(?:pem|key|duckdb|toml|json)\b", "<path>", line)
+    return re.sub(r"\d+", "<n>", line)
+
+
+def _readme_check_lines() -> list[str]:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## For trust IT", 1)[1].split("\n## ", 1)[0]
+    return [
+        line
+        for line in section.splitlines()
+        if line.startswith(("ok       ", "PROBLEM  ", "WARNING  "))
+    ]
+
+
+def test_the_readme_shows_what_node_check_really_says(
+    node_home: Callable[..., Path], pki: Path, tmp_path: Path
+) -> None:
+    """Every check line README shows for trust IT is one the check prints (paths, numbers and
+    dates aside), for a good config and for each mistake in the issue's table."""
+    said: set[str] = set()
+
+    def check(config: Path) -> None:
+        said.update(_normal(line) for line in check_node(config).lines())
+
+    config = node_home()
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    check(config)  # good
+    check(node_home(node_id="trust-b"))  # another trust's certificate
+    check(node_home(role=Role.COORDINATOR, cert_name="hub"))  # the coordinator's
+    check(node_home(key_of="trust-b"))  # a key that is not this certificate's
+    config = node_home()
+    key = TlsFiles.in_pki_dir(pki, Role.NODE, "trust-a").key
+    database = tmp_path / "node.duckdb"
+    for path, mode in ((key, 0o644), (database, 0o644), (state, 0o755)):
+        path.chmod(mode)
+        check(config)
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    if os.geteuid() == 0:  # a key owned by another user
+        os.chown(key, 12345, -1)
+        check(config)
+        os.chown(key, 0, -1)
+    marker = marker_path(load_node_config(config))  # a node that released answers, then
+    marker.write_text('{"ledger_id": "3f2a9c1e", "committed": 42, "state_dir": "state"}')
+    state.rmdir()  # lost its state directory
+    check(config)
+    marker.unlink()
+    soon = tmp_path / "soon"
+    soon.mkdir()
+    for name in ("ca.pem", "ca.key"):
+        shutil.copy(pki / name, soon / name)
+    issued = issue(soon, Role.NODE, "trust-a", valid_days=10)
+    config.write_text(
+        config.read_text()
+        .replace(str(TlsFiles.in_pki_dir(pki, Role.NODE, "trust-a").cert), str(issued.cert_path))
+        .replace(str(key), str(issued.key_path))
+    )
+    check(config)
+    shown = _readme_check_lines()
+    assert len(shown) >= 12
+    missing = [line for line in shown if _normal(line) not in said]
+    assert not missing, (
+        "README shows check lines the check never prints:\n"
+        + "\n".join(missing)
+        + "\n\nit prints:\n"
+        + "\n".join(sorted(said))
+    )

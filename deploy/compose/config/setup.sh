@@ -43,11 +43,11 @@ for spec in trust-a:5000 trust-b:8000 trust-c:12000; do
   seed=$((seed + 1))
 done
 rm -rf "$OUT/scratch" "$ca"
+touch "$OUT/coordinator/.setup-done"  # before the volumes change hands (root keeps only CHOWN)
 for volume in trust-a trust-b trust-c coordinator researcher; do
   chmod 0700 "$OUT/$volume"  # each volume owner-only, like /var/lib/fedtre in the image
 done
 if [ -n "${OWNER:-}" ]; then
   chown -R "$OWNER" "$OUT/trust-a" "$OUT/trust-b" "$OUT/trust-c" "$OUT/coordinator" "$OUT/researcher"
 fi
-touch "$OUT/coordinator/.setup-done"
 echo "demo federation set up"
