@@ -115,24 +115,15 @@ class NodeEngine:
         self.catalog = config.catalog
         self.audit = AuditLog(config.audit_path, config.node_id)
         self.ledger = Ledger(config.ledger_path)
-        try:
-            self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
-        except BaseException:
-            self.audit.close()
-            raise
-        try:
-            self.planner = Planner(config)
-            self.database = ResearchDatabase(
-                config.database,
-                config.catalog,
-                config.duckdb_threads,
-                config.duckdb_memory_limit,
-                on_reload=self._reloaded,
-            )
-        except BaseException:
-            self.generation.close()
-            self.audit.close()
-            raise
+        self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
+        self.planner = Planner(config)
+        self.database = ResearchDatabase(
+            config.database,
+            config.catalog,
+            config.duckdb_threads,
+            config.duckdb_memory_limit,
+            on_reload=self._reloaded,
+        )
         self._closing = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.audit.write("node.started", catalog_version=self.catalog.version)
@@ -169,7 +160,6 @@ class NodeEngine:
             self.audit.write("node.stopped")
         except AuditUnavailable:
             log.error("could not audit the stop: the audit log is unwritable")
-        self.generation.close()
         self.database.close()
         self.audit.close()
 

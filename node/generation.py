@@ -4,9 +4,8 @@ If the state directory is lost, moved or restored from an old backup, a new or o
 would silently give every project its whole budget again. So the node keeps, next to its
 database, which ledger it uses and how many answers that ledger had released, updated after
 every release; at start it refuses a ledger that is not that one, or that has released fewer
-answers than recorded (an older copy). Written atomically, owner-only, by a thread of its own
-just after each release (not on the release's path); not fsynced (a crash can only leave it
-behind the ledger, which is allowed).
+answers than recorded (an older copy). Written atomically, owner-only; not fsynced (a crash can
+only leave it behind the ledger, which is allowed).
 """
 
 from __future__ import annotations
@@ -26,10 +25,6 @@ def marker_path(config: NodeConfig) -> Path:
 
 
 class Generation:
-    """The record, kept up to date off the release path: ``released`` counts and wakes a writer
-    thread, which writes the latest count (several releases, one write); ``close`` writes the
-    last one. The record may lag the ledger by the releases of the last moments, never lead."""
-
     def __init__(self, config: NodeConfig, ledger: Ledger) -> None:
         self.path = marker_path(config)
         self.ledger_id = ledger.identity()
@@ -39,49 +34,26 @@ class Generation:
         problem = mismatch(self.path, self.ledger_id, self.committed, config)
         if problem:
             raise StateMismatch(problem)
-        self._written = -1
         self._write()
-        self._wake = threading.Event()
-        self._closed = False
-        self._writer = threading.Thread(target=self._run, name="ledger-record", daemon=True)
-        self._writer.start()
 
     def released(self) -> None:
         """One more answer released by this ledger (possibly fewer than the ledger has, when
         several processes share it: the record may lag, never lead)."""
         with self._lock:
             self.committed += 1
-        self._wake.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake.set()
-        self._writer.join(timeout=5)
-        self._write()
-
-    def _run(self) -> None:
-        while not self._closed:
-            self._wake.wait()
-            self._wake.clear()
-            if not self._closed:
-                self._write()
+            self._write()
 
     def _write(self) -> None:
-        with self._lock:
-            committed = self.committed
-            if committed == self._written:
-                return
-            doc = {
-                "ledger_id": self.ledger_id,
-                "committed": committed,
-                "state_dir": self.state_dir,
-            }
-            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(doc))
-            os.replace(tmp, self.path)
-            self._written = committed
+        doc = {
+            "ledger_id": self.ledger_id,
+            "committed": self.committed,
+            "state_dir": self.state_dir,
+        }
+        tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc))
+        os.replace(tmp, self.path)
 
 
 def mismatch(path: Path, ledger_id: str, committed: int, config: NodeConfig) -> str:
