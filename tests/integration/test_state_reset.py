@@ -4,6 +4,7 @@ resumes with the right budget. Real files, real engines, the real CLI."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.errors import StateMismatch
+from node.generation import marker_path
 from node.ledger import NODE_SCOPE, project_scope
 from tests.conftest import request, write_node_config
 
@@ -105,5 +107,37 @@ def test_an_older_backup_is_refused_and_the_latest_resumes_with_the_right_budget
         again = engine.answer(request(SQL, 0.1, query_id="q-5"))
         assert again.epsilon_units == 100_000
         assert engine.ledger.spent(NODE_SCOPE) == 500_000
+    finally:
+        engine.close()
+
+
+def test_the_ledger_record_is_exact_after_every_release_and_a_failed_write_is_loud(
+    node: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Written on the release's path: never behind when an answer leaves; if it cannot be
+    written, the answer does not leave (the retry replays it, spending nothing more)."""
+    import node.generation as generation
+
+    config = load_node_config(node)
+    engine = NodeEngine(config)
+    try:
+        for i in range(3):
+            engine.answer(request(SQL, 0.1, query_id=f"r-{i}"))
+            recorded = json.loads(marker_path(config).read_text())["committed"]
+            assert recorded == engine.ledger.committed_count() == i + 1
+        real = generation.os.replace
+
+        def disk_full(src: object, dst: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(generation.os, "replace", disk_full)
+        with pytest.raises(Exception, match="No space left"):
+            engine.answer(request(SQL, 0.1, query_id="r-3"))
+        monkeypatch.setattr(generation.os, "replace", real)
+        spent = engine.ledger.spent(project_scope("study"))
+        replayed = engine.answer_detail(request(SQL, 0.1, query_id="r-3"))
+        assert replayed.replayed and engine.ledger.spent(project_scope("study")) == spent
+        engine.answer(request(SQL, 0.1, query_id="r-4"))
+        assert json.loads(marker_path(config).read_text())["committed"] == 5
     finally:
         engine.close()
