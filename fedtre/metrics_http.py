@@ -4,6 +4,8 @@ text at ``/metrics`` from a registry of the service's own, and ``/healthz``: pla
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sys
 import threading
 import urllib.error
@@ -20,21 +22,60 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0)
 
 
+MAX_CONNECTIONS = 32  # at once; more are closed at once (a local port: probes and a scraper)
+CONNECTION_SECONDS = 10.0  # a connection is closed after this long, however it trickles
+
+
 class _Quiet(WSGIRequestHandler):
-    timeout = 5  # seconds a connection may sit idle: a silent client cannot hold a thread
+    timeout = 5  # seconds a connection may sit idle
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # probes every few seconds would flood the operator log
 
 
 class _Threaded(ThreadingMixIn, WSGIServer):
-    """One thread per connection: a slow or idle client never delays a probe."""
+    """One thread per connection, at most ``MAX_CONNECTIONS`` of them, each closed after
+    ``connection_seconds``: a slow, idle or trickling client never holds the endpoint, and a
+    flood of connections costs a bounded number of threads and descriptors."""
 
     daemon_threads = True
+    connection_seconds = CONNECTION_SECONDS
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: closed at once
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        deadline = threading.Timer(self.connection_seconds, _cut, args=(request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+
+def _cut(sock: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def serve_metrics(
-    listen: str, registry: CollectorRegistry, serving: Callable[[], bool]
+    listen: str,
+    registry: CollectorRegistry,
+    serving: Callable[[], bool],
+    connection_seconds: float = CONNECTION_SECONDS,
 ) -> tuple[WSGIServer, int]:
     """Start the endpoint in a thread; returns the server (``shutdown()`` stops it) and port."""
     prometheus = make_wsgi_app(registry)
@@ -51,6 +92,7 @@ def serve_metrics(
 
     host, port = listen.rsplit(":", 1)
     server = make_server(host, int(port), app, server_class=_Threaded, handler_class=_Quiet)
+    server.connection_seconds = connection_seconds
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server, server.server_port
 

@@ -182,3 +182,50 @@ def test_the_health_command_says_what_is_missing_or_down(
     config.write_text(text.replace("[metrics]", "").replace('listen = "127.0.0.1:9464"', ""))
     assert main(["node", "health", "--config", str(config)]) == 3
     assert "has no [metrics] listen" in capsys.readouterr().err
+
+
+def test_the_endpoint_bounds_what_a_flood_or_a_trickle_can_hold() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from fedtre.metrics_http import MAX_CONNECTIONS, serve_metrics
+
+    server, port = serve_metrics("127.0.0.1:0", CollectorRegistry(), lambda: True, 0.5)
+    try:
+        # a client trickling one byte at a time is cut after connection_seconds, not kept
+        trickle = socket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        trickle.settimeout(0.1)
+        cut = False
+        while time.monotonic() - started < 5:
+            try:
+                trickle.sendall(b"G")
+                if trickle.recv(1) == b"":
+                    cut = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                cut = True
+                break
+        trickle.close()
+        assert cut and time.monotonic() - started < 2.0
+        # a flood of silent connections: beyond the cap they are closed at once
+        flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS + 8)]
+        time.sleep(0.2)
+        closed = 0
+        for s in flood:
+            s.settimeout(0.05)
+            try:
+                closed += s.recv(1) == b""
+            except TimeoutError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 8
+        time.sleep(1.0)  # every held connection is cut within connection_seconds
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status == 200
+        for s in flood:
+            s.close()
+    finally:
+        server.shutdown()
