@@ -27,6 +27,7 @@ from fedtre.native_logs import route_native_stderr
 from fedtre.tls import CallerPolicy, TlsFiles, server_credentials
 
 log = logs.get("serving")
+HANDSHAKE_TIMEOUT_MS = 10_000
 HANDSHAKE = "tls-handshake"  # the "method" of a connection refused before any call
 UNVERIFIED_PEER = "unverified peer"
 
@@ -135,6 +136,9 @@ def build_server(
             ("grpc.max_receive_message_length", max_receive_bytes),
             ("grpc.max_send_message_length", max_send_bytes),
             ("grpc.so_reuseport", 0),
+            # A connection that has not finished its TLS handshake within this is closed (gRPC's
+            # default, 120 s, lets silent connections hold the process's descriptors).
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
         ],
         maximum_concurrent_rpcs=max_workers * 16,
     )

@@ -310,3 +310,37 @@ def test_a_plaintext_server_refuses_calls_unless_dev_mode_allows_them() -> None:
     finally:
         strict.stop(None)
         dev.stop(None)
+
+
+def test_a_connection_that_never_starts_its_handshake_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silent connections cannot hold a server's descriptors (gRPC's default: 120 s)."""
+    import socket
+    import time
+
+    from fedtre import serving
+    from fedtre.pki import Role, init_ca, issue
+    from fedtre.tls import TlsFiles
+
+    init_ca(tmp_path)
+    issue(tmp_path, Role.NODE, "n1")
+    monkeypatch.setattr(serving, "HANDSHAKE_TIMEOUT_MS", 500)
+    server, port, _health = serving.build_server(
+        address="127.0.0.1:0",
+        tls=TlsFiles.in_pki_dir(tmp_path, Role.NODE, "n1"),
+        policy=None,
+        max_workers=2,
+        max_receive_bytes=1024,
+        max_send_bytes=1024,
+        service_names=(),
+        add_services=lambda s: None,
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            silent.settimeout(10)
+            started = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the server
+            assert time.monotonic() - started < 5
+    finally:
+        server.stop(0)
