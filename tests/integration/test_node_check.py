@@ -275,9 +275,21 @@ def test_the_coordinator_check_passes_and_refuses_like_the_nodes(tmp_path: Path,
 
 
 def _normal(line: str) -> str:
-    """A check line without what differs between machines: paths, numbers, dates."""
+    """A check line without what differs between machines: paths, user ids, dates, day counts,
+    addresses, the catalog version and the slot. Modes (0644, chmod 600) and the rest must
+    match."""
     line = re.sub(r"(?:[\w.-]*/)+[\w.-]+|[\w.-]+\.(?:pem|key|duckdb|toml|json)\b", "<path>", line)
-    return re.sub(r"\d+", "<n>", line)
+    line = re.sub(r"\d+\.\d+\.\d+\.\d+:\d+", "<address>", line)
+    line = re.sub(r"\buid \d+", "uid <n>", line)
+    line = re.sub(r"\d{4}-\d\d-\d\d", "<date>", line)
+    line = re.sub(r"\(\d+ days\)", "(<n> days)", line)
+    line = re.sub(r"catalog \d+\.\d+\.\d+", "catalog <version>", line)
+    line = re.sub(r"answer slot \d+ ms", "answer slot <n> ms", line)
+    return re.sub(
+        r"ledger [0-9a-f]{8} in <path> with \d+ released",
+        "ledger <id> in <path> with <n> released",
+        line,
+    )
 
 
 def _readme_check_lines() -> list[str]:
