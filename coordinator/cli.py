@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from coordinator.check import check_coordinator
 from coordinator.config import load_coordinator_config
-from fedtre.metrics_http import health_command
+from fedtre.metrics_http import fetch_document, health_command
+from fedtre.render import text_table
 from fedtre.serving import add_serve_arguments, serve_command
 
 
@@ -29,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     health.add_argument("--config", type=Path, required=True)
     health.set_defaults(func=_health)
+    trusts = c_sub.add_parser(
+        "trusts",
+        help="each trust's link as the running coordinator sees it, and projects waiting",
+    )
+    trusts.add_argument("--config", type=Path, required=True)
+    trusts.add_argument("--format", choices=["table", "json"], default="table")
+    trusts.set_defaults(func=_trusts)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -65,3 +74,29 @@ def _check(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     return health_command(load_coordinator_config(args.config).metrics_listen, args.config)
+
+
+def _trusts(args: argparse.Namespace) -> int:
+    """0 when every trust is up, 1 when some is down or the coordinator does not answer."""
+    listen = load_coordinator_config(args.config).metrics_listen
+    if not listen:
+        print(f"{args.config} has no [metrics] listen: the trust report is served there",
+              file=sys.stderr)  # fmt: skip
+        return 3
+    try:
+        report = fetch_document(listen, "/trusts")
+    except (OSError, ValueError) as exc:
+        print(f"the coordinator did not answer at {listen} ({exc}): is it running?",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        rows = [
+            [t["trust"], "up" if t["up"] else "DOWN", t["since"], t["reason"] or "-", t["link"]]
+            for t in report["trusts"]
+        ]
+        print(text_table(["trust", "state", "since", "reason", "link"], rows))
+        waiting = report["projects_waiting"]
+        print("projects waiting for trusts: " + (", ".join(waiting) if waiting else "none"))
+    return 0 if all(t["up"] for t in report["trusts"]) else 1

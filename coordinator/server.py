@@ -10,12 +10,14 @@ while some project's rule cannot be met (a trust it needs is down or mismatched)
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import grpc
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, Project
 from coordinator.dial_in import DialInLink
 from coordinator.dial_out import DialOutLink, LinkHub
 from coordinator.engine import CoordinatorEngine
@@ -124,7 +126,10 @@ def create_server(
         engine.on_query = metrics.observe
         engine.audit.on_fsync = metrics.audit_fsync.observe
         endpoint, metrics_port = serve_metrics(
-            config.metrics_listen, metrics.registry, lambda: health.serving
+            config.metrics_listen,
+            metrics.registry,
+            lambda: health.serving,
+            documents={"/trusts": monitor.report},
         )
         running.stoppers.append(endpoint.shutdown)
         running.metrics_address = bound_address(config.metrics_listen, metrics_port)
@@ -156,6 +161,8 @@ class TrustMonitor:
         self.links = links
         self.health = health
         self.up: dict[str, bool] = {}
+        self.reason: dict[str, str] = {}  # why a trust is down ("" when up)
+        self.since: dict[str, str] = {}  # when its state last changed (UTC, ISO)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trust-monitor", daemon=True)
@@ -193,24 +200,47 @@ class TrustMonitor:
                 except LinkDown as exc:
                     reachable, why = False, str(exc)
             ok = reachable and nid not in self.trusts.mismatched
+            if nid not in self.since or self.state().get(nid) != ok:
+                self.since[nid] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             if self.up.get(nid) != ok:
                 (log.info if ok else log.warning)(
                     "trust up" if ok else "trust down",
                     extra={"node": nid, "reason": why, "link": link.status()},
                 )
             self.up[nid] = reachable
+            self.reason[nid] = "" if ok else why
         self.health.set(self.rules_met())
 
     def state(self) -> dict[str, bool]:
         """Each trust: reachable and serving this catalog (for metrics)."""
         return {t: bool(self.up.get(t)) and t not in self.trusts.mismatched for t in self.links}
 
+    def report(self) -> dict[str, Any]:
+        """Each trust's state for operators (``fedtre coordinator trusts``), and the projects
+        that cannot be answered now. Link addresses and reasons only: no data."""
+        state = self.state()
+        return {
+            "trusts": [
+                {
+                    "trust": nid,
+                    "up": state[nid],
+                    "since": self.since.get(nid, ""),
+                    "reason": self.reason.get(nid, "not checked yet"),
+                    "link": link.status(),
+                }
+                for nid, link in sorted(self.links.items())
+            ],
+            "projects_waiting": sorted(
+                p.project_id for p in self.config.projects.values() if not self._met(p)
+            ),
+        }
+
     def rules_met(self) -> bool:
-        for project in self.config.projects.values():
-            up = [t for t in project.trusts if self.up.get(t) and t not in self.trusts.mismatched]
-            if not up or (len(up) < len(project.trusts) and not project.allow_partial):
-                return False
-        return True
+        return all(self._met(p) for p in self.config.projects.values())
+
+    def _met(self, project: Project) -> bool:
+        up = [t for t in project.trusts if self.up.get(t) and t not in self.trusts.mismatched]
+        return bool(up) and (len(up) == len(project.trusts) or project.allow_partial)
 
 
 def _log_link(node: str, up: bool, why: str) -> None:

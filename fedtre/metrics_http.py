@@ -5,12 +5,13 @@ text at ``/metrics`` from a registry of the service's own, and ``/healthz``: pla
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -76,12 +77,21 @@ def serve_metrics(
     registry: CollectorRegistry,
     serving: Callable[[], bool],
     connection_seconds: float = CONNECTION_SECONDS,
+    documents: Mapping[str, Callable[[], Any]] | None = None,
 ) -> tuple[WSGIServer, int]:
-    """Start the endpoint in a thread; returns the server (``shutdown()`` stops it) and port."""
+    """Start the endpoint in a thread; returns the server (``shutdown()`` stops it) and port.
+    ``documents``: more paths, each answered with the JSON its function returns (e.g. the
+    coordinator's ``/trusts``)."""
     prometheus = make_wsgi_app(registry)
+    extra = dict(documents or {})
 
     def app(environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
+        path = environ.get("PATH_INFO")
+        if path in extra:
+            body = json.dumps(extra[path](), ensure_ascii=True, indent=1).encode() + b"\n"
+            start("200 OK", [("Content-Type", "application/json")])
+            return [body]
+        if path == "/healthz":
             ok = serving()
             start(
                 "200 OK" if ok else "503 Service Unavailable",
@@ -127,3 +137,14 @@ def health_command(listen: str, config: Path) -> int:
     ok, said = probe(listen)
     print(said if ok else f"NOT SERVING: {said}")
     return 0 if ok else 1
+
+
+def fetch_document(listen: str, path: str, timeout: float = 3.0) -> Any:
+    """GET a JSON document from the local endpoint at ``listen`` (a wildcard: loopback)."""
+    host, port = listen.rsplit(":", 1)
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a wildcard listen is asked on loopback)
+        host = "127.0.0.1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return json.loads(reply.read())

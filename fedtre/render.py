@@ -58,6 +58,15 @@ def result_rows(result: NodeResult) -> list[dict[str, Any]]:
     return rows
 
 
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain left-aligned columns, for operators' status tables."""
+    widths = [max([len(h), *(len(r[j]) for r in rows)]) for j, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
 def render_table(result: NodeResult) -> str:
     headers = [*result.group_by]
     for agg in result.aggregates:

@@ -3,6 +3,8 @@ the audit log, its ε gauges match the ledger, and ``/healthz`` answers plain-te
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 import urllib.error
@@ -123,7 +125,7 @@ def test_metrics_match_the_audit_log_and_the_ledger(
 
 
 def test_coordinator_metrics_count_queries_and_show_each_trust(
-    tmp_path: Path, node_db: Path
+    tmp_path: Path, node_db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Development mode (plaintext) in one process: a node, a coordinator with metrics, and a
     researcher client; the coordinator's counters follow its queries and its trust gauge the
@@ -157,6 +159,18 @@ def test_coordinator_metrics_count_queries_and_show_each_trust(
         assert _metric(text, "fedtre_coordinator_trust_up", trust="trust-m") == 1
         assert _metric(text, "fedtre_coordinator_audit_fsync_seconds_count") >= 2
         assert urllib.request.urlopen(f"{base}/healthz", timeout=10).status == 200
+        # `fedtre coordinator trusts`: each trust's link, from the running coordinator
+        toml = tmp_path / "hub.toml"
+        toml.write_text(
+            f'coordinator_id = "hub"\nlisten = "127.0.0.1:0"\nstate_dir = "{tmp_path / "hub"}"\n'
+            f'[metrics]\nlisten = "{hub.metrics_address}"\n'
+            f'[nodes.trust-m]\naddress = "{node.address}"\n'
+            '[projects.study]\nresearchers = ["dev"]\nmax_epsilon_per_query = 1.0\n'
+        )
+        assert main(["coordinator", "trusts", "--config", str(toml)]) == 0
+        shown = capsys.readouterr().out
+        assert re.search(r"^trust-m\s+up\s+\d{4}-\d\d-\d\d", shown, re.M), shown
+        assert "projects waiting for trusts: none" in shown
         node.stop(grace=1)  # the trust goes away: the monitor notices within a few seconds
         deadline = time.monotonic() + 15
         while True:
@@ -165,6 +179,10 @@ def test_coordinator_metrics_count_queries_and_show_each_trust(
                 break
             assert time.monotonic() < deadline, "the trust still shows as up"
             time.sleep(0.2)
+        assert main(["coordinator", "trusts", "--config", str(toml), "--format", "json"]) == 1
+        report = json.loads(capsys.readouterr().out)
+        assert report["trusts"][0]["trust"] == "trust-m" and not report["trusts"][0]["up"]
+        assert report["trusts"][0]["reason"] and report["projects_waiting"] == ["study"]
     finally:
         hub.stop(grace=1)
         node.stop(grace=1)
