@@ -135,6 +135,7 @@ class NativeStderr:
         self._saved = -1
         self._relay: subprocess.Popen[bytes] | None = None
         self._notices: threading.Thread | None = None
+        self._lock = threading.Lock()  # routed or not: restore and the relay's end
 
     def start(self) -> None:
         sys.stderr.flush()
@@ -172,10 +173,11 @@ class NativeStderr:
 
     def restore(self) -> None:
         """Put the original descriptor 2 back; the relay writes what is left and ends."""
-        if self._saved < 0:
-            return
-        os.dup2(self._saved, 2)  # closes the pipe's only writer: the relay sees its end
-        self._saved = -1
+        with self._lock:
+            if self._saved < 0:
+                return
+            os.dup2(self._saved, 2)  # closes the pipe's only writer: the relay sees its end
+            self._saved = -1
         if self._relay is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._relay.wait(timeout=5.0)
@@ -191,6 +193,13 @@ class NativeStderr:
                 *reasons, pending = pending.split(b"\n")
                 for reason in reasons:
                     self.handshakes.seen(reason.decode("utf-8", "replace"))
+        # The relay has gone. If the service is still routed, it died on its own (killed, out
+        # of memory): say so, and give descriptor 2 back, so that gRPC's lines are still written
+        # (unformatted) rather than lost.
+        with self._lock:
+            if self._saved >= 0:
+                os.dup2(self._saved, 2)
+                log.error("grpc log relay stopped: gRPC's own lines are written unformatted now")
 
 
 def route_native_stderr(service: str) -> NativeStderr:

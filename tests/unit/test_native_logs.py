@@ -147,3 +147,19 @@ def test_the_digest_reports_the_first_at_once_then_counts_per_window() -> None:
     digest.close()
     assert sum(n for r, n in reports if r == "flood") == 100
     assert len([r for r, _ in reports if r == "flood"]) <= 3
+
+
+def test_if_the_relay_dies_the_service_says_so_and_lines_are_not_lost() -> None:
+    done = _service(
+        """
+        import signal
+        routed._relay.send_signal(signal.SIGKILL)
+        routed._relay.wait()
+        time.sleep(0.5)
+        os.write(2, b"E1202 06:11:31.000001  12 late.cc:1] written after the relay died\\n")
+        routed.restore()
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "grpc log relay stopped" in done.stderr
+    assert "late.cc:1] written after the relay died" in done.stderr  # raw, but there
