@@ -116,14 +116,18 @@ class NodeEngine:
         self.audit = AuditLog(config.audit_path, config.node_id)
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
-        self.planner = Planner(config)
-        self.database = ResearchDatabase(
-            config.database,
-            config.catalog,
-            config.duckdb_threads,
-            config.duckdb_memory_limit,
-            on_reload=self._reloaded,
-        )
+        try:
+            self.planner = Planner(config)
+            self.database = ResearchDatabase(
+                config.database,
+                config.catalog,
+                config.duckdb_threads,
+                config.duckdb_memory_limit,
+                on_reload=self._reloaded,
+            )
+        except BaseException:
+            self.generation.close()
+            raise
         self._closing = threading.Event()
         self._sweeper: threading.Thread | None = None
         self.audit.write("node.started", catalog_version=self.catalog.version)
@@ -160,6 +164,7 @@ class NodeEngine:
             self.audit.write("node.stopped")
         except AuditUnavailable:
             log.error("could not audit the stop: the audit log is unwritable")
+        self.generation.close()
         self.database.close()
         self.audit.close()
 

@@ -4,8 +4,8 @@ If the state directory is lost, moved or restored from an old backup, a new or o
 would silently give every project its whole budget again. So the node keeps, next to its
 database, which ledger it uses and how many answers that ledger had released, updated after
 every release; at start it refuses a ledger that is not that one, or that has released fewer
-answers than recorded (an older copy). Written atomically, owner-only; not fsynced (a crash can
-only leave it behind the ledger, which is allowed).
+answers than recorded (an older copy). Owner-only; not fsynced (a crash can only leave it
+behind the ledger, which is allowed).
 """
 
 from __future__ import annotations
@@ -24,7 +24,19 @@ def marker_path(config: NodeConfig) -> Path:
     return config.database.with_name(f".{config.database.name}.{config.node_id}.ledger.json")
 
 
+RECORD_BYTES = 512  # the record is rewritten in place at this fixed length
+
+
 class Generation:
+    """The record of this node's ledger, kept beside its database.
+
+    Created (or brought up to date) atomically at start; after that, every release rewrites it
+    in place with one ``pwrite`` of a fixed-length record (a few microseconds, against about
+    0.25 ms for a new file and a rename each time), on the release's own path: a release whose
+    record cannot be written fails loudly. A torn write (a crash in the middle of those 512
+    bytes) leaves a record that does not parse: the node then refuses to start and says so,
+    which is safe."""
+
     def __init__(self, config: NodeConfig, ledger: Ledger) -> None:
         self.path = marker_path(config)
         self.ledger_id = ledger.identity()
@@ -34,25 +46,40 @@ class Generation:
         problem = mismatch(self.path, self.ledger_id, self.committed, config)
         if problem:
             raise StateMismatch(problem)
-        self._write()
+        self._create()
+        self._fd = os.open(self.path, os.O_WRONLY)
 
     def released(self) -> None:
         """One more answer released by this ledger (possibly fewer than the ledger has, when
         several processes share it: the record may lag, never lead)."""
         with self._lock:
             self.committed += 1
-            self._write()
+            record = self._record()
+            if os.pwrite(self._fd, record, 0) != len(record):
+                raise OSError(28, f"short write to {self.path}")
 
-    def _write(self) -> None:
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def _record(self) -> bytes:
         doc = {
             "ledger_id": self.ledger_id,
             "committed": self.committed,
             "state_dir": self.state_dir,
         }
+        text = json.dumps(doc).encode()
+        if len(text) >= RECORD_BYTES:
+            raise OSError(36, f"the ledger record for {self.path} is too long")
+        return text.ljust(RECORD_BYTES - 1) + b"\n"  # JSON ignores the padding
+
+    def _create(self) -> None:
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc))
+        with os.fdopen(fd, "wb") as f:
+            f.write(self._record())
         os.replace(tmp, self.path)
 
 

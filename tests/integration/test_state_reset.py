@@ -125,15 +125,15 @@ def test_the_ledger_record_is_exact_after_every_release_and_a_failed_write_is_lo
             engine.answer(request(SQL, 0.1, query_id=f"r-{i}"))
             recorded = json.loads(marker_path(config).read_text())["committed"]
             assert recorded == engine.ledger.committed_count() == i + 1
-        real = generation.os.replace
+        real = generation.os.pwrite
 
-        def disk_full(src: object, dst: object) -> None:
+        def disk_full(fd: int, data: bytes, offset: int) -> int:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(generation.os, "replace", disk_full)
-        with pytest.raises(Exception, match="No space left"):
+        monkeypatch.setattr(generation.os, "pwrite", disk_full)
+        with pytest.raises(OSError, match="No space left"):
             engine.answer(request(SQL, 0.1, query_id="r-3"))
-        monkeypatch.setattr(generation.os, "replace", real)
+        monkeypatch.setattr(generation.os, "pwrite", real)
         spent = engine.ledger.spent(project_scope("study"))
         replayed = engine.answer_detail(request(SQL, 0.1, query_id="r-3"))
         assert replayed.replayed and engine.ledger.spent(project_scope("study")) == spent
@@ -141,3 +141,16 @@ def test_the_ledger_record_is_exact_after_every_release_and_a_failed_write_is_lo
         assert json.loads(marker_path(config).read_text())["committed"] == 5
     finally:
         engine.close()
+
+
+def test_a_torn_ledger_record_stops_the_node_and_says_so(node: Path) -> None:
+    """The record is rewritten in place: a crash in the middle of a write leaves it unreadable,
+    and the node then refuses to start rather than guess."""
+    _answer(node, "t-1")
+    config = load_node_config(node)
+    record = marker_path(config).read_bytes()
+    marker_path(config).write_bytes(record[:20] + b"\0" * (len(record) - 20))
+    with pytest.raises(StateMismatch, match="unreadable"):
+        NodeEngine(config)
+    checked = _check(node)
+    assert checked.returncode == 3 and "unreadable" in checked.stdout
