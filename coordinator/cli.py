@@ -9,7 +9,7 @@ from pathlib import Path
 
 from coordinator.check import check_coordinator
 from coordinator.config import load_coordinator_config
-from fedtre.metrics_http import fetch_document, health_command
+from fedtre.metrics_http import fetch_document, health_command, no_metrics_port
 from fedtre.render import text_table
 from fedtre.serving import add_serve_arguments, serve_command
 
@@ -44,14 +44,7 @@ def _serve(args: argparse.Namespace) -> int:
     from coordinator.server import create_server
 
     report = check_coordinator(args.config, insecure=args.insecure)
-    for line in report.warnings:
-        print(f"WARNING  {line}", file=sys.stderr)
-    if not report.ok or report.config is None:
-        for line in report.problems:
-            print(f"PROBLEM  {line}", file=sys.stderr)
-        print(
-            "refusing to serve: fix the problems above (fedtre coordinator check)", file=sys.stderr
-        )
+    if report.refuses_to_serve("coordinator") or report.config is None:
         return 3
     config = report.config
     return serve_command(
@@ -63,13 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = check_coordinator(args.config, insecure=args.insecure)
-    print("\n".join(report.lines()))
-    if report.ok:
-        print("coordinator check passed: it may serve")
-        return 0
-    print(f"coordinator check found {len(report.problems)} problem(s): fix them before serving")
-    return 3
+    return check_coordinator(args.config, insecure=args.insecure).print_report("coordinator")
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -80,9 +67,7 @@ def _trusts(args: argparse.Namespace) -> int:
     """0 when every trust is up, 1 when some is down or the coordinator does not answer."""
     listen = load_coordinator_config(args.config).metrics_listen
     if not listen:
-        print(f"{args.config} has no [metrics] listen: the trust report is served there",
-              file=sys.stderr)  # fmt: skip
-        return 3
+        return no_metrics_port(args.config, "the trust report")
     try:
         report = fetch_document(listen, "/trusts")
     except (OSError, ValueError) as exc:

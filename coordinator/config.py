@@ -21,7 +21,7 @@ from fedtre.catalog import Catalog, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import QueryRefused
 from fedtre.request import PROJECT_ID
-from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
+from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -108,13 +108,7 @@ def parse_coordinator_config(
         pid: _project(pid, spec, nodes, f"{source}: projects.{pid}")
         for pid, spec in projects_raw.items()
     }
-    metrics_listen = ""
-    if "metrics" in data:
-        spec = data["metrics"]
-        if not isinstance(spec, dict):
-            raise CoordinatorConfigError(f"{source}: [metrics] must be a table")
-        check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
-        metrics_listen = parse_listen(spec["listen"], f"{source}: metrics.listen")
+    metrics_listen = parse_metrics(data, source)
     return CoordinatorConfig(
         coordinator_id=cid,
         listen=parse_listen(data["listen"], f"{source}: listen"),

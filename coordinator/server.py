@@ -160,7 +160,8 @@ class TrustMonitor:
         self.trusts = trusts
         self.links = links
         self.health = health
-        self.up: dict[str, bool] = {}
+        self.up: dict[str, bool] = {}  # reachable
+        self.ok: dict[str, bool] = {}  # reachable and serving this catalog
         self.reason: dict[str, str] = {}  # why a trust is down ("" when up)
         self.since: dict[str, str] = {}  # when its state last changed (UTC, ISO)
         self._lock = threading.Lock()
@@ -200,20 +201,20 @@ class TrustMonitor:
                 except LinkDown as exc:
                     reachable, why = False, str(exc)
             ok = reachable and nid not in self.trusts.mismatched
-            if nid not in self.since or self.state().get(nid) != ok:
-                self.since[nid] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            if self.up.get(nid) != ok:
+            if self.ok.get(nid) != ok:  # a change (or the first look): log it, note when
                 (log.info if ok else log.warning)(
                     "trust up" if ok else "trust down",
                     extra={"node": nid, "reason": why, "link": link.status()},
                 )
+                self.since[nid] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             self.up[nid] = reachable
+            self.ok[nid] = ok
             self.reason[nid] = "" if ok else why
         self.health.set(self.rules_met())
 
     def state(self) -> dict[str, bool]:
         """Each trust: reachable and serving this catalog (for metrics)."""
-        return {t: bool(self.up.get(t)) and t not in self.trusts.mismatched for t in self.links}
+        return {t: self.ok.get(t, False) for t in self.links}
 
     def report(self) -> dict[str, Any]:
         """Each trust's state for operators (``fedtre coordinator trusts``), and the projects
@@ -239,7 +240,7 @@ class TrustMonitor:
         return all(self._met(p) for p in self.config.projects.values())
 
     def _met(self, project: Project) -> bool:
-        up = [t for t in project.trusts if self.up.get(t) and t not in self.trusts.mismatched]
+        up = [t for t in project.trusts if self.ok.get(t)]
         return bool(up) and (len(up) == len(project.trusts) or project.allow_partial)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -37,6 +38,28 @@ class CheckReport(Generic[C]):
             + [f"WARNING  {line}" for line in self.warnings]
             + [f"PROBLEM  {line}" for line in self.problems]
         )
+
+    def print_report(self, service: str) -> int:
+        """``fedtre <service> check``: every line, then the verdict; exit 0 or 3."""
+        print("\n".join(self.lines()))
+        if self.ok:
+            print(f"{service} check passed: it may serve")
+            return 0
+        print(f"{service} check found {len(self.problems)} problem(s): fix them before serving")
+        return 3
+
+    def refuses_to_serve(self, service: str) -> bool:
+        """Before ``serve``: warnings and problems on stderr; True when it must not start."""
+        for line in self.warnings:
+            print(f"WARNING  {line}", file=sys.stderr)
+        if self.ok and self.config is not None:
+            return False
+        for line in self.problems:
+            print(f"PROBLEM  {line}", file=sys.stderr)
+        print(
+            f"refusing to serve: fix the problems above (fedtre {service} check)", file=sys.stderr
+        )
+        return True
 
 
 def certificate_problems(

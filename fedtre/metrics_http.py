@@ -107,16 +107,31 @@ def serve_metrics(
     return server, server.server_port
 
 
-def probe(listen: str, timeout: float = 3.0) -> tuple[bool, str]:
-    """Ask the local ``/healthz`` at ``listen`` (a wildcard host is asked on loopback):
-    (serving, what it said), for ``fedtre node health`` and container health checks."""
+def local_url(listen: str, path: str) -> str:
+    """The URL of ``path`` on the local endpoint at ``listen`` (a wildcard host: loopback)."""
     host, port = listen.rsplit(":", 1)
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a wildcard listen is asked on loopback)
         host = "127.0.0.1"
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
+def no_metrics_port(config: Path, what: str) -> int:
+    """Say that ``config`` has no ``[metrics] listen``, where ``what`` is served; exit 3."""
+    print(
+        f"{config} has no [metrics] listen: {what} is served there "
+        '(e.g. listen = "127.0.0.1:9464")',
+        file=sys.stderr,
+    )
+    return 3
+
+
+def probe(listen: str, timeout: float = 3.0) -> tuple[bool, str]:
+    """Ask the local ``/healthz`` at ``listen``: (serving, what it said), for ``fedtre node
+    health`` and container health checks."""
+    url = local_url(listen, "/healthz")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (http, local_url)
             return True, reply.read().decode("utf-8", "replace").strip()
     except urllib.error.HTTPError as exc:
         return False, exc.read().decode("utf-8", "replace").strip() or f"HTTP {exc.code}"
@@ -128,23 +143,14 @@ def probe(listen: str, timeout: float = 3.0) -> tuple[bool, str]:
 def health_command(listen: str, config: Path) -> int:
     """``fedtre node|coordinator health``: 0 when serving, 1 when not, 3 without a port."""
     if not listen:
-        print(
-            f"{config} has no [metrics] listen: the health endpoint is served there "
-            '(e.g. listen = "127.0.0.1:9464")',
-            file=sys.stderr,
-        )
-        return 3
+        return no_metrics_port(config, "the health endpoint")
     ok, said = probe(listen)
     print(said if ok else f"NOT SERVING: {said}")
     return 0 if ok else 1
 
 
 def fetch_document(listen: str, path: str, timeout: float = 3.0) -> Any:
-    """GET a JSON document from the local endpoint at ``listen`` (a wildcard: loopback)."""
-    host, port = listen.rsplit(":", 1)
-    host = host.strip("[]")
-    if host in ("", "0.0.0.0", "::"):  # noqa: S104 (a wildcard listen is asked on loopback)
-        host = "127.0.0.1"
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
-    with urllib.request.urlopen(url, timeout=timeout) as reply:
+    """GET a JSON document from the local endpoint at ``listen``."""
+    url = local_url(listen, path)
+    with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 (http, local_url)
         return json.loads(reply.read())

@@ -48,3 +48,15 @@ def parse_listen(raw: Any, where: str) -> str:
     if match is None or int(match.group(2)) > 65535:
         raise ConfigError(f"{where}: must look like '127.0.0.1:50051' (port 0: any free port)")
     return str(raw)
+
+
+def parse_metrics(data: Mapping[str, Any], source: str) -> str:
+    """The optional ``[metrics]`` section of a node's or the coordinator's config: its
+    ``listen`` address, or "" without one."""
+    if "metrics" not in data:
+        return ""
+    spec = data["metrics"]
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: [metrics] must be a table")
+    check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
+    return parse_listen(spec["listen"], f"{source}: metrics.listen")

@@ -122,25 +122,14 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    report = check_node(args.config, insecure=args.insecure)
-    print("\n".join(report.lines()))
-    if report.ok:
-        print("node check passed: it may serve")
-        return 0
-    print(f"node check found {len(report.problems)} problem(s): fix them before serving")
-    return 3
+    return check_node(args.config, insecure=args.insecure).print_report("node")
 
 
 def _serve(args: argparse.Namespace) -> int:
     from node.server import create_server
 
     report = check_node(args.config, insecure=args.insecure)
-    for line in report.warnings:
-        print(f"WARNING  {line}", file=sys.stderr)
-    if not report.ok or report.config is None:
-        for line in report.problems:
-            print(f"PROBLEM  {line}", file=sys.stderr)
-        print("refusing to serve: fix the problems above (fedtre node check)", file=sys.stderr)
+    if report.refuses_to_serve("node") or report.config is None:
         return 3
     config = report.config
     ready: Path | None = args.ready_file

@@ -20,7 +20,7 @@ from fedtre.catalog import Catalog, Tier, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import ConfigError, QueryRefused
 from fedtre.request import PROJECT_ID
-from fedtre.settings import check_keys, parse_listen, read_toml, resolve_path
+from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 from node.memory import MEMORY_LIMIT_PATTERN
 
 NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -164,13 +164,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
             f"{source}: prepare_lease_seconds must be a number of seconds from 1 to "
             f"{MAX_PREPARE_LEASE_SECONDS:g}"
         )
-    metrics_listen = ""
-    if "metrics" in data:
-        spec = data["metrics"]
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{source}: [metrics] must be a table")
-        check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
-        metrics_listen = parse_listen(spec["listen"], f"{source}: metrics.listen")
+    metrics_listen = parse_metrics(data, source)
     return NodeConfig(
         node_id=node_id,
         database=resolve_path(data["database"], base_dir, source),
