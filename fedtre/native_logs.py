@@ -156,12 +156,9 @@ class NativeStderr:
         os.close(notice_write)
         os.dup2(data_write, 2)
         os.close(data_write)
-        # Python's own stderr (its log handler, warnings, a traceback) goes where descriptor 2
-        # went before; so do fatal-error dumps.
+        # Python's own stderr (warnings, a traceback, and the log handler ``serve`` sets up
+        # after this) goes where descriptor 2 went before; so do fatal-error dumps.
         stream = open(self._saved, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
-        for handler in logging.getLogger("fedtre").handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
-                handler.setStream(stream)
         sys.stderr = stream
         with contextlib.suppress(RuntimeError, ValueError):
             faulthandler.enable(file=stream)

@@ -126,13 +126,17 @@ def test_the_compose_federation_runs_with_the_same_commands(tmp_path: Path) -> N
     as_container = ["setpriv", "--bounding-set", caps, "--inh-caps", "-all"]
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run the setup as the container does")
-    done = subprocess.run(
-        [*as_container, *command(setup["entrypoint"])],
-        env=setup_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def run_setup() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*as_container, *command(setup["entrypoint"])],
+            env=setup_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    done = run_setup()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     for volume in ("trust-a", "trust-b", "trust-c", "coordinator", "researcher"):
         root = volumes / volume
@@ -142,13 +146,7 @@ def test_the_compose_federation_runs_with_the_same_commands(tmp_path: Path) -> N
         assert len(keys) == 1 and keys[0].stat().st_mode & 0o777 == 0o600  # its own key only
     # A second `docker compose up` runs the setup again, as the container does: it must see
     # that it is done (the volumes now belong to the image's user) and change nothing.
-    again = subprocess.run(
-        [*as_container, *command(setup["entrypoint"])],
-        env=setup_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    again = run_setup()
     assert again.returncode == 0 and "already set up" in again.stdout, again.stderr
     # Outside containers the services below run as this test's user, not as 10001: give the
     # volumes to it (ownership is what the node's own checks look at).
