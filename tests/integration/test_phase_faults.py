@@ -231,8 +231,13 @@ def test_a_dial_out_link_cut_mid_stream_reconnects_and_reconciles(
     assert "error" in out or not out["result"].released
     fed.wait_linked(timeout=30)  # they redial
     _until(lambda: all(fed.spent_units(t) == 0 for t in TRUSTS), what="refunds")
+    # Refunded at a and b, once: by their lease ending, or by the coordinator's abort for a
+    # trust it could not hear, when that abort reaches the node over its new link first (both
+    # seen on this machine; either way nothing stays spent).
     for t in ("trust-a", "trust-b"):
-        assert "query.expired" in _events(fed, t, "k-4")
+        events = _events(fed, t, "k-4")
+        refunds = [e for e in events if e in ("query.expired", "query.aborted")]
+        assert len(refunds) == 1, f"{t}: {events}"
     with fed.client(timeout=30) as client:
         result = client.query(PROJECT, SQL, UNITS / 1e6, query_id="k-4")
     assert result.released
