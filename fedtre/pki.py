@@ -106,8 +106,8 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), private=True, overwrite=False)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=False)
+    write_file(key_path, _key_pem(key), private=True, overwrite=False)
+    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=False)
     return cert_path
 
 
@@ -194,10 +194,10 @@ def issue(
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write(key_path, _key_pem(key), private=True, overwrite=overwrite)
+    write_file(key_path, _key_pem(key), private=True, overwrite=overwrite)
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     try:
-        _write(cert_path, cert_pem, private=False, overwrite=overwrite)
+        write_file(cert_path, cert_pem, private=False, overwrite=overwrite)
     except PkiError:
         if not overwrite:
             key_path.unlink(missing_ok=True)  # no orphan key that would block a retry
@@ -381,7 +381,7 @@ def _ensure_dir(directory: Path) -> None:
         raise PkiError(f"cannot create {directory}: {exc.strerror or exc}") from exc
 
 
-def _write(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
+def write_file(path: Path, data: bytes, *, private: bool, overwrite: bool) -> None:
     """Write ``data`` so that no reader ever sees a partial file or a key with loose permissions.
 
     Without ``overwrite`` the file is created exclusively (an existing file is an error, even one

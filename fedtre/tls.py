@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 NO_CERTIFICATE = "this service accepts only callers with a federation certificate"
 NOT_ALLOWED = "this service does not accept calls from this certificate's role"
+NO_REQUEST = (
+    "no request received: larger than the server's message limit, cancelled by the caller, "
+    "or none sent"
+)
 
 
 @dataclass(frozen=True)
@@ -210,8 +214,11 @@ class CallerPolicy(grpc.ServerInterceptor):
         if handler is None or method.startswith(self._exempt):
             return handler
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary_response(handler.unary_unary, method),
+            # Served as a stream of (one) request, so that a request gRPC itself refuses (over
+            # its message limit) reaches this policy as an error and is audited; on the wire a
+            # unary call and a one-message stream are the same.
+            return grpc.stream_unary_rpc_method_handler(
+                self._one_request(handler.unary_unary, method),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -235,15 +242,37 @@ class CallerPolicy(grpc.ServerInterceptor):
             )
         raise TypeError(f"unknown kind of gRPC handler for {method}")  # fail closed
 
+    def _one_request(
+        self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str
+    ) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
+        """A unary handler served from a request stream: admitted before its request is read."""
+        checked = self._unary_response(behavior, method)
+
+        def first(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            peer = self.admit(context, method)
+            try:
+                request = next(requests)
+            except (StopIteration, grpc.RpcError):
+                # gRPC ended the call before a request arrived: over its message limit (the
+                # caller was told RESOURCE_EXHAUSTED), cancelled by the caller, or none sent.
+                # Which of these gRPC does not say reliably (it races its own cancellation).
+                self._on_refused(method, _who(peer), NO_REQUEST)
+                if context.is_active():
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "The call carried no request.")
+                return None
+            return checked(request, context, peer)
+
+        return first
+
     def _unary_response(
         self, behavior: Callable[[Any, grpc.ServicerContext], Any], method: str
-    ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            peer = self.admit(context, method)
+    ) -> Callable[..., Any]:
+        def checked(request: Any, context: grpc.ServicerContext, peer: Peer | None = None) -> Any:
+            if peer is None:
+                peer = self.admit(context, method)
             limit = self._max_request_bytes
             if limit is not None and hasattr(request, "ByteSize") and request.ByteSize() > limit:
-                who = f"{peer.role.value if peer.role else 'insecure'}:{peer.name}"
-                self._on_refused(method, who, f"request larger than {limit} bytes")
+                self._on_refused(method, _who(peer), f"request larger than {limit} bytes")
                 context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"The request is larger than {limit // 1024} KiB.",
@@ -264,6 +293,10 @@ class CallerPolicy(grpc.ServerInterceptor):
             return _run_in(ctx, ctx.run(behavior, request, context))
 
         return checked
+
+
+def _who(peer: Peer) -> str:
+    return f"{peer.role.value if peer.role else 'insecure'}:{peer.name}"
 
 
 def _run_in(ctx: contextvars.Context, responses: Iterator[Any]) -> Iterator[Any]:

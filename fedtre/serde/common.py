@@ -23,7 +23,9 @@ from fedtre.v2 import common_pb2 as pb
 
 MAX_TEXT = 10_000  # SQL and other free text
 MAX_NAME = 128
-# Wire size limits, checked by gRPC before any handler runs (RESOURCE_EXHAUSTED above them).
+# Wire size limits (RESOURCE_EXHAUSTED above them), checked by the servers' caller policy; gRPC
+# refuses larger messages still (its limit: 1 MiB, or 8 MiB where answers arrive), and the policy
+# audits those too (fedtre.tls.NO_REQUEST).
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESULT_BYTES = 8 * 1024 * 1024
 

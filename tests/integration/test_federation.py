@@ -22,7 +22,7 @@ from fedtre.client import Client, ConnectionTrust, CoordinatorUnavailable, Profi
 from fedtre.errors import Refusal, UserError
 from fedtre.pki import Role
 from fedtre.serde.common import refusal_from_proto
-from fedtre.tls import TlsFiles, channel_credentials, channel_options
+from fedtre.tls import NO_REQUEST, TlsFiles, channel_credentials, channel_options
 from fedtre.v2 import coordinator_pb2 as cpb
 from fedtre.v2 import coordinator_pb2_grpc, node_pb2_grpc
 from fedtre.v2 import node_pb2 as npb
@@ -263,6 +263,18 @@ def test_malformed_and_oversized_requests_are_refused(fed: Federation) -> None:
         assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         refused = fed.audit("coordinator")[-1]
         assert refused["event"] == "call.refused" and refused["caller"] == "researcher:alice"
+        lines = len(fed.audit("coordinator"))
+        # over gRPC's own limit (1 MiB; 8 MiB with dial-out trusts' answers): audited as well
+        with pytest.raises(grpc.RpcError) as huge:
+            stub.Submit(
+                cpb.SubmitRequest(query_id="huge", project_id=PROJECT, sql="x" * 20_000_000),
+                timeout=10,
+            )
+        assert huge.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        new = _new_audit_lines(fed, "coordinator", lines)
+        assert [(e["event"], e["caller"], e["reason"]) for e in new] == [
+            ("call.refused", "researcher:alice", NO_REQUEST)
+        ]
         raw = channel.unary_unary("/fedtre.v2.ResearcherService/Submit")
         with pytest.raises(grpc.RpcError) as garbage:
             raw(b"\xff\xfe\x00garbage", timeout=10)
@@ -338,6 +350,16 @@ def test_a_node_accepts_only_the_coordinator_certificate(fed: Federation) -> Non
     assert big.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     last = fed.audit("trust-a")[-1]
     assert last["event"] == "call.refused" and "larger" in last["reason"]
+    # and one over gRPC's own limit (1 MiB), which gRPC refuses before any handler runs
+    lines = len(fed.audit("trust-a"))
+    channel, stub = _node_stub(fed, "trust-a", Role.COORDINATOR, "hub")
+    with channel, pytest.raises(grpc.RpcError) as huge:
+        stub.Prepare(npb.PrepareRequest(query_id="huge", sql="x" * 2_000_000), timeout=10)
+    assert huge.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    new = _new_audit_lines(fed, "trust-a", lines)
+    assert [(e["event"], e["caller"], e["reason"]) for e in new] == [
+        ("call.refused", "coordinator:hub", NO_REQUEST)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -729,3 +751,14 @@ def test_the_coordinator_reports_not_serving_while_a_needed_trust_is_down(
         time.sleep(0.2)
     events = [(e.get("event"), e.get("node")) for e in faulty.log_lines("coordinator")]
     assert ("trust down", "trust-b") in events and ("trust up", "trust-b") in events
+
+
+def _new_audit_lines(fed: Federation, name: str, after: int) -> list[dict[str, Any]]:
+    """Audit lines after the first ``after``, once one has appeared (gRPC answers a caller
+    whose request it refused itself, and the server's policy audits it just after)."""
+    deadline = time.monotonic() + 10
+    while len(fed.audit(name)) <= after:
+        assert time.monotonic() < deadline, f"no new audit line at {name}"
+        time.sleep(0.02)
+    time.sleep(0.2)  # nothing else follows
+    return fed.audit(name)[after:]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from fedtre.pki import Role
 from fedtre.tls import (
     INSECURE_PEER,
     NO_CERTIFICATE,
+    NO_REQUEST,
     CallerPolicy,
     Peer,
     TlsFiles,
@@ -344,3 +346,84 @@ def test_a_connection_that_never_starts_its_handshake_is_closed(
             assert time.monotonic() - started < 5
     finally:
         server.stop(0)
+
+
+def test_requests_grpc_itself_refuses_are_audited_by_the_policy(certs: Pki) -> None:
+    """Over gRPC's own message limit, over the policy's limit, or no request at all: the
+    handler never runs, and the policy reports each (who, which method, why) for the audit."""
+    calls = Calls()
+    refused: list[tuple[str, str, str]] = []
+    policy = CallerPolicy(
+        lambda p: p.role is Role.COORDINATOR,
+        on_refused=lambda method, who, why: refused.append((method, who, why)),
+        max_request_bytes=100,
+    )
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        calls.record(context)
+        return b"ok"
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[policy],
+        options=[("grpc.max_receive_message_length", 1000)],
+    )
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "Call": grpc.unary_unary_rpc_method_handler(
+                        call,
+                        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                        response_serializer=lambda r: r,
+                    )
+                },
+            )
+        ]
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", server_credentials(certs.files(Role.NODE, "trust-a"))
+    )
+    server.start()
+    hub = channel_credentials(certs.files(Role.COORDINATOR, "hub"))
+    try:
+        with _channel(port, hub) as ch:
+            assert ch.unary_unary(UNARY)(_message(50), timeout=TIMEOUT) == b"ok"
+            for i, size in enumerate((500, 5_000, 2_000_000)):  # the policy's limit, then gRPC's
+                with pytest.raises(grpc.RpcError) as info:
+                    ch.unary_unary(UNARY)(_message(size), timeout=TIMEOUT)
+                assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                # gRPC answers the caller itself; the policy's handler learns of it just after
+                _wait_for(lambda n=i + 1: len(refused) == n)
+            with pytest.raises(grpc.RpcError) as empty:  # a call that sends no message
+                ch.stream_unary(UNARY)(iter(()), timeout=TIMEOUT)
+            assert empty.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        # a caller the policy refuses is refused before its (oversized) message is read
+        alice = channel_credentials(certs.files(Role.RESEARCHER, "alice"))
+        with _channel(port, alice) as ch, pytest.raises(grpc.RpcError) as denied:
+            ch.unary_unary(UNARY)(_message(5_000), timeout=TIMEOUT)
+        assert denied.value.code() in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    finally:
+        server.stop(None)
+    assert calls.count() == 1
+    assert [m for m, _, _ in refused] == [UNARY] * 5
+    assert [w for _, w, _ in refused] == ["coordinator:hub"] * 4 + ["researcher:alice"]
+    reasons = [why for _, _, why in refused]
+    assert reasons[0] == "request larger than 100 bytes"
+    assert reasons[1:4] == [NO_REQUEST] * 3, reasons
+    assert reasons[4] == "certificate not allowed to call this method"
+
+
+def _message(size: int) -> bytes:
+    return health_pb2.HealthCheckRequest(service="x" * size).SerializeToString()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
