@@ -23,6 +23,7 @@ ROLE_MODULES = (
     "node.cli",
     "coordinator.cli",
     "fedtre.pki_cli",
+    "fedtre.governance_cli",
     "fedtre.query_cli",
     "fedtre.demo",
 )

@@ -1,0 +1,116 @@
+"""The project registry: a directory of applications and the signed statements about them.
+
+Kept by the committee's secretariat and read by the coordinator (``[governance] registry``)::
+
+    <registry>/<project_id>/application.json            the application's exact bytes
+    <registry>/<project_id>/statements/<n>-<kind>.json   one signed statement each
+    <registry>/<project_id>/superseded/<digest>/...      earlier versions, kept for the record
+
+Nothing here is trusted because it is in the directory: every reader verifies signatures
+against its own pinned keys (``fedtre.governance.verify``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtre.errors import ConfigError
+from fedtre.governance.bundle import Bundle
+from fedtre.governance.documents import Application, DocumentError, Signed, digest
+from fedtre.pki import write_file
+from fedtre.request import PROJECT_ID
+
+APPLICATION = "application.json"
+STATEMENTS = "statements"
+SUPERSEDED = "superseded"
+
+
+class RegistryError(ConfigError):
+    """The registry does not hold what was asked for, or holds something malformed."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    root: Path
+
+    def projects(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if PROJECT_ID.match(p.name) and (p / APPLICATION).is_file()
+        )
+
+    def submit(self, application: Application, *, replace: bool = False) -> bytes:
+        """Store a new application; ``replace`` keeps the earlier version under superseded/."""
+        directory = self._dir(application.project_id)
+        data = application.to_bytes()
+        current = directory / APPLICATION
+        if current.exists():
+            if not replace:
+                raise RegistryError(
+                    f"project {application.project_id} has an application already "
+                    "(--replace submits a new version; earlier signatures do not carry over)"
+                )
+            old = current.read_bytes()
+            archive = directory / SUPERSEDED / digest(old)[:16]
+            archive.mkdir(parents=True, exist_ok=True)
+            os.replace(current, archive / APPLICATION)
+            statements = directory / STATEMENTS
+            if statements.is_dir():
+                os.replace(statements, archive / STATEMENTS)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_file(current, data, private=False, overwrite=False)
+        return data
+
+    def application(self, project_id: str) -> bytes:
+        path = self._dir(project_id) / APPLICATION
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise RegistryError(f"no application for project {project_id} in {self.root}") from None
+
+    def add(self, project_id: str, signed: Signed) -> Path:
+        directory = self._dir(project_id) / STATEMENTS
+        directory.mkdir(parents=True, exist_ok=True)
+        kind = signed.statement().kind.value.split(".")[1].split("/")[0]
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
+        path = directory / f"{stamp}-{kind}-{signed.key_id}.json"
+        write_file(path, json.dumps(signed.to_json()).encode(), private=False, overwrite=False)
+        return path
+
+    def statements(self, project_id: str) -> list[Signed]:
+        directory = self._dir(project_id) / STATEMENTS
+        if not directory.is_dir():
+            return []
+        out = []
+        for path in sorted(directory.glob("*.json")):
+            try:
+                out.append(Signed.from_json(json.loads(path.read_text(encoding="utf-8"))))
+            except (OSError, ValueError, DocumentError) as exc:
+                raise RegistryError(f"{path}: not a signed statement ({exc})") from None
+        return out
+
+    def bundle(self, project_id: str) -> Bundle:
+        """The application with every statement that names this version of it."""
+        app = self.application(project_id)
+        app_digest = digest(app)
+        own = []
+        for signed in self.statements(project_id):
+            try:
+                statement = signed.statement()
+            except DocumentError:
+                continue
+            if statement.project_id == project_id and statement.application == app_digest:
+                own.append(signed)
+        return Bundle(app, tuple(own))
+
+    def _dir(self, project_id: str) -> Path:
+        if not isinstance(project_id, str) or not PROJECT_ID.match(project_id):
+            raise RegistryError("project ids are lower-case letters, digits, '_' and '-'")
+        return self.root / project_id
