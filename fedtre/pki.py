@@ -107,7 +107,9 @@ def init_ca(
         .sign(key, hashes.SHA256())
     )
     write_file(key_path, _key_pem(key), private=True, overwrite=False)
-    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=False)
+    write_file(
+        cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, overwrite=False
+    )
     return cert_path
 
 

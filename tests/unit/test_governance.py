@@ -280,7 +280,8 @@ def test_commercial_projects_meet_stricter_rules(changes: dict[str, object], say
     data = app.to_bytes()
     signers = (ANN, DEE, BOB) if app.max_tier is Tier.HIGHLY_SENSITIVE else (ANN, BOB)
     bundle = _bundle(data, *_approve(data, *signers), _guardian(data, GUARDIAN_A, "trust-a"))
-    assert f"commercial projects {says}" in _refused(bundle)
+    refused = _refused(bundle)
+    assert refused.startswith("commercial projects") and says in refused
 
 
 def test_a_trust_can_refuse_a_purpose_outright() -> None:
