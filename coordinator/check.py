@@ -31,7 +31,12 @@ def check_coordinator(path: Path, *, insecure: bool = False) -> CheckReport[Coor
     report.passed.append(
         f"config {path} is valid: coordinator {config.coordinator_id}, "
         f"{len(config.nodes)} trust(s) ({len(dial_out)} dial-out), "
-        f"{len(config.projects)} project(s), catalog {config.catalog.version}"
+        + (
+            f"projects from the signed registry {config.governance.registry}"
+            if config.governance is not None
+            else f"{len(config.projects)} hand-kept project(s) (development only)"
+        )
+        + f", catalog {config.catalog.version}"
     )
     if insecure:
         report.warnings.append("--insecure: plaintext, no certificates (development only)")

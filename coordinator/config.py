@@ -20,6 +20,7 @@ from coordinator.errors import CoordinatorConfigError
 from fedtre.catalog import Catalog, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import QueryRefused
+from fedtre.governance.policy import Committee, load_committee
 from fedtre.request import PROJECT_ID
 from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 
@@ -43,6 +44,19 @@ class Project:
     default_units: int
     allow_partial: bool  # release when some trusts did not answer (default: all must answer)
     rules: OutputRules
+    # From the signed application (governance): the approved scope, the same at every trust.
+    # Empty for a hand-kept project: then as the trusts report it.
+    views: tuple[str, ...] = ()
+    max_tier: str = ""
+
+
+@dataclass(frozen=True)
+class GovernanceSources:
+    """``[governance]``: projects come from the registry's signed approvals, checked against
+    the committee file (the coordinator refuses early; every node checks again itself)."""
+
+    registry: Path
+    committee: Committee
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,7 @@ class CoordinatorConfig:
     nodes: Mapping[str, TrustEndpoint]
     projects: Mapping[str, Project]
     metrics_listen: str = ""  # /metrics and /healthz on a local port, no TLS ("" = off)
+    governance: GovernanceSources | None = None  # None: hand-kept [projects] (development)
 
     @property
     def audit_path(self) -> Path:
@@ -74,9 +89,14 @@ def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
 def parse_coordinator_config(
     data: Mapping[str, Any], base_dir: Path, source: str
 ) -> CoordinatorConfig:
-    required = {"coordinator_id", "listen", "state_dir", "nodes", "projects"}
+    required = {"coordinator_id", "listen", "state_dir", "nodes"}
     optional = {"catalog", "deadline_seconds", "max_workers", "tls", "metrics"}
-    check_keys(data, source, required, required | optional)
+    check_keys(data, source, required, required | optional | {"projects", "governance"})
+    if ("projects" in data) == ("governance" in data):
+        raise CoordinatorConfigError(
+            f"{source}: give [governance] (projects from the signed registry) or, for "
+            "development only, hand-kept [projects]; not both, not neither"
+        )
     cid = data["coordinator_id"]
     if not isinstance(cid, str) or not NAME.match(cid):
         raise CoordinatorConfigError(f"{source}: coordinator_id: lower-case letters, digits, '-'")
@@ -101,7 +121,7 @@ def parse_coordinator_config(
     if not isinstance(nodes_raw, dict) or not nodes_raw:
         raise CoordinatorConfigError(f"{source}: [nodes] must list at least one trust")
     nodes = {nid: _node(nid, spec, f"{source}: nodes.{nid}") for nid, spec in nodes_raw.items()}
-    projects_raw = data["projects"]
+    projects_raw = data.get("projects", {})
     if not isinstance(projects_raw, dict):
         raise CoordinatorConfigError(f"{source}: [projects] must be a table of projects")
     projects = {
@@ -109,6 +129,17 @@ def parse_coordinator_config(
         for pid, spec in projects_raw.items()
     }
     metrics_listen = parse_metrics(data, source)
+    governance = None
+    if "governance" in data:
+        gov = data["governance"]
+        where = f"{source}: governance"
+        if not isinstance(gov, dict):
+            raise CoordinatorConfigError(f"{where}: must be a table")
+        check_keys(gov, where, {"registry", "committee"}, {"registry", "committee"})
+        governance = GovernanceSources(
+            registry=resolve_path(gov["registry"], base_dir, where),
+            committee=load_committee(resolve_path(gov["committee"], base_dir, where)),
+        )
     return CoordinatorConfig(
         coordinator_id=cid,
         listen=parse_listen(data["listen"], f"{source}: listen"),
@@ -122,6 +153,7 @@ def parse_coordinator_config(
         nodes=MappingProxyType(nodes),
         projects=MappingProxyType(projects),
         metrics_listen=metrics_listen,
+        governance=governance,
     )
 
 

@@ -25,6 +25,7 @@ from coordinator.combine import CombineError, combine
 from coordinator.config import CoordinatorConfig, Project
 from coordinator.fanout import Trusts
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
+from coordinator.projects import ProjectBook
 from fedtre import logs
 from fedtre.audit import AuditLog
 from fedtre.catalog import Catalog
@@ -37,7 +38,6 @@ from fedtre.request import Submission, check_ids
 
 log = logs.get("coordinator")
 
-NO_PROJECT = "No project with that id is open to you. Ask the project lead to add your name."
 # Phase 2 is a ledger update at each trust: it gets its own short deadline.
 DECISION_SECONDS = 10.0
 
@@ -46,6 +46,7 @@ class CoordinatorEngine:
     def __init__(self, config: CoordinatorConfig, trusts: Trusts) -> None:
         self.config = config
         self.trusts = trusts
+        self.book = ProjectBook(config)
         self._on_close: list[Callable[[], None]] = []
         # Told (outcome, seconds) after every query that reached the trusts (metrics).
         self.on_query: Callable[[str, float], None] = lambda outcome, seconds: None
@@ -80,7 +81,7 @@ class CoordinatorEngine:
             sql=sub.sql,
         )
         try:
-            project, units = self._check(researcher, query_id, sub)
+            project, units, approval = self._check(researcher, query_id, sub)
         except UserError as exc:
             self.audit.write(
                 "query.refused",
@@ -97,6 +98,7 @@ class CoordinatorEngine:
             sql=sub.sql,
             epsilon_units=units,
             researcher=researcher,
+            approval=approval,
         )
         started = time.perf_counter()
         outcomes = self._two_phases(project, request)
@@ -166,9 +168,10 @@ class CoordinatorEngine:
             for nid in trusts
         )
 
-    def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int]:
+    def _check(self, researcher: str, query_id: str, sub: Submission) -> tuple[Project, int, bytes]:
         check_ids(query_id, sub.project_id)
-        project = self.project_for(researcher, sub.project_id)
+        listed = self.book.for_researcher(researcher, sub.project_id)
+        project = listed.project
         units = project.default_units if sub.epsilon is None else epsilon_to_units(sub.epsilon)
         if units > project.max_units_per_query:
             raise QueryRefused(
@@ -177,7 +180,7 @@ class CoordinatorEngine:
                 f"{units_to_epsilon(project.max_units_per_query):g}.",
             )
         self._parse(sub.sql)  # refuses before anything is sent
-        return project, units
+        return project, units, listed.approval
 
     def _parse_sql(self, sql: str) -> QueryPlan:
         return parse_query(sql, self.config.catalog)
@@ -234,14 +237,15 @@ class CoordinatorEngine:
     # -- projects and budget ---------------------------------------------------------------
 
     def project_for(self, researcher: str, project_id: str) -> Project:
-        project = self.config.projects.get(project_id)
-        if project is None or researcher not in project.researchers:
-            raise QueryRefused(Refusal.NOT_AUTHORISED, NO_PROJECT)
-        return project
+        return self.book.for_researcher(researcher, project_id).project
 
     def projects(self, researcher: str) -> list[Project]:
         self.audit.write("projects.listed", researcher=researcher)
-        return [p for _, p in sorted(self.config.projects.items()) if researcher in p.researchers]
+        return [
+            listed.project
+            for listed in self.book.approved()
+            if researcher in listed.project.researchers
+        ]
 
     def catalog(self, researcher: str) -> Catalog:
         """The federation's catalog (public); audited like every request."""

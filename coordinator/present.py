@@ -82,8 +82,9 @@ def query_result(outcome: Outcome) -> QueryResult:
 
 
 def project_info(p: Project, described: Mapping[str, NodeDescription]) -> ProjectInfo:
-    """The project as its researchers see it; views and tier as every trust reported them
-    (the intersection and the lowest: what a query can use at all of them)."""
+    """The project as its researchers see it; views and tier as approved (the signed
+    application), or for a hand-kept project as every trust reported them (the intersection and
+    the lowest: what a query can use at all of them)."""
     scopes = [
         s
         for t in p.trusts
@@ -91,9 +92,9 @@ def project_info(p: Project, described: Mapping[str, NodeDescription]) -> Projec
         for s in described[t].scopes
         if s.project_id == p.project_id
     ]
-    views: tuple[str, ...] = ()
-    tier = ""
-    if scopes:
+    views: tuple[str, ...] = p.views
+    tier = p.max_tier
+    if scopes and not views:
         views = tuple(sorted(set.intersection(*(set(s.views) for s in scopes))))
         with contextlib.suppress(ValueError):
             tier = min(Tier(s.max_tier) for s in scopes).value

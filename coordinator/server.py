@@ -24,6 +24,7 @@ from coordinator.engine import CoordinatorEngine
 from coordinator.fanout import Trusts
 from coordinator.links import LinkDown, TrustLink
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.projects import ProjectBook
 from coordinator.service import ResearcherServicer
 from fedtre import logs
 from fedtre.errors import ConfigError, InternalError
@@ -118,7 +119,7 @@ def create_server(
         raise
     address = bound_address(config.listen, port)
     engine.audit.write("coordinator.serving", address=address, tls=not insecure)
-    monitor = TrustMonitor(config, engine.trusts, links, health)
+    monitor = TrustMonitor(config, engine.trusts, links, health, engine.book)
     monitors.append(monitor)
     running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
     if config.metrics_listen:
@@ -155,8 +156,10 @@ class TrustMonitor:
         trusts: Trusts,
         links: Mapping[str, TrustLink],
         health: Health,
+        book: ProjectBook,
     ) -> None:
         self.config = config
+        self.book = book
         self.trusts = trusts
         self.links = links
         self.health = health
@@ -232,12 +235,14 @@ class TrustMonitor:
                 for nid, link in sorted(self.links.items())
             ],
             "projects_waiting": sorted(
-                p.project_id for p in self.config.projects.values() if not self._met(p)
+                listed.project.project_id
+                for listed in self.book.approved()
+                if not self._met(listed.project)
             ),
         }
 
     def rules_met(self) -> bool:
-        return all(self._met(p) for p in self.config.projects.values())
+        return all(self._met(listed.project) for listed in self.book.approved())
 
     def _met(self, project: Project) -> bool:
         up = [t for t in project.trusts if self.ok.get(t)]

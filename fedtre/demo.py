@@ -132,6 +132,8 @@ class Demo:
             profile = self._start()
             _say(f"   federation up in {time.monotonic() - self.started:.1f} s\n")
             status = self._queries(profile)
+            if status == 0 and not keep_running:
+                status = self._revoke(profile)
             if keep_running and status == 0:
                 self._wait_for_interrupt(profile)
             return status
@@ -179,8 +181,18 @@ class Demo:
             _say(f"   {name}: {persons:,} persons ({mode})")
 
     def _start(self) -> Profile:
-        _say("3. Starting three trust nodes and the coordinator (separate processes, mTLS)")
+        _say(
+            "3. Governance: the committee (ann, a service user; bob, a clinician) signs the "
+            f"approval of '{PROJECT}'\n   (Ed25519, fedtre project review); each trust pins the "
+            "committee's keys and checks every request itself"
+        )
+        _say("4. Starting three trust nodes and the coordinator (separate processes, mTLS)")
         self.fed.start()
+        approval = self.fed.governance.registry.bundle(PROJECT)
+        _say(
+            f"   approval of {PROJECT}: application {approval.digest[:16]}, "
+            f"{len(approval.statements)} signatures"
+        )
         for name, _, _, mode in TRUSTS:
             proc = self.fed.nodes[name]
             where = (
@@ -197,7 +209,7 @@ class Demo:
 
     def _queries(self, profile: Profile) -> int:
         _say(
-            f"4. Researcher '{RESEARCHER}' queries project '{PROJECT}' across all trusts "
+            f"5. Researcher '{RESEARCHER}' queries project '{PROJECT}' across all trusts "
             "(each trust answers on its fixed time slot, 500 ms by default)\n"
         )
         with Client(profile) as client:
@@ -209,7 +221,7 @@ class Demo:
                 _say(textwrap.indent(result.table(), "   "))
                 _say()
             first, latest = results[0], results[-1]
-            _say("5. A retry with the same query id: the stored answers again, nothing spent\n")
+            _say("6. A retry with the same query id: the stored answers again, nothing spent\n")
             again = client.query(PROJECT, QUERIES[0][1], QUERIES[0][2], first.query_id)
             same = again.rows() == first.rows()
             unchanged = all(t.replayed for t in again.trusts) and [
@@ -219,7 +231,7 @@ class Demo:
             if not (same and unchanged):
                 _say("   the retry did not replay the stored answer (this is a bug)")
                 return 1
-            _say("6. Refused queries (no ε spent anywhere)\n")
+            _say("7. Refused queries (no ε spent anywhere)\n")
             for title, sql in REFUSED:
                 _say(f"-- {title}")
                 try:
@@ -234,7 +246,7 @@ class Demo:
                     return 1
                 reasons = {t.reason for t in result.trusts}
                 _say(f"   every trust refused: {'; '.join(sorted(reasons))}\n")
-            _say("7. Budget left for the project at each trust")
+            _say("8. Budget left for the project at each trust")
             for row in client.budget(PROJECT):
                 _say(f"   {row['trust']}: ε left {row['epsilon_left']:g}")
         _say(
@@ -242,6 +254,20 @@ class Demo:
             f"({self.work}/*/state/audit.jsonl)."
         )
         return 0
+
+    def _revoke(self, profile: Profile) -> int:
+        _say("9. The committee revokes the project (fedtre project revoke); the researcher asks again")
+        self.fed.governance.revoke(PROJECT, by="ann", reason="the demo is over")
+        with Client(profile) as client:
+            try:
+                client.query(PROJECT, QUERIES[0][1], QUERIES[0][2])
+            except UserError as exc:
+                _say(f"   refused ({exc.refusal.value}): {exc.message}")
+                return 0
+            except NotReleased:
+                pass
+        _say("   NOT refused (this is a bug)")
+        return 1
 
     def _wait_for_interrupt(self, profile: Profile) -> None:
         _say(
@@ -272,6 +298,8 @@ class Demo:
         codes = self.fed.stop()
         unclean = [f"{name} (exit {code})" for name, code in codes.items() if code != 0]
         if unclean:
-            _say(f"8. Stopped; not cleanly: {', '.join(unclean)} (see {self.work}/*.log)")
+            _say(f"10. Stopped; not cleanly: {', '.join(unclean)} (see {self.work}/*.log)")
         else:
-            _say(f"8. All processes stopped cleanly; total {time.monotonic() - self.started:.1f} s")
+            _say(
+                f"10. All processes stopped cleanly; total {time.monotonic() - self.started:.1f} s"
+            )

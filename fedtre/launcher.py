@@ -29,6 +29,7 @@ from typing import Any
 
 from fedtre.audit import read_audit
 from fedtre.client import Client, Profile
+from fedtre.governance.local import LocalGovernance, application, caps
 from fedtre.pki import Role
 from fedtre.serving import wait_for_address
 from fedtre.tls import TlsFiles
@@ -92,8 +93,14 @@ class LocalFederation:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def governance(self) -> LocalGovernance:
+        """The local committee: its keys, committee file and project registry."""
+        return LocalGovernance(self.work / "governance")
+
     def start(self) -> LocalFederation:
         self.work.mkdir(parents=True, exist_ok=True)
+        self._approve_projects()
         for t in self.trusts:
             self.nodes[t.name] = Proc(t.name, self.work / t.name, self.work / f"{t.name}.log")
         dial_in = [t for t in self.trusts if t.mode == DIAL_IN]
@@ -253,6 +260,7 @@ class LocalFederation:
     def write_node_config(self, name: str) -> Path:
         """Write a trust's config before the federation starts (e.g. to load its data with
         ``fedtre node load --config``); ``start`` rewrites it with the real addresses."""
+        self.governance.create()
         self._write_node_config(self._spec(name), port=0, server=False)
         return self.node_dir(name) / "config.toml"
 
@@ -265,13 +273,16 @@ class LocalFederation:
             where = f'mode = "dial-out"\nconnect = [{targets}]\n'
         else:
             where = f'listen = "127.0.0.1:{port}"\n'
-        projects = "".join(
-            f"\n[projects.{p.project_id}]\n"
-            f"total_epsilon = {t.budgets.get(p.project_id, p.total_epsilon)}\n"
-            f"max_epsilon_per_query = {p.max_epsilon_per_query}\n"
-            f"views = [{', '.join(json.dumps(v) for v in p.views)}]\n"
-            f'max_tier = "{p.max_tier}"\n' + (f"title = {json.dumps(p.title)}\n" if p.title else "")
-            for p in self.projects
+        # projects come from the committee's signed approvals; the trust pins the committee
+        # file (its own copy), takes part in public-benefit research by its own policy, and
+        # may cap a project's budget below the approval
+        pinned = home / "committee.toml"
+        pinned.write_bytes(self.governance.committee_path.read_bytes())
+        projects = (
+            f'\n[governance]\ncommittee = "{pinned}"\n'
+            'accept_purposes = ["public-benefit-research"]\n'
+            f'guardians = ["{self.governance.guardian(t.name).public.text}"]\n'
+            + (f"\n[governance.project_caps]\n{caps(t.budgets)}" if t.budgets else "")
         )
         lease = (
             "" if self.lease_seconds is None else f"prepare_lease_seconds = {self.lease_seconds}\n"
@@ -305,21 +316,36 @@ class LocalFederation:
             if self.coordinator_workers is None
             else f"max_workers = {self.coordinator_workers}\n"
         )
-        projects = "".join(
-            f"[projects.{p.project_id}]\n"
-            f"researchers = [{', '.join(json.dumps(r) for r in p.researchers)}]\n"
-            f"max_epsilon_per_query = {p.max_epsilon_per_query}\n"
-            + (f"default_epsilon = {p.default_epsilon}\n" if p.default_epsilon else "")
-            + (f"title = {json.dumps(p.title)}\n" if p.title else "")
-            + f"allow_partial = {str(p.allow_partial).lower()}\n"
-            f"suppress_below = {p.suppress_below}\nround_to = {p.round_to}\n\n"
-            for p in self.projects
+        gov = self.governance
+        projects = (
+            f'[governance]\nregistry = "{gov.registry.root}"\ncommittee = "{gov.committee_path}"\n'
         )
         (home / "config.toml").write_text(
             f'coordinator_id = "{self.coordinator_name}"\nlisten = "127.0.0.1:{port}"\n'
             f'state_dir = "state"\ndeadline_seconds = {self.deadline}\n{workers}\n'
             f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n\n{nodes}{projects}'
         )
+
+    def _approve_projects(self) -> None:
+        gov = self.governance.create()
+        trusts = [t.name for t in self.trusts]
+        for p in self.projects:
+            gov.approve(
+                application(
+                    p.project_id,
+                    researchers=p.researchers,
+                    trusts=trusts,
+                    views=p.views,
+                    max_tier=p.max_tier,
+                    epsilon_per_trust=p.total_epsilon,
+                    max_epsilon_per_query=p.max_epsilon_per_query,
+                    default_epsilon=p.default_epsilon,
+                    allow_partial=p.allow_partial,
+                    suppress_below=p.suppress_below,
+                    round_to=p.round_to,
+                    title=p.title,
+                )
+            )
 
     def _spawn_node(self, name: str) -> None:
         self._spawn(self.nodes[name], ["node", "serve"])

@@ -30,6 +30,7 @@ class PrepareRequest:
     sql: str  # re-parsed and re-validated by the node
     epsilon_units: int  # micro-ε the query may spend at this trust
     researcher: str  # as the coordinator authenticated them: audit only, never trusted
+    approval: bytes = b""  # the project's signed approval bundle: verified by the node
 
 
 @dataclass(frozen=True)

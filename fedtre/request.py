@@ -18,6 +18,7 @@ class QueryRequest:
     sql: str
     epsilon: float
     caller: str
+    approval: bytes = b""  # the project's approval bundle, as sent: checked by the node
 
     def check_fields(self) -> None:
         """Refuse malformed identifiers before anything else looks at the request."""

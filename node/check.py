@@ -137,8 +137,26 @@ def _settings(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
         report.warnings.append(
             "a project's total_epsilon is above node_epsilon_ceiling: the ceiling stops it first"
         )
-    if not config.projects:
+    if config.governance is not None:
+        gov = config.governance
+        members = gov.committee.members.values()
+        service_users = sum(1 for m in members if m.role.value == "service-user")
+        report.passed.append(
+            f"governance: committee {gov.committee_path} pinned ({len(gov.committee.members)} "
+            f"members, {service_users} service users); projects come from signed approvals"
+        )
+        if not gov.trust.guardians and not gov.trust.accept_purposes:
+            report.warnings.append(
+                "governance: no data guardian keys and no accept_purposes: this trust takes "
+                "part in no project"
+            )
+    elif not config.projects:
         report.warnings.append("no projects: this node will refuse every query")
+    else:
+        report.warnings.append(
+            "projects are hand-kept in this config ([projects.*]), not signed approvals: for a "
+            "development node only; production nodes use [governance]"
+        )
 
 
 def _missing_ledger(config: NodeConfig) -> str:

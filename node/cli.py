@@ -12,12 +12,13 @@ from pathlib import Path
 
 from fedtre.catalog import load_catalog
 from fedtre.dp import units_to_epsilon
-from fedtre.errors import ConfigError
+from fedtre.errors import ConfigError, UserError
 from fedtre.metrics_http import health_command
 from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
+from node.approvals import Projects, scopes
 from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -88,6 +89,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, no caller authentication")
     serve.set_defaults(func=_serve)
 
+    approvals = node_sub.add_parser(
+        "approvals", help="signed approvals this node holds; import a revocation or an approval"
+    )
+    approvals_sub = approvals.add_subparsers(
+        dest="approvals_command", required=True, metavar="ACTION"
+    )
+    imp = approvals_sub.add_parser(
+        "import",
+        help="import a committee revocation (or an approval bundle): checked against the "
+        "pinned committee; a running node applies it from its next query",
+    )
+    imp.add_argument("--config", type=Path, required=True)
+    imp.add_argument("file", type=Path)
+    imp.set_defaults(func=_approvals_import)
+    lst = approvals_sub.add_parser("list", help="each project's approval as this node sees it")
+    lst.add_argument("--config", type=Path, required=True)
+    lst.add_argument("--format", choices=["table", "json"], default="table")
+    lst.set_defaults(func=_approvals_list)
+
     health = node_sub.add_parser(
         "health", help="ask a running node's local health endpoint ([metrics] listen)"
     )
@@ -95,6 +115,49 @@ def register(sub: argparse._SubParsersAction) -> None:
     health.set_defaults(func=_health)
 
     demo.register(node_sub)
+
+
+def _approvals_import(args: argparse.Namespace) -> int:
+    print(f"imported: {Projects(load_node_config(args.config)).import_file(args.file)}")
+    return 0
+
+
+def _approvals_list(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config)
+    projects = Projects(config)
+    if config.governance is None:
+        raise ConfigError(f"{args.config} has no [governance]: its projects are hand-kept")
+    rows = []
+    for path in sorted((config.state_dir / "approvals").glob("*.json")):
+        row: dict[str, object] = {"project": path.stem}
+        try:
+            verified = projects.known(path.stem)
+        except UserError as exc:
+            row.update(status="refused", why=str(exc))
+        else:
+            approved = verified.approved
+            assert approved is not None
+            row.update(
+                status="holds",
+                purpose=approved.application.purpose.value,
+                approved_by=", ".join(f"{m.name} ({m.role.value})" for m in approved.approvers),
+                participation=approved.participation,
+                epsilon_total=units_to_epsilon(verified.policy.total_units),
+                lapses=f"{approved.valid_until:%Y-%m-%d %H:%M} UTC",
+                expires=approved.application.expires.isoformat(),
+            )
+        rows.append(row)
+    revoked = len(projects.revocations())
+    if args.format == "json":
+        print(json.dumps({"approvals": rows, "revocations_imported": revoked}, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['project']}: {row['status']}")
+        for key, value in row.items():
+            if key not in ("project", "status"):
+                print(f"  {key}: {value}")
+    print(f"{revoked} revocation(s) imported by this trust")
+    return 0
 
 
 def _load(args: argparse.Namespace) -> int:
@@ -202,7 +265,7 @@ def _budget(args: argparse.Namespace) -> int:
     engine = NodeEngine(load_node_config(args.config))
     try:
         rows = []
-        for pid, project in sorted(engine.config.projects.items()):
+        for pid, project in sorted(scopes(engine.projects, engine.projects.ids()).items()):
             status = engine.budget(pid)
             rows.append(
                 {

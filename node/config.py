@@ -19,6 +19,10 @@ from typing import Any
 from fedtre.catalog import Catalog, Tier, load_catalog
 from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import ConfigError, QueryRefused
+from fedtre.governance.documents import Purpose
+from fedtre.governance.keys import PublicKey
+from fedtre.governance.policy import Committee, load_committee
+from fedtre.governance.verify import TrustPolicy
 from fedtre.request import PROJECT_ID
 from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 from node.memory import MEMORY_LIMIT_PATTERN
@@ -34,6 +38,23 @@ class ProjectPolicy:
     max_units_per_query: int
     views: frozenset[str]
     max_tier: Tier
+
+
+@dataclass(frozen=True)
+class GovernanceSettings:
+    """``[governance]``: projects come from signed approvals, checked against keys pinned here.
+
+    committee:        this trust's copy of the committee file (members' keys, approval policy)
+    guardians:        the trust's data guardians' public keys (sign its participation)
+    accept_purposes:  purposes this trust takes part in without a guardian's signature
+    refuse_purposes:  purposes this trust never takes part in, whatever is signed
+    project_caps:     ε this trust allows a project at most, below what the approval grants
+    """
+
+    committee: Committee
+    trust: TrustPolicy
+    project_caps: Mapping[str, int]
+    committee_path: Path
 
 
 class ServerMode(Enum):
@@ -83,6 +104,8 @@ class NodeConfig:
     prepare_lease_seconds: float = DEFAULT_PREPARE_LEASE_SECONDS
     # Where /metrics (Prometheus) and /healthz (plain text) are served: a local port, no TLS.
     metrics_listen: str = ""
+    # Signed approvals (governance); None: the hand-kept [projects.*] above (development only).
+    governance: GovernanceSettings | None = None
 
     @property
     def ledger_path(self) -> Path:
@@ -114,9 +137,15 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         "prepare_lease_seconds",
         "metrics",
         "server",
+        "governance",
     }
-    required = {"node_id", "database", "state_dir", "node_epsilon_ceiling", "projects"}
+    required = {"node_id", "database", "state_dir", "node_epsilon_ceiling"}
     check_keys(data, source, required, allowed)
+    if ("projects" in data) == ("governance" in data):
+        raise ConfigError(
+            f"{source}: give [governance] (projects from signed approvals) or, for a "
+            "development node only, hand-kept [projects.*]; not both, not neither"
+        )
     node_id = data["node_id"]
     if not isinstance(node_id, str) or not NODE_ID.match(node_id):
         raise ConfigError(f"{source}: node_id must be lower-case letters, digits and '-'")
@@ -125,7 +154,7 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         None if catalog_path is None else resolve_path(catalog_path, base_dir, source)
     )
     ceiling = _epsilon(data["node_epsilon_ceiling"], f"{source}: node_epsilon_ceiling", 1e6)
-    projects_raw = data["projects"]
+    projects_raw = data.get("projects", {})
     if not isinstance(projects_raw, dict):
         raise ConfigError(f"{source}: 'projects' must be a table of projects")
     projects = {
@@ -165,6 +194,11 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
             f"{MAX_PREPARE_LEASE_SECONDS:g}"
         )
     metrics_listen = parse_metrics(data, source)
+    governance = (
+        _governance(data["governance"], node_id, base_dir, f"{source}: governance")
+        if "governance" in data
+        else None
+    )
     return NodeConfig(
         node_id=node_id,
         database=resolve_path(data["database"], base_dir, source),
@@ -179,6 +213,48 @@ def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> N
         answer_slot_ms=slot,
         prepare_lease_seconds=float(lease),
         metrics_listen=metrics_listen,
+        governance=governance,
+    )
+
+
+def _governance(spec: Any, node_id: str, base_dir: Path, where: str) -> GovernanceSettings:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be a table")
+    optional = {"guardians", "accept_purposes", "refuse_purposes", "project_caps"}
+    check_keys(spec, where, {"committee"}, {"committee"} | optional)
+    committee_path = resolve_path(spec["committee"], base_dir, where)
+    committee = load_committee(committee_path)
+    guardians = spec.get("guardians", [])
+    if not isinstance(guardians, list):
+        raise ConfigError(f"{where}.guardians: a list of 'ed25519:...' public keys")
+    keys = tuple(PublicKey.parse(g, f"{where}.guardians") for g in guardians)
+
+    def purposes(key: str) -> frozenset[Purpose]:
+        raw = spec.get(key, [])
+        try:
+            if not isinstance(raw, list):
+                raise ValueError
+            return frozenset(Purpose(p) for p in raw)
+        except ValueError:
+            allowed = ", ".join(p.value for p in Purpose)
+            raise ConfigError(f"{where}.{key}: a list of purposes ({allowed})") from None
+
+    accept, refuse = purposes("accept_purposes"), purposes("refuse_purposes")
+    if accept & refuse:
+        raise ConfigError(f"{where}: a purpose is both accepted and refused")
+    caps_raw = spec.get("project_caps", {})
+    if not isinstance(caps_raw, dict):
+        raise ConfigError(f"{where}.project_caps: a table of project = ε")
+    caps = {}
+    for pid, eps in caps_raw.items():
+        if not PROJECT_ID.match(pid):
+            raise ConfigError(f"{where}.project_caps: {pid!r} is not a project id")
+        caps[pid] = _epsilon(eps, f"{where}.project_caps.{pid}", 1e6)
+    return GovernanceSettings(
+        committee=committee,
+        trust=TrustPolicy(node_id, keys, accept, refuse),
+        project_caps=MappingProxyType(caps),
+        committee_path=committee_path,
     )
 
 

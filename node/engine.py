@@ -46,13 +46,14 @@ from fedtre.dp import units_to_epsilon
 from fedtre.errors import AuditUnavailable, InternalError, QueryRefused, Refusal, UserError
 from fedtre.request import QueryRequest, check_ids
 from fedtre.result import NodeResult
+from node.approvals import Projects
 from node.compiler import CompiledQuery, run_exact
 from node.config import NodeConfig
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
 from node.generation import Generation
 from node.ledger import NODE_SCOPE, Entry, Ledger, State, project_scope
-from node.prepare import Planner, PreparedQuery, find_project
+from node.prepare import Planner, PreparedQuery
 from node.release import release
 
 log = logs.get("node")
@@ -117,7 +118,8 @@ class NodeEngine:
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
-            self.planner = Planner(config)
+            self.projects = Projects(config)
+            self.planner = Planner(config, self.projects)
             self.database = ResearchDatabase(
                 config.database,
                 config.catalog,
@@ -169,7 +171,7 @@ class NodeEngine:
         self.audit.close()
 
     def budget(self, project_id: str) -> BudgetStatus:
-        project = find_project(self.config, project_id)
+        project = self.projects.known(project_id).policy
         return BudgetStatus(
             project_id=project_id,
             total_units=project.total_units,
@@ -211,7 +213,8 @@ class NodeEngine:
         )
         try:
             check_ids(query_id, project_id)
-            find_project(self.config, project_id)
+            # a project revoked since its prepare releases nothing (the lease refunds it)
+            self.projects.known(project_id)
             entry, committed = self.ledger.commit(project_id, query_id)
             if committed:
                 self.generation.released()
@@ -247,8 +250,7 @@ class NodeEngine:
             "query.abort", query_id=str(query_id)[:128], project=str(project_id)[:64], caller=caller
         )
         try:
-            check_ids(query_id, project_id)
-            find_project(self.config, project_id)
+            check_ids(query_id, project_id)  # a refund is never refused for the project's sake
             entry, aborted = self.ledger.abort(project_id, query_id)
         except Exception as exc:
             self._audit_outcome(query_id, project_id, caller, exc)
@@ -396,7 +398,7 @@ class NodeEngine:
     def describe(self, caller: str) -> tuple[str, ...]:
         """Audited: the ids of the projects this trust serves."""
         self.audit.write("node.described", caller=caller)
-        return tuple(sorted(self.config.projects))
+        return self.projects.ids()
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
         """A remote budget request: audited before it is answered, refusals included."""

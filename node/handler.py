@@ -27,6 +27,7 @@ from fedtre.protocol import (
     ProjectScope,
 )
 from fedtre.request import QueryRequest
+from node.approvals import scopes as approved_scopes
 from node.engine import BudgetStatus, NodeEngine
 
 log = logs.get("node")
@@ -99,6 +100,7 @@ class NodeHandler:
             sql=request.sql,
             epsilon=units_to_epsilon(request.epsilon_units),
             caller=f"{caller} for researcher:{request.researcher}",
+            approval=request.approval,
         )
         try:
             prepared = self.engine.prepare(query, cancelled=cancelled, time_left=time_left)
@@ -165,7 +167,7 @@ class NodeHandler:
                 total_units=p.total_units,
                 max_units_per_query=p.max_units_per_query,
             )
-            for p in (self.engine.config.projects[pid] for pid in projects)
+            for p in approved_scopes(self.engine.projects, projects).values()
         )
         return NodeDescription(self.node_id, catalog.version, catalog.digest, projects, scopes)
 

@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fedtre.dp import units_to_epsilon
+from fedtre.errors import UserError
 from fedtre.metrics_http import WRITE_BUCKETS
 from node.engine import NodeEngine
 
@@ -69,8 +70,11 @@ class _Budget(Collector):
         left = GaugeMetricFamily(
             "fedtre_node_epsilon_left", "ε left per project", labels=["project"]
         )
-        for project_id in sorted(self.engine.config.projects):
-            status = self.engine.budget(project_id)
+        for project_id in self.engine.projects.ids():
+            try:
+                status = self.engine.budget(project_id)
+            except UserError:  # revoked or lapsed since the listing
+                continue
             spent.add_metric([project_id], units_to_epsilon(status.spent_units))
             left.add_metric([project_id], status.remaining)
         yield spent

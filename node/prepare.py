@@ -21,6 +21,7 @@ from fedtre.errors import QueryRefused, Refusal
 from fedtre.parse import parse_query, query_tier
 from fedtre.plan import QueryPlan, cohort_views
 from fedtre.request import QueryRequest
+from node.approvals import Projects
 from node.compiler import CompiledQuery, compile_plan
 from node.config import NodeConfig, ProjectPolicy
 from node.release import ReleasePlan, plan_release
@@ -42,8 +43,9 @@ class Planner:
     policy, ε units). Both are pure functions of those keys and the node's fixed catalog, so a
     question asked again skips parsing, checking and building; refusals are never cached."""
 
-    def __init__(self, config: NodeConfig, size: int = 512) -> None:
+    def __init__(self, config: NodeConfig, projects: Projects, size: int = 512) -> None:
         self.config = config
+        self.projects = projects
         self._parsed = functools.lru_cache(maxsize=size)(self._parse)
         self._prepared = functools.lru_cache(maxsize=size)(self._plan)
 
@@ -51,7 +53,7 @@ class Planner:
         """Check the request against this node's policy and fix its cost; refuses otherwise."""
         config = self.config
         request.check_fields()
-        project = find_project(config, request.project_id)
+        project = self.projects.for_request(request.project_id, request.approval).policy
         units = epsilon_to_units(request.epsilon)
         if units < config.min_units_per_query:
             raise QueryRefused(
@@ -83,15 +85,6 @@ def plan_query(
     release = plan_release(plan, compiled.view, len(compiled.cells), units)
     fingerprint = _fingerprint(project.project_id, plan, units)
     return PreparedQuery(project, plan, compiled, release, units, fingerprint)
-
-
-def find_project(config: NodeConfig, project_id: str) -> ProjectPolicy:
-    project = config.projects.get(project_id)
-    if project is None:
-        raise QueryRefused(
-            Refusal.UNKNOWN_PROJECT, "This trust has no approved project with that id."
-        )
-    return project
 
 
 def check_scope(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> None:

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Any
 
 from fedtre.catalog import Tier
-from fedtre.dp import MAX_EPSILON, epsilon_to_units
+from fedtre.dp import MAX_EPSILON, UNITS_PER_EPSILON
 from fedtre.errors import ConfigError
 from fedtre.request import PROJECT_ID
 
@@ -80,6 +80,11 @@ class Participation(Enum):
     REFUSE = "refuse"
 
 
+def units(epsilon: float) -> int:
+    """ε in the ledger's integer units (a whole budget may exceed one query's ε limit)."""
+    return round(epsilon * UNITS_PER_EPSILON)
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -118,15 +123,15 @@ class Application:
 
     @property
     def total_units(self) -> int:
-        return epsilon_to_units(self.epsilon_per_trust)
+        return units(self.epsilon_per_trust)
 
     @property
     def max_units_per_query(self) -> int:
-        return epsilon_to_units(self.max_epsilon_per_query)
+        return units(self.max_epsilon_per_query)
 
     @property
     def default_units(self) -> int:
-        return epsilon_to_units(self.default_epsilon)
+        return units(self.default_epsilon)
 
     def expired(self, now: dt.datetime) -> bool:
         return now.astimezone(dt.UTC).date() > self.expires
@@ -379,7 +384,7 @@ def _epsilon(d: Mapping[str, Any], key: str, maximum: float) -> float:
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= maximum:
         raise DocumentError(f"{key}: a number above 0 and at most {maximum:g}")
-    if epsilon_to_units(float(v)) <= 0:
+    if units(float(v)) <= 0:
         raise DocumentError(f"{key}: too small")
     return float(v)
 

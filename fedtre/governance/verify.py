@@ -59,9 +59,17 @@ class Approved:
     digest: str
     approvers: tuple[Member, ...]
     valid_until: dt.datetime  # when the policy stops being met unless decisions are renewed
-    participation: (
-        str  # "signed by the data guardian", "by the trust's policy", or "" (coordinator)
-    )
+    # "signed by the data guardian", "by the trust's policy", or "" (the coordinator's check)
+    participation: str
+
+    @property
+    def holds_until(self) -> dt.datetime:
+        """Until when this verdict stands on the same documents (approvals lapse, the
+        application expires at the end of its day): a cache of it may be used until then."""
+        expiry = dt.datetime.combine(
+            self.application.expires + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC
+        )
+        return min(self.valid_until, expiry)
 
 
 def check(

@@ -51,6 +51,7 @@ def prepare_request_to_proto(request: PrepareRequest) -> npb.PrepareRequest:
         sql=request.sql,
         epsilon_units=request.epsilon_units,
         researcher=request.researcher,
+        approval=request.approval,
     )
 
 
@@ -61,6 +62,7 @@ def prepare_request_from_proto(msg: npb.PrepareRequest) -> PrepareRequest:
         sql=msg.sql,
         epsilon_units=int(msg.epsilon_units),
         researcher=_printable(msg.researcher, MAX_NAME),
+        approval=bytes(msg.approval),
     )
 
 

@@ -27,18 +27,20 @@ OUTCOME_REFUSED: Outcome
 OUTCOME_FAILED: Outcome
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("query_id", "project_id", "sql", "epsilon_units", "researcher")
+    __slots__ = ("query_id", "project_id", "sql", "epsilon_units", "researcher", "approval")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     EPSILON_UNITS_FIELD_NUMBER: _ClassVar[int]
     RESEARCHER_FIELD_NUMBER: _ClassVar[int]
+    APPROVAL_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     project_id: str
     sql: str
     epsilon_units: int
     researcher: str
-    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., researcher: _Optional[str] = ...) -> None: ...
+    approval: bytes
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., researcher: _Optional[str] = ..., approval: _Optional[bytes] = ...) -> None: ...
 
 class DecisionRequest(_message.Message):
     __slots__ = ("query_id", "project_id")

@@ -193,6 +193,8 @@ def test_the_health_command_says_what_is_missing_or_down(
 ) -> None:
     example = Path(__file__).parents[2] / "deploy" / "node.example.toml"
     text = example.read_text()
+    committee = example.with_name("committee.example.toml")
+    (tmp_path / committee.name).write_bytes(committee.read_bytes())
     config = tmp_path / "node.toml"
     config.write_text(text.replace('listen = "127.0.0.1:9464"', 'listen = "127.0.0.1:1"'))
     assert main(["node", "health", "--config", str(config)]) == 1  # nothing listens there

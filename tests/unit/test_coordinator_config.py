@@ -53,9 +53,11 @@ def test_good_config_and_defaults(tmp_path: Path) -> None:
 def test_the_example_config_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     config = load_coordinator_config(root / "deploy" / "coordinator.example.toml")
-    assert config.projects["mh-prevalence"].researchers == {"alice", "bob"}
+    assert config.governance is not None and not config.projects  # signed registry only
+    assert len(config.governance.committee.members) == 3
     node = load_node_config(root / "deploy" / "node.example.toml")
     assert node.server is not None and node.server.coordinator == "hub"
+    assert node.governance is not None and node.governance.trust.guardians
 
 
 @pytest.mark.parametrize(

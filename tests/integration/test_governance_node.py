@@ -1,0 +1,272 @@
+"""Governance enforced at every node, on real processes with mutual TLS (dial-in trusts, so a
+test can call a node directly with the coordinator's certificate, as a compromised
+coordinator could).
+
+- The walk-through a new user would do, by the commands of README's governance section:
+  submit, review (a service user and a clinician), each trust's data guardian signs, query,
+  revoke, refused.
+- THREATS.md "Governance and identity" at the node: forged, tampered, replayed, under-signed,
+  no service user, revoked also when the coordinator withholds the revocation (the trust
+  imports it itself). Each refused by the node with a plain reason, audited, nothing spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedtre.errors import Refusal
+from fedtre.governance import statements
+from fedtre.governance.bundle import Bundle
+from fedtre.governance.documents import Signed, Verdict
+from fedtre.governance.keys import SigningKey
+from fedtre.governance.local import application
+from fedtre.pki import Role
+from fedtre.serde.common import refusal_from_proto
+from fedtre.tls import TlsFiles, channel_credentials, channel_options
+from fedtre.v2 import node_pb2 as npb
+from fedtre.v2 import node_pb2_grpc
+from tests.integration.federation import PROJECT, Federation, make_databases, make_pki
+
+BY_SEX = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
+TRUSTS = ("trust-a", "trust-b", "trust-c")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory: pytest.TempPathFactory, catalog) -> Iterator[Federation]:  # type: ignore[no-untyped-def]
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    databases = make_databases(tmp_path_factory.mktemp("trusts"), catalog)
+    federation = Federation(tmp_path_factory.mktemp("fed"), pki, databases).start()
+    yield federation
+    codes = federation.stop()
+    assert all(code == 0 for code in codes.values()), codes
+
+
+def _fedtre(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "fedtre.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"fedtre {' '.join(args)}: {out.returncode}\n{out.stderr}")
+    return out
+
+
+def _prepare(fed: Federation, node: str, project: str, approval: bytes, qid: str):  # type: ignore[no-untyped-def]
+    files = TlsFiles.in_pki_dir(fed.pki, Role.COORDINATOR, "hub")
+    with grpc.secure_channel(
+        fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
+    ) as channel:
+        return node_pb2_grpc.NodeServiceStub(channel).Prepare(
+            npb.PrepareRequest(
+                query_id=qid,
+                project_id=project,
+                sql=BY_SEX,
+                epsilon_units=100_000,
+                researcher="alice",
+                approval=approval,
+            ),
+            timeout=10,
+        )
+
+
+def _abort(fed: Federation, node: str, project: str, qid: str) -> None:
+    files = TlsFiles.in_pki_dir(fed.pki, Role.COORDINATOR, "hub")
+    with grpc.secure_channel(
+        fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
+    ) as channel:
+        reply = node_pb2_grpc.NodeServiceStub(channel).Abort(
+            npb.DecisionRequest(query_id=qid, project_id=project), timeout=10
+        )
+    assert reply.outcome == npb.OUTCOME_ABORTED, reply.reason
+
+
+def _refused_everywhere(
+    fed: Federation, project: str, approval: bytes, qid: str, says: str
+) -> None:
+    """Each node refuses, says why, audits it, and spends nothing."""
+    for node in TRUSTS:
+        before = fed.spent_units(node, f"project:{project}")
+        lines = len(fed.audit(node))
+        reply = _prepare(fed, node, project, approval, f"{qid}-{node}")
+        assert reply.outcome == npb.OUTCOME_REFUSED, (node, reply.reason)
+        assert refusal_from_proto(reply.refusal) is Refusal.NOT_AUTHORISED, reply.reason
+        assert says in reply.reason, (node, reply.reason)
+        new = fed.audit(node)[lines:]
+        assert [e["event"] for e in new] == ["query.received", "query.refused"], new
+        assert says in new[-1]["reason"]
+        assert fed.spent_units(node, f"project:{project}") == before
+
+
+def test_the_governance_walk_through(fed: Federation, tmp_path: Path) -> None:
+    gov = fed.governance
+    registry = str(gov.registry.root)
+    form = tmp_path / "application.toml"
+    form.write_text(
+        'project_id = "service-eval"\n'
+        'title = "Waiting times for talking therapies"\n'
+        'lay_summary = "How long do people wait for their first therapy appointment?"\n'
+        'purpose = "nhs-service-evaluation"\n'
+        'organisation = "Leeds and York Partnership NHS FT"\n'
+        'organisation_type = "nhs"\n'
+        'researchers = ["alice"]\nviews = ["patients"]\nmax_tier = "general"\n'
+        f"trusts = {json.dumps(list(TRUSTS))}\n"
+        "epsilon_per_trust = 2.0\nmax_epsilon_per_query = 0.5\nsuppress_below = 10\n"
+        f"expires = {(dt.date.today() + dt.timedelta(days=200)).isoformat()}\n"
+    )
+    # 1. the researcher submits; nothing is approved yet, so nothing is answered
+    assert (
+        "submitted service-eval"
+        in _fedtre("project", "submit", "--registry", registry, str(form)).stdout
+    )
+    profile = tmp_path / "alice.toml"
+    profile.write_text(fed.profile_text("alice"))
+    query = ["query", "--profile", str(profile), "--project", "service-eval", "--epsilon", "0.2"]
+    refused = _fedtre(*query, BY_SEX, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "needs current approval by at least 2 committee members" in refused.stderr
+    # 2. two members review: a service user and a clinician
+    for member in ("ann", "bob"):
+        _fedtre(
+            "project", "review", "--registry", registry, "service-eval",
+            "--key", str(gov.directory / f"{member}.key"), "--approve", "--reason", "sound",
+        )  # fmt: skip
+    shown = _fedtre(
+        "project", "show", "--registry", registry, "service-eval",
+        "--committee", str(gov.committee_path),
+    ).stdout  # fmt: skip
+    assert "ann (service-user): approve" in shown and "status: approved" in shown
+    # service evaluation is not a purpose the trusts accept by rule: each guardian signs
+    refused = _fedtre(*query, BY_SEX, check=False)
+    assert refused.returncode == 2 and "data guardian has not signed" in refused.stderr
+    for trust in TRUSTS:
+        gov.guardian(trust)  # the key each trust's config names
+        _fedtre(
+            "project", "participate", "--registry", registry, "service-eval",
+            "--trust", trust, "--key", str(gov.directory / f"guardian-{trust}.key"), "--accept",
+        )  # fmt: skip
+    # 3. the researcher's query is answered by every trust
+    answered = _fedtre(*query, "--format", "json", BY_SEX)
+    doc = json.loads(answered.stdout)
+    assert doc["status"] == "released", doc
+    spent = {t: fed.spent_units(t, "project:service-eval") for t in TRUSTS}
+    assert all(units == 200_000 for units in spent.values()), spent
+    # 4. the committee revokes; the next query is refused, and so is every node asked directly
+    out = tmp_path / "revocation.json"
+    _fedtre(
+        "project", "revoke", "--registry", registry, "service-eval",
+        "--key", str(gov.directory / "bob.key"), "--reason", "consent withdrawn", "--out", str(out),
+    )  # fmt: skip
+    refused = _fedtre(*query, BY_SEX, check=False)
+    assert refused.returncode == 2 and "revoked this project" in refused.stderr
+    bundle = gov.registry.bundle("service-eval").to_bytes()
+    _refused_everywhere(fed, "service-eval", bundle, "walk-revoked", "revoked this project")
+    assert {t: fed.spent_units(t, "project:service-eval") for t in TRUSTS} == spent
+
+
+def test_a_revocation_the_coordinator_withholds_reaches_each_node_by_import(
+    fed: Federation, tmp_path: Path
+) -> None:
+    gov = fed.governance
+    withheld = gov.registry.bundle(PROJECT).to_bytes()  # what a rogue coordinator keeps sending
+    assert _prepare(fed, "trust-a", PROJECT, withheld, "before").outcome == npb.OUTCOME_PREPARED
+    revocation = gov.revoke(PROJECT, by="ann", reason="safety concern")
+    try:
+        for node in TRUSTS:
+            out = _fedtre(
+                "node", "approvals", "import", "--config",
+                str(fed.node_dir(node) / "config.toml"), str(revocation),
+            ).stdout  # fmt: skip
+            assert f"revocation of {PROJECT} by ann (service-user)" in out
+        # the running nodes apply it from the next request, with the old bundle too
+        _refused_everywhere(fed, PROJECT, withheld, "withheld", "revoked this project")
+        listed = _fedtre(
+            "node", "approvals", "list", "--config", str(fed.node_dir("trust-a") / "config.toml")
+        ).stdout
+        assert f"{PROJECT}: refused" in listed and "1 revocation(s) imported" in listed
+    finally:
+        # the rest of the module's tests use a fresh project id
+        for node in TRUSTS:
+            for path in (fed.node_dir(node) / "state" / "revocations").glob("*.json"):
+                path.unlink()
+
+
+def _forge(fed: Federation, project: str, kind: str) -> bytes:
+    """An approval for ``project`` made wrong in one way (``kind``)."""
+    gov = fed.governance
+    honest = gov.registry.bundle(project)
+    app = honest.application
+    now = dt.datetime.now(dt.UTC)
+    outsider = SigningKey(Ed25519PrivateKey.generate())  # a key the committee never listed
+
+    def decide(key: SigningKey, data: bytes = app) -> Signed:
+        return statements.decision(key, data, Verdict.APPROVE, "", now, dt.timedelta(days=30))
+
+    if kind == "forged":
+        return Bundle(app, (decide(gov.key("ann")), decide(outsider))).to_bytes()
+    if kind == "tampered":
+        doc = json.loads(app)
+        doc["epsilon_per_trust"] = 500.0
+        changed = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return Bundle(changed, honest.statements).to_bytes()
+    if kind == "under-signed":
+        return Bundle(app, (decide(gov.key("ann")),)).to_bytes()
+    if kind == "no service user":
+        return Bundle(app, (decide(gov.key("bob")),)).to_bytes()
+    if kind == "other project":
+        return gov.registry.bundle("partial").to_bytes()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("forged", "not on this node's committee list"),
+        ("tampered", "another version of the application"),
+        ("under-signed", "it has 1"),
+        ("no service user", "including 0 service user(s)"),
+        ("other project", "for another project"),
+    ],
+)
+def test_made_up_approvals_from_the_coordinator_s_certificate_are_refused(
+    fed: Federation, kind: str, says: str
+) -> None:
+    project = "fresh-" + kind.replace(" ", "-")
+    gov = fed.governance
+    gov.approve(
+        application(
+            project,
+            researchers=("alice",),
+            trusts=TRUSTS,
+            views=("patients",),
+            max_tier="general",
+            epsilon_per_trust=5.0,
+            max_epsilon_per_query=1.0,
+            default_epsilon=None,
+            allow_partial=False,
+            suppress_below=0,
+            round_to=1,
+        ),
+        # submitted and never approved (only a forgery could make it pass), except for the
+        # tampered case: approved, then altered
+        signers=("ann", "bob") if kind == "tampered" else (),
+    )
+    if kind == "tampered":  # the honest bundle holds; altered, it does not
+        honest = gov.registry.bundle(project).to_bytes()
+        reply = _prepare(fed, "trust-a", project, honest, "honest")
+        assert reply.outcome == npb.OUTCOME_PREPARED, reply.reason
+        _abort(fed, "trust-a", project, "honest")
+    _refused_everywhere(fed, project, _forge(fed, project, kind), f"forged-{project}", says)
