@@ -256,7 +256,7 @@ class Demo:
         return 0
 
     def _revoke(self, profile: Profile) -> int:
-        _say("9. The committee revokes the project (fedtre project revoke); the researcher asks again")
+        _say("9. The committee revokes the project (fedtre project revoke); the researcher asks")
         self.fed.governance.revoke(PROJECT, by="ann", reason="the demo is over")
         with Client(profile) as client:
             try:
