@@ -24,7 +24,7 @@ from fedtre.governance.policy import Committee, load_committee
 from fedtre.request import PROJECT_ID
 from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

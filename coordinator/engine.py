@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 from coordinator.combine import CombineError, combine
 from coordinator.config import CoordinatorConfig, Project
@@ -31,6 +32,7 @@ from fedtre.audit import AuditLog
 from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
+from fedtre.governance.query_signature import verify as verify_query
 from fedtre.parse import parse_query
 from fedtre.plan import QueryPlan
 from fedtre.protocol import NodeOutcome, OutcomeKind, PrepareRequest
@@ -47,6 +49,7 @@ class CoordinatorEngine:
         self.config = config
         self.trusts = trusts
         self.book = ProjectBook(config)
+        self._ca: bytes | None = None  # the federation CA: checks researchers' signatures
         self._on_close: list[Callable[[], None]] = []
         # Told (outcome, seconds) after every query that reached the trusts (metrics).
         self.on_query: Callable[[str, float], None] = lambda outcome, seconds: None
@@ -99,6 +102,7 @@ class CoordinatorEngine:
             epsilon_units=units,
             researcher=researcher,
             approval=approval,
+            signed=sub.signed,
         )
         started = time.perf_counter()
         outcomes = self._two_phases(project, request)
@@ -180,7 +184,31 @@ class CoordinatorEngine:
                 f"{units_to_epsilon(project.max_units_per_query):g}.",
             )
         self._parse(sub.sql)  # refuses before anything is sent
+        if listed.application is not None and self.config.ca is not None:
+            # every trust checks this itself; checked here to refuse early and say why
+            signer = verify_query(
+                sub.signed,
+                ca_pem=self._ca_pem(),
+                application=listed.application,
+                project_id=sub.project_id,
+                query_id=query_id,
+                sql=sub.sql,
+                epsilon_units=units,
+                now=datetime.now(UTC),
+            )
+            if signer != researcher:
+                raise QueryRefused(
+                    Refusal.NOT_AUTHORISED,
+                    "The query is signed with another researcher's certificate than the one "
+                    "that sent it.",
+                )
         return project, units, listed.approval
+
+    def _ca_pem(self) -> bytes:
+        if self._ca is None:
+            assert self.config.ca is not None
+            self._ca = self.config.ca.read_bytes()
+        return self._ca
 
     def _parse_sql(self, sql: str) -> QueryPlan:
         return parse_query(sql, self.config.catalog)

@@ -156,10 +156,10 @@ class TrustMonitor:
         trusts: Trusts,
         links: Mapping[str, TrustLink],
         health: Health,
-        book: ProjectBook,
+        book: ProjectBook | None = None,
     ) -> None:
         self.config = config
-        self.book = book
+        self.book = book or ProjectBook(config)
         self.trusts = trusts
         self.links = links
         self.health = health

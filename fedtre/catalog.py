@@ -22,7 +22,7 @@ from typing import Any
 
 from fedtre.errors import ConfigError
 
-IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")
 MAX_GROUP_RANGE = 256
 PERSON_ID = "person_id"
 

@@ -25,6 +25,7 @@ from fedtre.answer import NotReleased, QueryResult
 from fedtre.catalog import Catalog
 from fedtre.errors import ConfigError, InternalError, QueryRefused, Refusal
 from fedtre.explain import Explanation, explain
+from fedtre.governance.query_signature import sign as sign_query
 from fedtre.pki import Role, identity_problems
 from fedtre.request import Submission
 from fedtre.serde.common import MAX_RESULT_BYTES
@@ -112,6 +113,7 @@ class Client:
                 options=[*options, *channel_options(profile.coordinator_name, Role.COORDINATOR)],
             )
         self._stub = coordinator_pb2_grpc.ResearcherServiceStub(self._channel)
+        self._tls = profile.tls  # its key signs each query (trusts check the signature)
         self.timeout = timeout
         self.retries = retries
 
@@ -142,7 +144,13 @@ class Client:
         coordinator refuses, and ``NotReleased`` (with every trust's state on it) when the
         trusts' answers allow no release; ``raise_if_not_released=False`` returns that result
         instead. A partial result (``result.status == "partial"``) is returned."""
-        sub = Submission(query_id or f"q-{uuid.uuid4()}", project, sql, epsilon)
+        query_id = query_id or f"q-{uuid.uuid4()}"
+        signed = (
+            None
+            if self._tls is None
+            else sign_query(self._tls.key, self._tls.cert, project, query_id, sql, epsilon)
+        )
+        sub = Submission(query_id, project, sql, epsilon, signed)
         result = query_result_from_proto(self._call(self._stub.Submit, submission_to_proto(sub)))
         if not result.released and raise_if_not_released:
             raise NotReleased(result)

@@ -38,7 +38,7 @@ from fedtre.errors import ConfigError
 ORGANIZATION = "fedtre federation"
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 
@@ -237,6 +237,27 @@ def read_identity(cert_pem: bytes) -> tuple[Role, str]:
     name = cns[0].value
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise PkiError("the certificate's name (CN) is not a valid federation name")
+    return role, name
+
+
+def verify_certificate(cert_pem: bytes, ca_pem: bytes, now: dt.datetime) -> tuple[Role, str]:
+    """The (role, name) of a leaf certificate presented outside a TLS handshake (e.g. with a
+    signed query), after checking what the handshake would: signed by the federation CA,
+    within its validity, and carrying its role's name. ``PkiError`` says which check failed."""
+    cert = _parse_pem(cert_pem)
+    ca = _parse_pem(ca_pem, "the CA certificate")
+    if cert.issuer != ca.subject or not _signed_by(cert, ca):
+        raise PkiError("the certificate is not signed by the federation CA")
+    now = _utc(now)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PkiError("the certificate is outside its validity period")
+    role, name = read_identity(cert_pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PkiError("the certificate names no role") from None
+    if role_host(role, name) not in sans.get_values_for_type(x509.DNSName):
+        raise PkiError("the certificate does not carry its role's name")
     return role, name
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from fedtre.errors import Refusal
+from fedtre.request import SignedQuery
 from fedtre.result import NodeResult
 
 
@@ -31,6 +32,7 @@ class PrepareRequest:
     epsilon_units: int  # micro-ε the query may spend at this trust
     researcher: str  # as the coordinator authenticated them: audit only, never trusted
     approval: bytes = b""  # the project's signed approval bundle: verified by the node
+    signed: SignedQuery | None = None  # the researcher's signature over the query: verified too
 
 
 @dataclass(frozen=True)

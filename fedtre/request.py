@@ -7,8 +7,17 @@ from dataclasses import dataclass
 
 from fedtre.errors import QueryRefused, Refusal
 
-QUERY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+QUERY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
+PROJECT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+
+
+@dataclass(frozen=True)
+class SignedQuery:
+    """A researcher's signature over their query (``fedtre.governance.query_signature``)."""
+
+    statement: bytes  # the exact bytes signed
+    signature: bytes  # ECDSA (DER) by the researcher's certificate key
+    certificate: bytes  # the researcher's certificate (PEM)
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,7 @@ class QueryRequest:
     epsilon: float
     caller: str
     approval: bytes = b""  # the project's approval bundle, as sent: checked by the node
+    signed: SignedQuery | None = None  # the researcher's signature, as sent: checked by the node
 
     def check_fields(self) -> None:
         """Refuse malformed identifiers before anything else looks at the request."""
@@ -35,6 +45,7 @@ class Submission:
     project_id: str
     sql: str
     epsilon: float | None  # None: the project's default; anything given is checked, 0 refused
+    signed: SignedQuery | None = None  # made by the researcher's client; forwarded to trusts
 
 
 def check_ids(query_id: object, project_id: object) -> None:

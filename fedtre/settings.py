@@ -14,7 +14,7 @@ from typing import Any
 
 from fedtre.errors import ConfigError
 
-LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+LISTEN = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(\d{1,5})\Z")
 
 
 def read_toml(path: Path | str, what: str) -> dict[str, Any]:

@@ -147,16 +147,16 @@ def _approvals_list(args: argparse.Namespace) -> int:
                 expires=approved.application.expires.isoformat(),
             )
         rows.append(row)
-    revoked = len(projects.revocations())
+    imported = len(projects.imported())
     if args.format == "json":
-        print(json.dumps({"approvals": rows, "revocations_imported": revoked}, indent=2))
+        print(json.dumps({"approvals": rows, "statements_imported": imported}, indent=2))
         return 0
     for row in rows:
         print(f"{row['project']}: {row['status']}")
         for key, value in row.items():
             if key not in ("project", "status"):
                 print(f"  {key}: {value}")
-    print(f"{revoked} revocation(s) imported by this trust")
+    print(f"{imported} statement(s) imported by this trust (revocations, guardian's word)")
     return 0
 
 

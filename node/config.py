@@ -27,7 +27,7 @@ from fedtre.request import PROJECT_ID
 from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
 from node.memory import MEMORY_LIMIT_PATTERN
 
-NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,11 @@ class NodeEngine:
         )
         try:
             check_ids(query_id, project_id)
-            # a project revoked since its prepare releases nothing (the lease refunds it)
-            self.projects.known(project_id)
+            held = self.ledger.entry(project_id, query_id)
+            if held is not None and held.state is State.PREPARED:
+                # the approval it was prepared under must hold still: one revoked since then
+                # releases nothing (the reservation expires and is refunded)
+                self.projects.for_commit(project_id, held.approval)
             entry, committed = self.ledger.commit(project_id, query_id)
             if committed:
                 self.generation.released()
@@ -452,6 +455,7 @@ class NodeEngine:
                 NODE_SCOPE: self.config.node_total_units,
             },
             self.config.prepare_lease_seconds,
+            prepared.approval,
         )
         entry = reservation.entry
         if entry.fingerprint != prepared.fingerprint:

@@ -101,6 +101,7 @@ class NodeHandler:
             epsilon=units_to_epsilon(request.epsilon_units),
             caller=f"{caller} for researcher:{request.researcher}",
             approval=request.approval,
+            signed=request.signed,
         )
         try:
             prepared = self.engine.prepare(query, cancelled=cancelled, time_left=time_left)

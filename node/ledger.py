@@ -49,7 +49,7 @@ from node.errors import LedgerUnavailable
 
 NODE_SCOPE = "node"
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the approval each query was prepared under
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spent (
@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS queries (
     expires_at REAL,
     result TEXT,
     decided_at TEXT,
+    approval TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (project_id, query_id)
 );
 CREATE INDEX IF NOT EXISTS queries_open ON queries (expires_at) WHERE expires_at IS NOT NULL;
@@ -113,6 +114,7 @@ class Entry:
     reserved_at: str  # ISO time the request was received: the answer's timestamp
     expires_at: float | None  # unix time the lease ends (open states only)
     result: str | None  # the stored noisy answer (prepared or committed)
+    approval: str = ""  # digest of the signed application it was prepared under ("" hand-kept)
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,23 @@ class Debit:
     state: State
 
 
-_COLUMNS = "project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result"
+_COLUMNS = (
+    "project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result, approval"
+)
 
 
 def _entry(row: tuple) -> Entry:
-    project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result = row
+    project_id, query_id, fingerprint, units, state, reserved_at, expires_at, result, app = row
     return Entry(
-        project_id, query_id, fingerprint, int(units), State(state), reserved_at, expires_at, result
+        project_id,
+        query_id,
+        fingerprint,
+        int(units),
+        State(state),
+        reserved_at,
+        expires_at,
+        result,
+        app or "",
     )
 
 
@@ -287,6 +299,7 @@ class Ledger:
         reserved_at: str,
         limits: Mapping[str, int],
         lease_seconds: float,
+        approval: str = "",
     ) -> Reservation:
         """Debit every scope in ``limits`` (scope -> total units allowed) for this query id.
 
@@ -313,8 +326,8 @@ class Ledger:
             expires = self._now() + lease_seconds
             con.execute(
                 "INSERT OR REPLACE INTO queries (project_id, query_id, fingerprint, units, "
-                "scopes, state, reserved_at, expires_at, result, decided_at) "
-                "VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, NULL, NULL)",
+                "scopes, state, reserved_at, expires_at, result, decided_at, approval) "
+                "VALUES (?, ?, ?, ?, ?, 'reserved', ?, ?, NULL, NULL, ?)",
                 (
                     project_id,
                     query_id,
@@ -323,10 +336,19 @@ class Ledger:
                     json.dumps(sorted(limits)),
                     reserved_at,
                     expires,
+                    approval,
                 ),
             )
             entry = Entry(
-                project_id, query_id, fingerprint, units, State.RESERVED, reserved_at, expires, None
+                project_id,
+                query_id,
+                fingerprint,
+                units,
+                State.RESERVED,
+                reserved_at,
+                expires,
+                None,
+                approval,
             )
             return Reservation(entry, created=True)
 
@@ -474,6 +496,9 @@ def _migrate(con: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             con.execute(statement)
+    columns = {r[1] for r in con.execute("PRAGMA table_info(queries)")}
+    if "approval" not in columns:  # version 2: no approvals recorded
+        con.execute("ALTER TABLE queries ADD COLUMN approval TEXT NOT NULL DEFAULT ''")
     old = {
         r[0]
         for r in con.execute(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
@@ -35,6 +35,7 @@ class PreparedQuery:
     release: ReleasePlan
     units: int
     fingerprint: str  # what a retry of the query id must match
+    approval: str = ""  # digest of the signed application it is prepared under ("" hand-kept)
 
 
 class Planner:
@@ -53,7 +54,10 @@ class Planner:
         """Check the request against this node's policy and fix its cost; refuses otherwise."""
         config = self.config
         request.check_fields()
-        project = self.projects.for_request(request.project_id, request.approval).policy
+        verified = self.projects.for_request(request.project_id, request.approval)
+        self.projects.check_signature(verified, request)
+        project = verified.policy
+        approval = verified.approved.digest if verified.approved is not None else ""
         units = epsilon_to_units(request.epsilon)
         if units < config.min_units_per_query:
             raise QueryRefused(
@@ -67,7 +71,8 @@ class Planner:
                 f"ε {units_to_epsilon(units):g} is above this project's per-query limit of "
                 f"{units_to_epsilon(project.max_units_per_query):g}.",
             )
-        return self._prepared(request.sql, project, units)
+        prepared = self._prepared(request.sql, project, units)
+        return replace(prepared, approval=approval) if approval else prepared
 
     def _parse(self, sql: str) -> QueryPlan:
         return parse_query(sql, self.config.catalog)

@@ -59,7 +59,7 @@ class Bundle:
             raise DocumentError("the approval is larger than 48 KiB")
         try:
             d: Any = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise DocumentError("the approval is not a JSON document") from None
         if not isinstance(d, dict) or set(d) != {"kind", "application", "statements"}:
             raise DocumentError("an approval has exactly: kind, application, statements")

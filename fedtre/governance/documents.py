@@ -26,9 +26,9 @@ from fedtre.dp import MAX_EPSILON, UNITS_PER_EPSILON
 from fedtre.errors import ConfigError
 from fedtre.request import PROJECT_ID
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")
+SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 MAX_TEXT = 4_000
 MAX_DOCUMENT_BYTES = 64 * 1024
 
@@ -133,6 +133,10 @@ class Application:
     def default_units(self) -> int:
         return units(self.default_epsilon)
 
+    @property
+    def submitted_at(self) -> dt.datetime:
+        return dt.datetime.strptime(self.submitted, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
     def expired(self, now: dt.datetime) -> bool:
         return now.astimezone(dt.UTC).date() > self.expires
 
@@ -167,13 +171,13 @@ class Application:
         d = _object(data, Kind.APPLICATION, set(_APPLICATION_FIELDS))
         app = Application(
             project_id=_match(d, "project_id", PROJECT_ID),
-            title=_text(d, "title", 200),
+            title=_text(d, "title", 200, line=True),
             lay_summary=_text(d, "lay_summary", MAX_TEXT),
             purpose=_enum(d, "purpose", Purpose),
-            organisation=_text(d, "organisation", 200),
+            organisation=_text(d, "organisation", 200, line=True),
             organisation_type=_enum(d, "organisation_type", OrganisationType),
             researchers=_names(d, "researchers"),
-            views=_names(d, "views", re.compile(r"^[a-z][a-z0-9_]{0,62}$")),
+            views=_names(d, "views", re.compile(r"^[a-z][a-z0-9_]{0,62}\Z")),
             max_tier=_enum(d, "max_tier", Tier),
             trusts=_names(d, "trusts"),
             epsilon_per_trust=_epsilon(d, "epsilon_per_trust", 1e6),
@@ -324,7 +328,7 @@ def _json(data: bytes) -> dict[str, Any]:
         raise DocumentError("document too large")
     try:
         d = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise DocumentError("not a JSON document") from None
     if not isinstance(d, dict):
         raise DocumentError("a document is a JSON object")
@@ -339,16 +343,21 @@ def _object(data: bytes, kind: Kind, fields: set[str]) -> dict[str, Any]:
     if missing:
         raise DocumentError(f"{kind.value}: missing {', '.join(missing)}")
     if unknown:
-        raise DocumentError(f"{kind.value}: unknown field(s) {', '.join(unknown)}")
+        named = [u for u in unknown if re.fullmatch(r"[a-z_]{1,40}", u)]
+        shown = ", ".join(named[:5]) if len(named) == len(unknown) else "(not shown)"
+        raise DocumentError(f"{kind.value}: unknown field(s) {shown}")
     return d
 
 
-def _text(d: Mapping[str, Any], key: str, limit: int, *, empty: bool = False) -> str:
+def _text(
+    d: Mapping[str, Any], key: str, limit: int, *, empty: bool = False, line: bool = False
+) -> str:
     v = d[key]
     if not isinstance(v, str) or len(v) > limit or (not empty and not v.strip()):
         raise DocumentError(f"{key}: text of 1 to {limit} characters")
-    if any(ord(c) < 32 and c not in "\n\t" for c in v):
-        raise DocumentError(f"{key}: control characters are not allowed")
+    allowed = "" if line else "\n"
+    if any(not c.isprintable() and c not in allowed for c in v):
+        raise DocumentError(f"{key}: control or invisible characters are not allowed")
     return v
 
 
@@ -418,7 +427,7 @@ def _time_text(d: Mapping[str, Any], key: str) -> str:
 
 def _time(d: Mapping[str, Any], key: str) -> dt.datetime:
     v = d[key]
-    if not isinstance(v, str) or not re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", v):
+    if not isinstance(v, str) or not re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z", v):
         raise DocumentError(f"{key}: a UTC time, YYYY-MM-DDTHH:MM:SSZ")
     try:
         return dt.datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fedtre.errors import ConfigError
 from fedtre.governance.bundle import Bundle
-from fedtre.governance.documents import Application, DocumentError, Signed, digest
+from fedtre.governance.documents import Application, DocumentError, Kind, Signed, digest
 from fedtre.pki import write_file
 from fedtre.request import PROJECT_ID
 
@@ -97,18 +97,31 @@ class Registry:
         return out
 
     def bundle(self, project_id: str) -> Bundle:
-        """The application with every statement that names this version of it."""
+        """The application with what counts about it: each signer's latest decision and each
+        trust's latest participation on this version, and every revocation of the project
+        (a revocation revokes every version submitted before it). Superseded statements are
+        left out, so renewals never make the bundle grow."""
         app = self.application(project_id)
         app_digest = digest(app)
-        own = []
+        latest: dict[tuple[str, str, str], tuple[dt.datetime, Signed]] = {}
+        revocations = []
         for signed in self.statements(project_id):
             try:
                 statement = signed.statement()
             except DocumentError:
                 continue
-            if statement.project_id == project_id and statement.application == app_digest:
-                own.append(signed)
-        return Bundle(app, tuple(own))
+            if statement.project_id != project_id:
+                continue
+            if statement.kind is Kind.REVOCATION:
+                revocations.append(signed)
+                continue
+            if statement.application != app_digest:
+                continue
+            key = (statement.kind.value, signed.key_id, statement.trust or "")
+            if key not in latest or statement.signed_at >= latest[key][0]:
+                latest[key] = (statement.signed_at, signed)
+        kept = [signed for _, signed in sorted(latest.values(), key=lambda v: v[0])]
+        return Bundle(app, tuple(revocations[-8:] + kept))
 
     def _dir(self, project_id: str) -> Path:
         if not isinstance(project_id, str) or not PROJECT_ID.match(project_id):

@@ -12,7 +12,8 @@ Refusals say, in plain words, which rule was not met. They never echo the docume
 from __future__ import annotations
 
 import datetime as dt
-import functools
+import hashlib
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -61,15 +62,22 @@ class Approved:
     valid_until: dt.datetime  # when the policy stops being met unless decisions are renewed
     # "signed by the data guardian", "by the trust's policy", or "" (the coordinator's check)
     participation: str
+    # the earliest time a statement already in hand starts to count (signed slightly in the
+    # future by a clock ahead of ours): the verdict may change then
+    next_change: dt.datetime | None = None
 
     @property
     def holds_until(self) -> dt.datetime:
         """Until when this verdict stands on the same documents (approvals lapse, the
-        application expires at the end of its day): a cache of it may be used until then."""
+        application expires at the end of its day, a statement starts to count): a cache of it
+        may be used until then."""
         expiry = dt.datetime.combine(
             self.application.expires + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC
         )
-        return min(self.valid_until, expiry)
+        times = [self.valid_until, expiry]
+        if self.next_change is not None:
+            times.append(self.next_change)
+        return min(times)
 
 
 def check(
@@ -78,10 +86,17 @@ def check(
     now: dt.datetime,
     *,
     trust: TrustPolicy | None = None,
-    revocations: Iterable[Signed] = (),
+    imported: Iterable[Signed] = (),
 ) -> Approved:
-    """The approval, verified; ``NotApproved`` saying why not. ``trust=None``: the checks that
-    do not depend on a trust (the coordinator's own, before it fans out)."""
+    """The approval, verified; ``NotApproved`` saying why not.
+
+    ``trust=None``: the checks that do not depend on a trust (the coordinator's own, before it
+    fans out). ``imported``: statements the trust imported itself (revocations, its data
+    guardian's participation), verified when imported; they count whatever the bundle omits.
+
+    A revocation revokes its project: every version of the application submitted before it.
+    A data guardian's latest word counts from the moment it is signed.
+    """
     try:
         app = bundle.parsed()
     except DocumentError as exc:
@@ -89,9 +104,12 @@ def check(
     app_digest = bundle.digest
     decisions: dict[str, tuple[Statement, Member]] = {}
     participations: list[Statement] = []
+    future: list[dt.datetime] = []
     guardians = {k.key_id: k for k in (trust.guardians if trust else ())}
-    for signed in (*bundle.statements, *revocations):
+    for signed in bundle.statements:
         statement = _statement(signed)
+        if statement.signed_at - CLOCK_SKEW > now:
+            future.append(statement.signed_at - CLOCK_SKEW)
         if statement.kind is Kind.PARTICIPATION:
             if trust is None or statement.trust != trust.trust:
                 continue  # another trust's say: not ours to check
@@ -113,28 +131,75 @@ def check(
             )
         _verify(member.key, signed, "a committee member's statement")
         if statement.kind is Kind.REVOCATION:
-            if statement.project_id == app.project_id and statement.application == app_digest:
-                raise NotApproved(
-                    f"the committee revoked this project on {statement.signed_at:%Y-%m-%d}"
-                    + (f": {statement.reason}" if statement.reason else "")
-                )
-            continue  # another project's revocation (from the node's imported list)
+            _revoked(statement, app)
+            continue  # another project's, or one before this version was submitted
         _same_application(statement, app, app_digest)
         latest = decisions.get(member.name)
         if latest is None or statement.signed_at >= latest[0].signed_at:
             decisions[member.name] = (statement, member)
+    for signed in imported:
+        said = _imported(signed)
+        if said is None or said.project_id != app.project_id:
+            continue
+        if said.kind is Kind.REVOCATION:
+            _revoked(said, app)  # checked at import; honoured even if its signer left
+        elif (
+            said.kind is Kind.PARTICIPATION
+            and trust is not None
+            and said.trust == trust.trust
+            and said.application == app_digest
+            and signed.key_id in guardians
+        ):
+            participations.append(said)
     if app.expired(now):
         raise NotApproved(f"the project's approval expired on {app.expires:%Y-%m-%d}")
     approvers, valid_until = _approvers(decisions.values(), committee, now)
     _meets_policy(app, approvers, committee)
     _within_purpose_rules(app, committee)
-    participation = "" if trust is None else _participation(app, trust, participations, now)
-    return Approved(app, app_digest, approvers, valid_until, participation)
+    participation = "" if trust is None else _participation(app, trust, participations)
+    return Approved(
+        app, app_digest, approvers, valid_until, participation, min(future, default=None)
+    )
 
 
-@functools.lru_cache(maxsize=4096)
+def _revoked(statement: Statement, app: Application) -> None:
+    if statement.project_id == app.project_id and app.submitted_at <= statement.signed_at:
+        raise NotApproved(
+            f"the committee revoked this project on {statement.signed_at:%Y-%m-%d}"
+            + (f": {_plain(statement.reason)}" if statement.reason else "")
+        )
+
+
+def _imported(signed: Signed) -> Statement | None:
+    try:
+        return signed.statement()
+    except DocumentError:
+        return None
+
+
+def _plain(text: str, limit: int = 200) -> str:
+    """Signed free text, as one short printable line (it goes into replies and audit lines)."""
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return flat[:limit] + ("…" if len(flat) > limit else "")
+
+
+_GOOD_SIGNATURES: dict[bytes, bool] = {}
+_GOOD_LOCK = threading.Lock()
+
+
 def _signature_ok(raw_key: bytes, signature: bytes, body: bytes) -> bool:
-    return PublicKey(raw_key).verify(signature, body)
+    """Checked signatures that held, remembered by a digest (failures are not remembered)."""
+    key = hashlib.sha256(raw_key + signature + body).digest()
+    with _GOOD_LOCK:
+        if key in _GOOD_SIGNATURES:
+            return True
+    if not PublicKey(raw_key).verify(signature, body):
+        return False
+    with _GOOD_LOCK:
+        if len(_GOOD_SIGNATURES) >= 4096:
+            _GOOD_SIGNATURES.clear()
+        _GOOD_SIGNATURES[key] = True
+    return True
 
 
 def _verify(key: PublicKey, signed: Signed, what: str) -> None:
@@ -203,16 +268,13 @@ def _within_purpose_rules(app: Application, committee: Committee) -> None:
         raise NotApproved(f"{what} must suppress counts below {rule.min_suppress_below}")
 
 
-def _participation(
-    app: Application, trust: TrustPolicy, signed: list[Statement], now: dt.datetime
-) -> str:
+def _participation(app: Application, trust: TrustPolicy, signed: list[Statement]) -> str:
     if trust.trust not in app.trusts:
         raise NotApproved("this trust is not named in the project's application")
     if app.purpose in trust.refuse_purposes:
         raise NotApproved(f"this trust does not take part in {app.purpose.value} projects")
-    current = [s for s in signed if s.signed_at - CLOCK_SKEW <= now]
-    if current:
-        latest = max(current, key=lambda s: s.signed_at)
+    if signed:
+        latest = max(signed, key=lambda s: (s.signed_at, s.participation is Participation.REFUSE))
         if latest.participation is Participation.REFUSE:
             raise NotApproved("this trust's data guardian declined to take part in the project")
         return "signed by the data guardian"

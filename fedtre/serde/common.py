@@ -18,6 +18,7 @@ from typing import cast
 from fedtre.catalog import Value
 from fedtre.errors import Refusal, WireError
 from fedtre.plan import AggregateKind
+from fedtre.request import SignedQuery
 from fedtre.result import NodeResult, ReleasedAggregate, ReleasedStatistic
 from fedtre.v2 import common_pb2 as pb
 
@@ -45,6 +46,21 @@ _STATISTIC_KINDS_BACK = {v: k for k, v in _STATISTIC_KINDS.items()}
 
 
 # -- refusals ---------------------------------------------------------------------------------
+
+
+def signed_query_to_proto(signed: SignedQuery | None) -> pb.SignedQuery | None:
+    if signed is None:
+        return None
+    return pb.SignedQuery(
+        statement=signed.statement, signature=signed.signature, certificate=signed.certificate
+    )
+
+
+def signed_query_from_proto(msg: pb.SignedQuery, present: bool) -> SignedQuery | None:
+    """``present``: the field was set (proto3 gives an empty message otherwise)."""
+    if not present:
+        return None
+    return SignedQuery(bytes(msg.statement), bytes(msg.signature), bytes(msg.certificate))
 
 
 def refusal_to_proto(refusal: Refusal) -> pb.Refusal:

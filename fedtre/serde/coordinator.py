@@ -24,6 +24,8 @@ from fedtre.serde.common import (
     cells_to_proto,
     refusal_from_proto,
     refusal_to_proto,
+    signed_query_from_proto,
+    signed_query_to_proto,
 )
 from fedtre.v2 import common_pb2 as pb
 from fedtre.v2 import coordinator_pb2 as cpb
@@ -43,7 +45,12 @@ _STATES_BACK = {v: k for k, v in _STATES.items()}
 
 
 def submission_to_proto(sub: Submission) -> cpb.SubmitRequest:
-    msg = cpb.SubmitRequest(query_id=sub.query_id, project_id=sub.project_id, sql=sub.sql)
+    msg = cpb.SubmitRequest(
+        query_id=sub.query_id,
+        project_id=sub.project_id,
+        sql=sub.sql,
+        signed=signed_query_to_proto(sub.signed),
+    )
     if sub.epsilon is not None:  # absent means the project's default; 0 is refused
         msg.epsilon = sub.epsilon
     return msg
@@ -51,7 +58,8 @@ def submission_to_proto(sub: Submission) -> cpb.SubmitRequest:
 
 def submission_from_proto(msg: cpb.SubmitRequest) -> Submission:
     epsilon = msg.epsilon if msg.HasField("epsilon") else None
-    return Submission(msg.query_id, msg.project_id, msg.sql, epsilon)
+    signed = signed_query_from_proto(msg.signed, msg.HasField("signed"))
+    return Submission(msg.query_id, msg.project_id, msg.sql, epsilon, signed)
 
 
 # -- trusts ---------------------------------------------------------------------------------

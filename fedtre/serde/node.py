@@ -26,6 +26,8 @@ from fedtre.serde.common import (
     node_result_to_proto,
     refusal_from_proto,
     refusal_to_proto,
+    signed_query_from_proto,
+    signed_query_to_proto,
 )
 from fedtre.v2 import common_pb2 as pb
 from fedtre.v2 import node_pb2 as npb
@@ -52,6 +54,7 @@ def prepare_request_to_proto(request: PrepareRequest) -> npb.PrepareRequest:
         epsilon_units=request.epsilon_units,
         researcher=request.researcher,
         approval=request.approval,
+        signed=signed_query_to_proto(request.signed),
     )
 
 
@@ -63,6 +66,7 @@ def prepare_request_from_proto(msg: npb.PrepareRequest) -> PrepareRequest:
         epsilon_units=int(msg.epsilon_units),
         researcher=_printable(msg.researcher, MAX_NAME),
         approval=bytes(msg.approval),
+        signed=signed_query_from_proto(msg.signed, msg.HasField("signed")),
     )
 
 

@@ -142,3 +142,13 @@ class NodeResult(_message.Message):
     released_at: str
     reference_date: str
     def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ..., reference_date: _Optional[str] = ...) -> None: ...
+
+class SignedQuery(_message.Message):
+    __slots__ = ("statement", "signature", "certificate")
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    signature: bytes
+    certificate: bytes
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...

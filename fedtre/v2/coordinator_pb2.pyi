@@ -39,16 +39,18 @@ class CatalogInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., digest: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("query_id", "project_id", "sql", "epsilon")
+    __slots__ = ("query_id", "project_id", "sql", "epsilon", "signed")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     EPSILON_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     project_id: str
     sql: str
     epsilon: float
-    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon: _Optional[float] = ...) -> None: ...
+    signed: _common_pb2.SignedQuery
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon: _Optional[float] = ..., signed: _Optional[_Union[_common_pb2.SignedQuery, _Mapping]] = ...) -> None: ...
 
 class TrustStatus(_message.Message):
     __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units")

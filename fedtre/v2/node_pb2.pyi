@@ -27,20 +27,22 @@ OUTCOME_REFUSED: Outcome
 OUTCOME_FAILED: Outcome
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("query_id", "project_id", "sql", "epsilon_units", "researcher", "approval")
+    __slots__ = ("query_id", "project_id", "sql", "epsilon_units", "researcher", "approval", "signed")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     SQL_FIELD_NUMBER: _ClassVar[int]
     EPSILON_UNITS_FIELD_NUMBER: _ClassVar[int]
     RESEARCHER_FIELD_NUMBER: _ClassVar[int]
     APPROVAL_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     project_id: str
     sql: str
     epsilon_units: int
     researcher: str
     approval: bytes
-    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., researcher: _Optional[str] = ..., approval: _Optional[bytes] = ...) -> None: ...
+    signed: _common_pb2.SignedQuery
+    def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., researcher: _Optional[str] = ..., approval: _Optional[bytes] = ..., signed: _Optional[_Union[_common_pb2.SignedQuery, _Mapping]] = ...) -> None: ...
 
 class DecisionRequest(_message.Message):
     __slots__ = ("query_id", "project_id")

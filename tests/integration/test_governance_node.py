@@ -17,7 +17,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -30,9 +30,11 @@ from fedtre.governance.bundle import Bundle
 from fedtre.governance.documents import Signed, Verdict
 from fedtre.governance.keys import SigningKey
 from fedtre.governance.local import application
+from fedtre.governance.query_signature import sign as sign_query
 from fedtre.pki import Role
 from fedtre.serde.common import refusal_from_proto
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
+from fedtre.v2 import common_pb2 as pb
 from fedtre.v2 import node_pb2 as npb
 from fedtre.v2 import node_pb2_grpc
 from tests.integration.federation import PROJECT, Federation, make_databases, make_pki
@@ -65,7 +67,28 @@ def _fedtre(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
-def _prepare(fed: Federation, node: str, project: str, approval: bytes, qid: str):  # type: ignore[no-untyped-def]
+def _signed(
+    fed: Federation, project: str, qid: str, researcher: str = "alice", sql: str = BY_SEX
+) -> pb.SignedQuery:
+    """``researcher``'s signature over the query, made as their client makes it."""
+    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, researcher)
+    s = sign_query(files.key, files.cert, project, qid, sql, 0.1)
+    return pb.SignedQuery(statement=s.statement, signature=s.signature, certificate=s.certificate)
+
+
+def _prepare(  # type: ignore[no-untyped-def]
+    fed: Federation,
+    node: str,
+    project: str,
+    approval: bytes,
+    qid: str,
+    signed: pb.SignedQuery | None = None,
+    sql: str = BY_SEX,
+):
+    """A Prepare straight to a node with the coordinator's certificate, signed by alice
+    unless ``signed`` says otherwise."""
+    if signed is None:
+        signed = _signed(fed, project, qid)
     files = TlsFiles.in_pki_dir(fed.pki, Role.COORDINATOR, "hub")
     with grpc.secure_channel(
         fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
@@ -74,10 +97,11 @@ def _prepare(fed: Federation, node: str, project: str, approval: bytes, qid: str
             npb.PrepareRequest(
                 query_id=qid,
                 project_id=project,
-                sql=BY_SEX,
+                sql=sql,
                 epsilon_units=100_000,
                 researcher="alice",
                 approval=approval,
+                signed=signed,
             ),
             timeout=10,
         )
@@ -95,13 +119,20 @@ def _abort(fed: Federation, node: str, project: str, qid: str) -> None:
 
 
 def _refused_everywhere(
-    fed: Federation, project: str, approval: bytes, qid: str, says: str
+    fed: Federation,
+    project: str,
+    approval: bytes,
+    qid: str,
+    says: str,
+    sign: Callable[[str], pb.SignedQuery] | None = None,
 ) -> None:
     """Each node refuses, says why, audits it, and spends nothing."""
     for node in TRUSTS:
         before = fed.spent_units(node, f"project:{project}")
         lines = len(fed.audit(node))
-        reply = _prepare(fed, node, project, approval, f"{qid}-{node}")
+        node_qid = f"{qid}-{node}"
+        signed = sign(node_qid) if sign is not None else None
+        reply = _prepare(fed, node, project, approval, node_qid, signed)
         assert reply.outcome == npb.OUTCOME_REFUSED, (node, reply.reason)
         assert refusal_from_proto(reply.refusal) is Refusal.NOT_AUTHORISED, reply.reason
         assert says in reply.reason, (node, reply.reason)
@@ -196,11 +227,11 @@ def test_a_revocation_the_coordinator_withholds_reaches_each_node_by_import(
         listed = _fedtre(
             "node", "approvals", "list", "--config", str(fed.node_dir("trust-a") / "config.toml")
         ).stdout
-        assert f"{PROJECT}: refused" in listed and "1 revocation(s) imported" in listed
+        assert f"{PROJECT}: refused" in listed and "1 statement(s) imported" in listed
     finally:
         # the rest of the module's tests use a fresh project id
         for node in TRUSTS:
-            for path in (fed.node_dir(node) / "state" / "revocations").glob("*.json"):
+            for path in (fed.node_dir(node) / "state" / "imported").glob("*.json"):
                 path.unlink()
 
 
@@ -270,3 +301,147 @@ def test_made_up_approvals_from_the_coordinator_s_certificate_are_refused(
         assert reply.outcome == npb.OUTCOME_PREPARED, reply.reason
         _abort(fed, "trust-a", project, "honest")
     _refused_everywhere(fed, project, _forge(fed, project, kind), f"forged-{project}", says)
+
+
+@pytest.mark.parametrize(
+    ("case", "says"),
+    [
+        ("unsigned", "not signed by its researcher"),
+        ("not named", "not named in the approval"),
+        ("other query", "differs from the query its researcher signed"),
+        ("other project", "differs from the query its researcher signed"),
+        ("coordinator's certificate", "not a researcher's"),
+    ],
+)
+def test_a_coordinator_cannot_invent_or_alter_a_researcher_s_query(
+    fed: Federation, case: str, says: str
+) -> None:
+    """The approval holds; the query is not one its researcher signed."""
+    project = "partial"  # approved, alice named; mallory is a researcher on no project
+    approval = fed.governance.registry.bundle(project).to_bytes()
+    pki = fed.pki
+
+    def sign(qid: str) -> pb.SignedQuery:
+        if case == "unsigned":
+            return pb.SignedQuery()
+        if case == "not named":
+            return _signed(fed, project, qid, researcher="mallory")
+        if case == "other query":
+            return _signed(fed, project, qid, sql="SELECT COUNT(*) AS n FROM patients")
+        if case == "other project":
+            return _signed(fed, PROJECT, qid)
+        files = TlsFiles.in_pki_dir(pki, Role.COORDINATOR, "hub")
+        s = sign_query(files.key, files.cert, project, qid, BY_SEX, 0.1)
+        return pb.SignedQuery(
+            statement=s.statement, signature=s.signature, certificate=s.certificate
+        )
+
+    qid = "invent-" + case.replace(" ", "-").replace("'", "")
+    _refused_everywhere(fed, project, approval, qid, says, sign)
+
+
+def _commit(fed: Federation, node: str, project: str, qid: str):  # type: ignore[no-untyped-def]
+    files = TlsFiles.in_pki_dir(fed.pki, Role.COORDINATOR, "hub")
+    with grpc.secure_channel(
+        fed.nodes[node].address, channel_credentials(files), options=channel_options(node)
+    ) as channel:
+        return node_pb2_grpc.NodeServiceStub(channel).Commit(
+            npb.DecisionRequest(query_id=qid, project_id=project), timeout=10
+        )
+
+
+def _approve_fresh(fed: Federation, project: str, epsilon: float = 5.0) -> bytes:
+    """Submit (a new version of) ``project`` and have ann and bob approve it; its bundle."""
+    fed.governance.approve(
+        application(
+            project,
+            researchers=("alice",),
+            trusts=TRUSTS,
+            views=("patients", "conditions"),
+            max_tier="mental_health",
+            epsilon_per_trust=epsilon,
+            max_epsilon_per_query=1.0,
+            default_epsilon=None,
+            allow_partial=False,
+            suppress_below=0,
+            round_to=1,
+        )
+    )
+    return fed.governance.registry.bundle(project).to_bytes()
+
+
+def _import(fed: Federation, node: str, path: Path) -> str:
+    config = str(fed.node_dir(node) / "config.toml")
+    return _fedtre("node", "approvals", "import", "--config", config, str(path)).stdout
+
+
+def test_a_commit_is_checked_against_the_approval_it_was_prepared_under(
+    fed: Federation,
+) -> None:
+    """Revoked between prepare and commit: the commit releases nothing, even after another,
+    later-approved version of the project has been shown to the node."""
+    import time
+
+    project = "swap"
+    v1 = _approve_fresh(fed, project)
+    prepared = _prepare(fed, "trust-a", project, v1, "swap-1")
+    assert prepared.outcome == npb.OUTCOME_PREPARED, prepared.reason
+    _import(fed, "trust-a", fed.governance.revoke(project, by="bob", reason="stop"))
+    time.sleep(1.1)  # the next version is submitted after the revocation (whole seconds)
+    v2 = _approve_fresh(fed, project)
+    again = _prepare(fed, "trust-a", project, v2, "swap-2")  # the node now holds v2 as newest
+    assert again.outcome == npb.OUTCOME_PREPARED, again.reason
+    commit = _commit(fed, "trust-a", project, "swap-1")
+    assert commit.outcome == npb.OUTCOME_REFUSED and "revoked" in commit.reason
+    assert not commit.HasField("result")
+    assert _commit(fed, "trust-a", project, "swap-2").outcome == npb.OUTCOME_COMMITTED
+
+
+def test_an_older_version_cannot_bring_back_a_larger_budget(fed: Federation) -> None:
+    import time
+
+    project = "shrunk"
+    v1 = _approve_fresh(fed, project, epsilon=5.0)
+    time.sleep(1.1)
+    v2 = _approve_fresh(fed, project, epsilon=1.0)  # the committee narrowed it
+    assert _prepare(fed, "trust-b", project, v2, "shrunk-1").outcome == npb.OUTCOME_PREPARED
+    old = _prepare(fed, "trust-b", project, v1, "shrunk-2")
+    assert old.outcome == npb.OUTCOME_REFUSED and "superseded" in old.reason
+
+
+def test_a_data_guardian_s_withdrawal_imported_by_the_trust_holds_whatever_is_sent(
+    fed: Federation, tmp_path: Path
+) -> None:
+    project = "withdrawn"
+    bundle = _approve_fresh(fed, project)
+    assert _prepare(fed, "trust-c", project, bundle, "wd-1").outcome == npb.OUTCOME_PREPARED
+    out = tmp_path / "withdrawal.json"
+    _fedtre(
+        "project", "participate", "--registry", str(fed.governance.registry.root), project,
+        "--trust", "trust-c", "--key", str(fed.governance.directory / "guardian-trust-c.key"),
+        "--refuse", "--reason", "local concerns",
+    )  # fmt: skip
+    signed = [
+        s
+        for s in fed.governance.registry.statements(project)
+        if s.statement().kind.value == "fedtre.participation/1"
+    ]
+    out.write_text(json.dumps(signed[-1].to_json()))
+    assert "data guardian's refuse" in _import(fed, "trust-c", out)
+    refused = _prepare(fed, "trust-c", project, bundle, "wd-2")  # the bundle omits it
+    assert refused.outcome == npb.OUTCOME_REFUSED and "declined" in refused.reason
+
+
+@pytest.mark.parametrize("project", ["../../etc/passwd", "study\n", "x" * 100])
+def test_budget_requests_for_malformed_project_ids_are_refused(
+    fed: Federation, project: str
+) -> None:
+    files = TlsFiles.in_pki_dir(fed.pki, Role.COORDINATOR, "hub")
+    with grpc.secure_channel(
+        fed.nodes["trust-a"].address, channel_credentials(files), options=channel_options("trust-a")
+    ) as channel:
+        reply = node_pb2_grpc.NodeServiceStub(channel).Budget(
+            npb.BudgetRequest(project_id=project), timeout=10
+        )
+    assert reply.outcome == npb.OUTCOME_REFUSED
+    assert refusal_from_proto(reply.refusal) is Refusal.INVALID_REQUEST

@@ -217,13 +217,51 @@ def test_a_revoked_project_is_refused_also_when_the_coordinator_withholds_the_re
         _approved_bundle().with_statement(revoked)
     )
     # the coordinator sends the bundle without it; the node imported it itself
-    assert "revoked" in _refused(_approved_bundle(), revocations=[revoked])
-    # a revocation by someone off the committee is not a revocation, it is a forgery
+    assert "revoked" in _refused(_approved_bundle(), imported=[revoked])
+    # in a bundle, a revocation by someone off the committee is a forgery
     fake = statements.revocation(OUTSIDER, data, "", NOW)
-    assert "not on this node's committee list" in _refused(_approved_bundle(), revocations=[fake])
+    assert "not on this node's committee list" in _refused(_approved_bundle().with_statement(fake))
     # another project's revocation leaves this one alone
     other = statements.revocation(CAT, _app(project_id="other").to_bytes(), "", NOW)
-    check(_approved_bundle(), COMMITTEE, NOW, trust=TRUST_A, revocations=[other])
+    check(_approved_bundle(), COMMITTEE, NOW, trust=TRUST_A, imported=[other])
+
+
+def test_a_revocation_revokes_every_version_submitted_before_it() -> None:
+    v1 = _app()
+    v2 = _app(epsilon_per_trust=2.0, submitted="2026-12-02T11:00:00Z")
+    revoked = statements.revocation(CAT, v2.to_bytes(), "stop", NOW)  # signed against v2
+    assert "revoked" in _refused(_approved_bundle(v1), imported=[revoked])
+    assert "revoked" in _refused(_approved_bundle(v1).with_statement(revoked))
+    # a version submitted after the revocation is a new application: it can be approved again
+    v3 = _app(submitted="2026-12-02T13:00:00Z")
+    later = NOW + dt.timedelta(hours=2)
+    data = v3.to_bytes()
+    bundle = _bundle(
+        data, *_approve(data, ANN, BOB, at=later), _guardian(data, GUARDIAN_A, "trust-a")
+    )
+    check(bundle, COMMITTEE, later, trust=TRUST_A, imported=[revoked])
+
+
+def test_a_guardian_s_withdrawal_imported_by_the_trust_counts_when_the_bundle_omits_it() -> None:
+    data = _app().to_bytes()
+    withdrawn = statements.participation(GUARDIAN_A, data, "trust-a", Participation.REFUSE, "", NOW)
+    assert "declined" in _refused(_approved_bundle(), imported=[withdrawn])
+    # dated a little ahead (the guardian's clock is fast): it counts at once all the same
+    ahead = statements.participation(
+        GUARDIAN_A, data, "trust-a", Participation.REFUSE, "", NOW + dt.timedelta(minutes=10)
+    )
+    assert "declined" in _refused(_approved_bundle().with_statement(ahead))
+
+
+def test_a_verdict_is_not_kept_past_a_statement_that_starts_to_count_later() -> None:
+    data = _app().to_bytes()
+    # a member's rejection dated ahead withdraws their approval at once
+    soon = statements.decision(BOB, data, Verdict.REJECT, "", NOW + dt.timedelta(hours=1), DAY)
+    assert "it has 1" in _refused(_approved_bundle().with_statement(soon))
+    # an approval dated ahead counts only from then: a verdict now is kept no longer than that
+    ahead = _approve(data, CAT, at=NOW + dt.timedelta(hours=1))[0]
+    approved = check(_approved_bundle().with_statement(ahead), COMMITTEE, NOW, trust=TRUST_A)
+    assert approved.holds_until <= NOW + dt.timedelta(hours=1)
 
 
 # -- THREATS.md: under-signed, missing service user -------------------------------------------
@@ -358,3 +396,137 @@ def test_signing_keys_are_written_owner_only_and_never_overwritten(tmp_path: Pat
     assert keys.PublicKey.parse(keys.public_path(path).read_text().strip()) == key.public
     with pytest.raises(ConfigError, match="already exists"):
         keys.generate(path)
+
+
+# -- queries signed by their researcher ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def researchers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedtre import pki
+
+    home = tmp_path_factory.mktemp("pki")
+    pki.init_ca(home)
+    pki.issue(home, pki.Role.RESEARCHER, "alice")
+    pki.issue(home, pki.Role.NODE, "trust-a")
+    pki.issue(
+        home,
+        pki.Role.RESEARCHER,
+        "stale",
+        not_before=dt.datetime.now(dt.UTC) - 10 * DAY,
+        not_after=dt.datetime.now(dt.UTC) - DAY,
+    )
+    other = home / "other"
+    pki.init_ca(other)
+    pki.issue(other, pki.Role.RESEARCHER, "alice")
+    return home
+
+
+def _verify_query(home: Path, signed: object, **changes: object) -> str:
+    from fedtre.governance.query_signature import verify
+
+    request = {
+        "project_id": "dep-prev",
+        "query_id": "q-1",
+        "sql": "SELECT COUNT(*) AS n FROM patients",
+        "epsilon_units": 100_000,
+        **changes,
+    }
+    return verify(
+        signed,  # type: ignore[arg-type]
+        ca_pem=(home / "ca.pem").read_bytes(),
+        application=_app(researchers=("alice", "stale")),
+        now=dt.datetime.now(dt.UTC),
+        **request,  # type: ignore[arg-type]
+    )
+
+
+def _sign_as(home: Path, role: str, name: str, eps: float | None = 0.1) -> object:
+    from fedtre.governance.query_signature import sign
+
+    return sign(
+        home / f"{role}-{name}.key",
+        home / f"{role}-{name}.pem",
+        "dep-prev",
+        "q-1",
+        "SELECT COUNT(*) AS n FROM patients",
+        eps,
+    )
+
+
+def test_a_query_signed_by_a_named_researcher_holds(researchers: Path) -> None:
+    assert _verify_query(researchers, _sign_as(researchers, "researcher", "alice")) == "alice"
+    default = _sign_as(researchers, "researcher", "alice", eps=None)  # the project's default ε
+    assert _verify_query(researchers, default, epsilon_units=_app().default_units) == "alice"
+
+
+@pytest.mark.parametrize(
+    ("how", "says"),
+    [
+        ("unsigned", "not signed by its researcher"),
+        ("other sql", "differs from the query its researcher signed"),
+        ("other id", "differs from the query its researcher signed"),
+        ("more epsilon", "ε differs"),
+        ("tampered statement", "does not match its researcher's signature"),
+        ("another CA", "not signed by the federation CA"),
+        ("expired certificate", "outside its validity period"),
+        ("a node's certificate", "not a researcher's"),
+    ],
+)
+def test_queries_not_signed_as_sent_are_refused(researchers: Path, how: str, says: str) -> None:
+    import dataclasses as dc
+
+    signed = _sign_as(researchers, "researcher", "alice")
+    changes: dict[str, object] = {}
+    if how == "unsigned":
+        signed = None
+    elif how == "other sql":
+        changes["sql"] = "SELECT COUNT(*) AS n FROM conditions"
+    elif how == "other id":
+        changes["query_id"] = "q-2"
+    elif how == "more epsilon":
+        changes["epsilon_units"] = 900_000
+    elif how == "tampered statement":
+        body = signed.statement.replace(b"patients", b"visits")  # type: ignore[attr-defined]
+        signed = dc.replace(signed, statement=body)  # type: ignore[type-var]
+    elif how == "another CA":
+        signed = _sign_as(researchers / "other", "researcher", "alice")
+    elif how == "expired certificate":
+        signed = _sign_as(researchers, "researcher", "stale")
+    else:
+        signed = _sign_as(researchers, "node", "trust-a")
+    with pytest.raises(NotApproved) as info:
+        _verify_query(researchers, signed, **changes)
+    assert says in str(info.value)
+
+
+def test_malformed_documents_are_refused_without_echoing_them() -> None:
+    d = _app().to_json()
+    with pytest.raises(DocumentError) as info:
+        Application.from_bytes(json.dumps({**d, "\x1b[2J" + "x" * 1000: 1}).encode())
+    assert "\x1b" not in str(info.value) and len(str(info.value)) < 200
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(DocumentError):
+        Bundle.from_bytes(deep[:40_000])
+    with pytest.raises(DocumentError, match="invisible"):
+        Application.from_bytes(json.dumps({**d, "title": "ok\nstatus: approved"}).encode())
+
+
+def test_the_registry_bundle_keeps_each_signer_s_latest_word(tmp_path: Path) -> None:
+    from fedtre.governance.registry import Registry
+
+    registry = Registry(tmp_path)
+    data = registry.submit(_app())
+    for day in range(40):  # forty renewals by two members
+        for key in (ANN, BOB):
+            registry.add("dep-prev", _approve(data, key, at=NOW - dt.timedelta(days=40 - day))[0])
+    bundle = registry.bundle("dep-prev")
+    assert len(bundle.statements) == 2
+    check(
+        bundle,
+        COMMITTEE,
+        NOW,
+        trust=dataclasses.replace(
+            TRUST_A, accept_purposes=frozenset({Purpose.PUBLIC_BENEFIT_RESEARCH})
+        ),
+    )
