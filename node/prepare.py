@@ -54,10 +54,6 @@ class Planner:
         """Check the request against this node's policy and fix its cost; refuses otherwise."""
         config = self.config
         request.check_fields()
-        verified = self.projects.for_request(request.project_id, request.approval)
-        self.projects.check_signature(verified, request)
-        project = verified.policy
-        approval = verified.approved.digest if verified.approved is not None else ""
         units = epsilon_to_units(request.epsilon)
         if units < config.min_units_per_query:
             raise QueryRefused(
@@ -65,6 +61,10 @@ class Planner:
                 f"ε {units_to_epsilon(units):g} is below this trust's minimum of "
                 f"{units_to_epsilon(config.min_units_per_query):g} per query.",
             )
+        verified = self.projects.for_request(request.project_id, request.approval)
+        self.projects.check_signature(verified, request)
+        project = verified.policy
+        approval = verified.approved.digest if verified.approved is not None else ""
         if units > project.max_units_per_query:
             raise QueryRefused(
                 Refusal.OUT_OF_SCOPE,

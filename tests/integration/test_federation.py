@@ -20,8 +20,9 @@ from fedtre.answer import NotReleased
 from fedtre.catalog import Catalog, load_catalog
 from fedtre.client import Client, ConnectionTrust, CoordinatorUnavailable, Profile
 from fedtre.errors import Refusal, UserError
+from fedtre.governance.query_signature import sign as sign_query
 from fedtre.pki import Role
-from fedtre.serde.common import refusal_from_proto
+from fedtre.serde.common import refusal_from_proto, signed_query_to_proto
 from fedtre.tls import NO_REQUEST, TlsFiles, channel_credentials, channel_options
 from fedtre.v2 import coordinator_pb2 as cpb
 from fedtre.v2 import coordinator_pb2_grpc, node_pb2_grpc
@@ -305,9 +306,16 @@ def test_a_node_refuses_what_it_has_not_approved_even_from_the_coordinator(
             (PROJECT, 0, Refusal.INVALID_EPSILON),
         ]
         for i, (project, units, refusal) in enumerate(cases):
+            # signed by alice as her client would: the node's own rules still refuse
+            files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
+            signed = sign_query(files.key, files.cert, project, f"direct-{i}", BY_SEX, units / 1e6)
             reply = stub.Prepare(
                 npb.PrepareRequest(
-                    query_id=f"direct-{i}", project_id=project, sql=BY_SEX, epsilon_units=units
+                    query_id=f"direct-{i}",
+                    project_id=project,
+                    sql=BY_SEX,
+                    epsilon_units=units,
+                    signed=signed_query_to_proto(signed),
                 ),
                 timeout=10,
             )

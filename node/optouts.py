@@ -1,0 +1,187 @@
+"""Live, granular opt-outs: persons who said no, kept at the node and applied to every query.
+
+Three kinds, as service users asked for them:
+
+- ``national``: no research use at all: the person does not exist for any project;
+- ``commercial``: no commercial use: the person does not exist for projects whose approved
+  purpose is commercial (they still count for public-benefit research and service evaluation);
+- ``mental_health``: no use of my mental-health records: the person does not exist for a query
+  that reads mental-health rows or columns (a project approved up to the mental-health tier or
+  above, over a view whose rows at that tier include them, or a query naming such a column).
+
+The list lives in the node's state directory (``optouts.sqlite``, owner-only: it is
+person-level data, kept with the same care as the database) and is changed with ``fedtre node
+optout import|remove``; a running node sees a change from its next query (SQLite's
+``data_version``), without a reload. The node removes the persons inside the query, before any
+aggregate or cohort, by their ``person_id``: everything derived for any other person depends only
+on that person's own rows, so an opted-out person has exactly no influence on what is released.
+Counts per kind are shown to operators; the ids never leave this module except into the query.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from fedtre.errors import ConfigError, InternalError
+
+FILE = "optouts.sqlite"
+MAX_IDS = 50_000_000
+
+
+class OptOut(Enum):
+    NATIONAL = "national"
+    COMMERCIAL = "commercial"
+    MENTAL_HEALTH = "mental_health"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS optout (
+    person_id INTEGER NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('national', 'commercial', 'mental_health')),
+    PRIMARY KEY (person_id, kind)
+) WITHOUT ROWID
+"""
+
+
+class OptOutsUnavailable(InternalError):
+    """The opt-out list cannot be read: the node answers nothing rather than ignore it."""
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: OptOut
+    added: int
+    removed: int
+    total: int
+
+
+class OptOuts:
+    """The opt-out list of one node. ``ids(kinds)`` is asked on every query."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = Path(state_dir) / FILE
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._version: int | None = None
+        self._watcher: sqlite3.Connection | None = None
+        self._cache: dict[frozenset[OptOut], tuple[int, ...]] = {}
+        try:
+            fresh = not self.path.exists()
+            con = self._con()
+            if fresh:
+                os.chmod(self.path, 0o600)
+            con.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise OptOutsUnavailable(f"cannot open the opt-out list {self.path}: {exc}") from exc
+
+    def _con(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=60000")
+            self._local.con = con
+        return con
+
+    # -- the query path ------------------------------------------------------------------------
+
+    def ids(self, kinds: frozenset[OptOut]) -> tuple[int, ...]:
+        """The persons opted out of any of ``kinds`` now, sorted (empty: nobody).
+
+        One connection watches the file: SQLite's ``data_version`` on it changes whenever
+        another connection (``fedtre node optout``) has committed a change."""
+        if not kinds:
+            return ()
+        with self._lock:
+            try:
+                watch = self._watch()
+                version = int(watch.execute("PRAGMA data_version").fetchone()[0])
+                if version != self._version:
+                    self._cache.clear()
+                    self._version = version
+                cached = self._cache.get(kinds)
+                if cached is not None:
+                    return cached
+                marks = ", ".join("?" for _ in kinds)
+                rows = watch.execute(
+                    f"SELECT DISTINCT person_id FROM optout WHERE kind IN ({marks}) ORDER BY 1",
+                    [k.value for k in kinds],
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise OptOutsUnavailable(f"cannot read the opt-out list: {exc}") from exc
+            out = tuple(int(r[0]) for r in rows)
+            self._cache[kinds] = out
+            return out
+
+    def _watch(self) -> sqlite3.Connection:
+        if self._watcher is None:
+            self._watcher = sqlite3.connect(
+                self.path, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            self._watcher.execute("PRAGMA busy_timeout=60000")
+        return self._watcher
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        rows = self._con().execute("SELECT kind, COUNT(*) FROM optout GROUP BY kind").fetchall()
+        found = {str(k): int(n) for k, n in rows}
+        return {k.value: found.get(k.value, 0) for k in OptOut}
+
+    def add(self, kind: OptOut, ids: Iterable[int]) -> Change:
+        return self._change(kind, ids, add=True)
+
+    def remove(self, kind: OptOut, ids: Iterable[int]) -> Change:
+        return self._change(kind, ids, add=False)
+
+    def _change(self, kind: OptOut, ids: Iterable[int], *, add: bool) -> Change:
+        con = self._con()
+        rows = [(int(i), kind.value) for i in ids]
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            before = con.total_changes
+            if add:
+                con.executemany("INSERT OR IGNORE INTO optout VALUES (?, ?)", rows)
+            else:
+                con.executemany("DELETE FROM optout WHERE person_id = ? AND kind = ?", rows)
+            changed = con.total_changes - before
+            total = int(
+                con.execute("SELECT COUNT(*) FROM optout WHERE kind = ?", (kind.value,)).fetchone()[
+                    0
+                ]
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return Change(kind, changed if add else 0, 0 if add else changed, total)
+
+
+def read_person_ids(path: Path) -> list[int]:
+    """A CSV with a ``person_id`` column (the ids the trust's database uses). Refuses the whole
+    file on any bad line, naming the line, never its text: no opt-out is skipped silently."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: not a readable UTF-8 file") from exc
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or "person_id" not in [f.strip() for f in reader.fieldnames]:
+        raise ConfigError(f"{path}: needs a 'person_id' column")
+    column = next(f for f in reader.fieldnames if f.strip() == "person_id")
+    out = []
+    for line, row in enumerate(reader, start=2):
+        value = (row.get(column) or "").strip()
+        if not value.isdigit() or len(value) > 18:
+            raise ConfigError(f"{path} line {line}: person_id must be a whole number")
+        out.append(int(value))
+        if len(out) > MAX_IDS:
+            raise ConfigError(f"{path}: more than {MAX_IDS:,} lines")
+    return out
