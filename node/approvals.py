@@ -288,6 +288,7 @@ class Projects:
             max_units_per_query=per_query,
             views=frozenset(app.views),
             max_tier=app.max_tier,
+            purpose=app.purpose.value,
         )
         return Verified(policy, approved)
 

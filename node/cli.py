@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import signal
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -25,6 +26,7 @@ from node.engine import NodeEngine
 from node.ledger import NODE_SCOPE
 from node.load_progress import LoadProgress
 from node.loader import load_omop
+from node.optouts import OptOut, OptOuts, read_person_ids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +110,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     lst.add_argument("--format", choices=["table", "json"], default="table")
     lst.set_defaults(func=_approvals_list)
 
+    optout = node_sub.add_parser(
+        "optout",
+        help="persons who opted out (national, commercial, mental_health): a running node "
+        "applies a change from its next query",
+    )
+    optout_sub = optout.add_subparsers(dest="optout_command", required=True, metavar="ACTION")
+    for name, helptext in (
+        ("import", "add the persons in a CSV (person_id column) to an opt-out"),
+        ("remove", "take the persons in a CSV off an opt-out"),
+    ):
+        p = optout_sub.add_parser(name, help=helptext)
+        p.add_argument("--config", type=Path, required=True)
+        p.add_argument("--kind", required=True, choices=[k.value for k in OptOut])
+        p.add_argument("file", type=Path)
+        p.set_defaults(func=_optout_change, add=name == "import")
+    counts = optout_sub.add_parser("list", help="how many persons each opt-out holds")
+    counts.add_argument("--config", type=Path, required=True)
+    counts.add_argument("--format", choices=["table", "json"], default="table")
+    counts.set_defaults(func=_optout_list)
+
     health = node_sub.add_parser(
         "health", help="ask a running node's local health endpoint ([metrics] listen)"
     )
@@ -115,6 +137,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     health.set_defaults(func=_health)
 
     demo.register(node_sub)
+
+
+def _optout_change(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config)
+    ids = read_person_ids(args.file)
+    optouts = OptOuts(config.state_dir)
+    kind = OptOut(args.kind)
+    change = optouts.add(kind, ids) if args.add else optouts.remove(kind, ids)
+    verb = f"added {change.added:,}" if args.add else f"removed {change.removed:,}"
+    print(
+        f"{kind.value} opt-out: {verb} of {len(ids):,} person id(s) in {args.file}; it now "
+        f"holds {change.total:,}. A running node applies it from its next query."
+    )
+    for warning in _world_readable(args.file):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _world_readable(path: Path) -> list[str]:
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return [
+            f"{path} is readable by other users (mode {mode:04o}): it is person-level data; "
+            f"chmod 600 {path}, or delete it now that it is imported"
+        ]
+    return []
+
+
+def _optout_list(args: argparse.Namespace) -> int:
+    counts = OptOuts(load_node_config(args.config).state_dir).counts()
+    if args.format == "json":
+        print(json.dumps(counts, indent=2))
+        return 0
+    for kind, n in counts.items():
+        print(f"{kind:<14} {n:>12,} person(s)")
+    return 0
 
 
 def _approvals_import(args: argparse.Namespace) -> int:

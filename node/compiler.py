@@ -24,7 +24,10 @@ rows in a view are the first ``cap`` of them in that order, wherever the view is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import pyarrow as pa
 
 from fedtre.catalog import Catalog, Tier, Value, View
 from fedtre.plan import (
@@ -41,6 +44,10 @@ from fedtre.statistics import Statistic, cells_for, statistics_for
 from node.database import clamped_column, kept_column
 
 LONG_LIST = 16  # IN lists longer than this are matched as one bound list (see _predicate_sql)
+# The opted-out persons' ids, registered on the query's cursor as an Arrow table under a name no
+# catalog identifier can take (those start with a letter): no copy of a long list per query.
+EXCLUDED_TABLE = "_fedtre_excluded"
+EXCLUDED = f"t.person_id NOT IN (SELECT id FROM {EXCLUDED_TABLE})"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class CompiledQuery:
     group_by: tuple[str, ...]
     cells: tuple[tuple[Value, ...], ...]
     statistics: tuple[Statistic, ...]
+    # The same query with opted-out persons removed (EXCLUDED_TABLE registered by run_exact).
+    sql_excluding: str = ""
 
 
 def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery:
@@ -66,11 +75,16 @@ def compile_plan(plan: QueryPlan, catalog: Catalog, tier: Tier) -> CompiledQuery
     where = [f't."{_kept(view, tier)}"']
     if plan.where is not None:
         where.append(_predicate_sql(plan.where, "t", catalog, tier, params, depth=0))
-    sql = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE {" AND ".join(where)}'
-    if plan.group_by:
-        sql += " GROUP BY " + ", ".join(f't."{g}"' for g in plan.group_by)
+    group = " GROUP BY " + ", ".join(f't."{g}"' for g in plan.group_by) if plan.group_by else ""
+    head = f'SELECT {", ".join(select)} FROM "{view.name}" AS t WHERE '
+    sql = head + " AND ".join(where) + group
+    # Opted-out persons (node.optouts) do not exist for the query: removed from the view read,
+    # before any aggregate; a cohort only ever selects among the view's remaining persons.
+    excluding = head + " AND ".join([where[0], EXCLUDED, *where[1:]]) + group
     cells = cells_for(plan, catalog, tier)
-    return CompiledQuery(sql, tuple(params), view, plan.group_by, cells, tuple(stats))
+    return CompiledQuery(
+        sql, tuple(params), view, plan.group_by, cells, tuple(stats), sql_excluding=excluding
+    )
 
 
 def _kept(view: View, tier: Tier) -> str:
@@ -132,16 +146,33 @@ def _predicate_sql(
     raise TypeError(f"not a predicate: {type(pred).__name__}")
 
 
-def run_exact(con, compiled: CompiledQuery) -> list[list[int]]:
+def excluded_table(ids: Sequence[int]) -> pa.Table:
+    return pa.table({"id": pa.array(ids, type=pa.int64())})
+
+
+def run_exact(
+    con, compiled: CompiledQuery, excluded: Sequence[int] | pa.Table = ()
+) -> list[list[int]]:
     """Run the compiled SQL; one list of exact values per statistic, one value per cell.
 
     Every cell of the group domains is present (zero where no rows), in the catalog's order;
     rows whose group values fall outside the public domain are not counted in any cell.
+    ``excluded``: persons who do not exist for this query (opt-outs).
     """
     index = {cell: i for i, cell in enumerate(compiled.cells)}
     columns = [[0] * len(compiled.cells) for _ in compiled.statistics]
     k = len(compiled.group_by)
-    for row in con.execute(compiled.sql, list(compiled.params)).fetchall():
+    if len(excluded):
+        table = excluded if isinstance(excluded, pa.Table) else excluded_table(excluded)
+        cursor = con.cursor()  # the registration is this cursor's own, gone with it
+        try:
+            cursor.register(EXCLUDED_TABLE, table)
+            rows = cursor.execute(compiled.sql_excluding, list(compiled.params)).fetchall()
+        finally:
+            cursor.close()
+    else:
+        rows = con.execute(compiled.sql, list(compiled.params)).fetchall()
+    for row in rows:
         i = index.get(tuple(row[:k]))
         if i is None:
             continue

@@ -38,6 +38,7 @@ class ProjectPolicy:
     max_units_per_query: int
     views: frozenset[str]
     max_tier: Tier
+    purpose: str = ""  # the approved purpose (signed approvals); "" for a hand-kept project
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 import duckdb
+import pyarrow as pa
 
 from fedtre import logs
 from fedtre.audit import AuditLog
@@ -53,6 +54,7 @@ from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
 from node.generation import Generation
 from node.ledger import NODE_SCOPE, Entry, Ledger, State, project_scope
+from node.optouts import OptOuts
 from node.prepare import Planner, PreparedQuery
 from node.release import release
 
@@ -119,6 +121,7 @@ class NodeEngine:
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
             self.projects = Projects(config)
+            self.optouts = OptOuts(config.state_dir)
             self.planner = Planner(config, self.projects)
             self.database = ResearchDatabase(
                 config.database,
@@ -485,7 +488,7 @@ class NodeEngine:
     def _compute(
         self, request: QueryRequest, prepared: PreparedQuery, released_at: str
     ) -> NodeResult:
-        exact = self._run(prepared.compiled)
+        exact = self._run(prepared.compiled, self.optouts.ids(prepared.optouts))
         aggregates = release(prepared.release, exact)
         del exact
         return NodeResult(
@@ -514,10 +517,10 @@ class NodeEngine:
                 extra={"node": self.config.node_id, "reason": detail[:300]},
             )
 
-    def _run(self, compiled: CompiledQuery) -> list[list[int]]:
+    def _run(self, compiled: CompiledQuery, excluded: pa.Table) -> list[list[int]]:
         try:
             with self.database.reading() as cursor:
-                return run_exact(cursor, compiled)
+                return run_exact(cursor, compiled, excluded)
         except duckdb.Error as exc:
             raise DatabaseError(f"query execution failed: {type(exc).__name__}") from exc
 

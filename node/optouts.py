@@ -30,9 +30,12 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import pyarrow as pa
+
 from fedtre.errors import ConfigError, InternalError
 
 FILE = "optouts.sqlite"
+_EMPTY = pa.table({"id": pa.array([], type=pa.int64())})
 MAX_IDS = 50_000_000
 
 
@@ -72,7 +75,7 @@ class OptOuts:
         self._lock = threading.Lock()
         self._version: int | None = None
         self._watcher: sqlite3.Connection | None = None
-        self._cache: dict[frozenset[OptOut], tuple[int, ...]] = {}
+        self._cache: dict[frozenset[OptOut], pa.Table] = {}
         try:
             fresh = not self.path.exists()
             con = self._con()
@@ -93,13 +96,14 @@ class OptOuts:
 
     # -- the query path ------------------------------------------------------------------------
 
-    def ids(self, kinds: frozenset[OptOut]) -> tuple[int, ...]:
-        """The persons opted out of any of ``kinds`` now, sorted (empty: nobody).
+    def ids(self, kinds: frozenset[OptOut]) -> pa.Table:
+        """The persons opted out of any of ``kinds`` now, as an Arrow table (column ``id``,
+        sorted; no rows: nobody), ready for the query (``node.compiler.run_exact``).
 
         One connection watches the file: SQLite's ``data_version`` on it changes whenever
         another connection (``fedtre node optout``) has committed a change."""
         if not kinds:
-            return ()
+            return _EMPTY
         with self._lock:
             try:
                 watch = self._watch()
@@ -117,7 +121,7 @@ class OptOuts:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise OptOutsUnavailable(f"cannot read the opt-out list: {exc}") from exc
-            out = tuple(int(r[0]) for r in rows)
+            out = pa.table({"id": pa.array([r[0] for r in rows], type=pa.int64())})
             self._cache[kinds] = out
             return out
 

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, replace
 
-from fedtre.catalog import Catalog
+from fedtre.catalog import Catalog, Tier
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal
 from fedtre.parse import parse_query, query_tier
@@ -24,6 +24,7 @@ from fedtre.request import QueryRequest
 from node.approvals import Projects
 from node.compiler import CompiledQuery, compile_plan
 from node.config import NodeConfig, ProjectPolicy
+from node.optouts import OptOut
 from node.release import ReleasePlan, plan_release
 
 
@@ -35,6 +36,7 @@ class PreparedQuery:
     release: ReleasePlan
     units: int
     fingerprint: str  # what a retry of the query id must match
+    optouts: frozenset[OptOut] = frozenset()  # the opt-outs that remove persons from it
     approval: str = ""  # digest of the signed application it is prepared under ("" hand-kept)
 
 
@@ -89,7 +91,26 @@ def plan_query(
     compiled = compile_plan(plan, catalog, project.max_tier)
     release = plan_release(plan, compiled.view, len(compiled.cells), units)
     fingerprint = _fingerprint(project.project_id, plan, units)
-    return PreparedQuery(project, plan, compiled, release, units, fingerprint)
+    kinds = optouts_for(plan, catalog, project)
+    return PreparedQuery(project, plan, compiled, release, units, fingerprint, optouts=kinds)
+
+
+def optouts_for(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> frozenset[OptOut]:
+    """Whose opt-outs remove them from this query: everyone's national opt-out; the commercial
+    one for a commercial project; the mental-health one when the query reads mental-health
+    data (names such a column or value, or reads a view whose rows at the project's tier
+    include mental-health rows)."""
+    kinds = {OptOut.NATIONAL}
+    if project.purpose == "commercial":
+        kinds.add(OptOut.COMMERCIAL)
+    reads = [query_tier(plan, catalog)]
+    for name in {plan.view} | cohort_views(plan.where):
+        level = catalog.views[name].level_for(project.max_tier)
+        if level is not None:
+            reads.append(level)
+    if max(reads) >= Tier.MENTAL_HEALTH:
+        kinds.add(OptOut.MENTAL_HEALTH)
+    return frozenset(kinds)
 
 
 def check_scope(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> None:

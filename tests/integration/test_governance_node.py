@@ -445,3 +445,45 @@ def test_budget_requests_for_malformed_project_ids_are_refused(
         )
     assert reply.outcome == npb.OUTCOME_REFUSED
     assert refusal_from_proto(reply.refusal) is Refusal.INVALID_REQUEST
+
+
+def test_opt_outs_take_effect_from_the_next_query_of_a_running_node(
+    fed: Federation, tmp_path: Path
+) -> None:
+    """Everyone at trust-a opts out: nationally, the federation's count drops by trust-a's
+    persons at the next query, without a reload; opted out of commercial use only, they still
+    count for this public-benefit project."""
+    import duckdb
+
+    spec = next(t for t in fed.trusts if t.name == "trust-a")
+    con = duckdb.connect(str(spec.database), read_only=True)
+    try:
+        ids = [r[0] for r in con.execute("SELECT person_id FROM patients").fetchall()]
+    finally:
+        con.close()
+    listing = tmp_path / "optout.csv"
+    listing.write_text("person_id\n" + "".join(f"{i}\n" for i in ids))
+    listing.chmod(0o600)
+    config = str(fed.node_dir("trust-a") / "config.toml")
+    sql = "SELECT COUNT(*) AS n FROM patients"
+
+    def total() -> float:
+        with fed.client() as client:
+            return float(client.query("partial", sql, 0.5).rows()[0]["n"])
+
+    before = total()
+    out = _fedtre(
+        "node", "optout", "import", "--config", config, "--kind", "national", str(listing)
+    )
+    assert f"added {len(ids):,}" in out.stdout
+    national = total()
+    # noise: each trust's count has a discrete Laplace scale of 2 (ε 0.5): ±40 is > 10 scales
+    assert abs(before - national - len(ids)) < 40, (before, national, len(ids))
+    _fedtre("node", "optout", "remove", "--config", config, "--kind", "national", str(listing))
+    _fedtre("node", "optout", "import", "--config", config, "--kind", "commercial", str(listing))
+    assert abs(total() - before) < 40  # a public-benefit project: they count
+    counts = json.loads(
+        _fedtre("node", "optout", "list", "--config", config, "--format", "json").stdout
+    )
+    assert counts == {"national": 0, "commercial": len(ids), "mental_health": 0}
+    _fedtre("node", "optout", "remove", "--config", config, "--kind", "commercial", str(listing))

@@ -54,10 +54,11 @@ def prepare(sql: str, catalog: Catalog, policy: ProjectPolicy) -> Exact:
         return Exact(exc.refusal.value)
 
 
-def run(con, prepared: Exact) -> Exact:
+def run(con, prepared: Exact, excluded: tuple[int, ...] = ()) -> Exact:
+    """``excluded``: persons opted out of this query (the engine passes them the same way)."""
     if prepared.prepared is None:
         return prepared
-    values = run_exact(con, prepared.prepared.compiled)
+    values = run_exact(con, prepared.prepared.compiled, excluded)
     return Exact(None, prepared.prepared, tuple(tuple(v) for v in values))
 
 

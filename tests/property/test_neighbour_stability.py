@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from fedtre.catalog import Catalog, Tier
 from node.database import open_research_db
+from node.optouts import OptOut
 from tests.property.exact_path import Exact, l1, prepare, project, run
 from tests.property.omop_extracts import (
     DUAL,
@@ -130,10 +131,20 @@ def _difference(a: dict[str, list[tuple]], b: dict[str, list[tuple]]) -> str:
     return "; ".join(out) or "the same rows, counted differently"
 
 
-def _answers(db: Path, catalog: Catalog, prepared: list[Exact]) -> list[Exact]:
+def _answers(
+    db: Path, catalog: Catalog, prepared: list[Exact], opted_out: dict[OptOut, int] | None = None
+) -> list[Exact]:
+    """Each query's exact answer; ``opted_out``: persons on the node's live opt-out list."""
     con = open_research_db(db, catalog)
     try:
-        return [run(con, p) for p in prepared]
+        out = []
+        for p in prepared:
+            kinds = p.prepared.optouts if p.prepared is not None else frozenset()
+            excluded = tuple(
+                sorted({pid for kind, pid in (opted_out or {}).items() if kind in kinds})
+            )
+            out.append(run(con, p, excluded))
+        return out
     finally:
         con.close()
 
@@ -247,3 +258,47 @@ def _concept(value: object) -> int | None:
         return int(str(value))
     except ValueError:
         return None
+
+
+@OTHER_SETTINGS
+@given(
+    hood=neighbourhoods(max_added=1),
+    data=st.data(),
+    kind=st.sampled_from(list(OptOut)),
+    purpose=st.sampled_from(["public-benefit-research", "commercial"]),
+)
+def test_an_opted_out_person_has_no_influence_where_their_opt_out_applies(
+    hood: Neighbourhood, data: st.DataObject, kind: OptOut, purpose: str, catalog: Catalog
+) -> None:
+    """D' = D plus (or minus) one person. With that person on the node's live opt-out list,
+    every query their opt-out applies to answers on D' exactly as on D (they do not exist for
+    it); every other query still counts them (e.g. a commercial opt-out and a public-benefit
+    project), exactly as without the opt-out."""
+    queries = _queries(data, catalog)
+    tiers = tuple(Tier)
+    sqls = [sql for _ in tiers for sql in queries]
+    prepared = [
+        prepare(sql, catalog, replace(project(tier), purpose=purpose))
+        for tier in tiers
+        for sql in queries
+    ]
+    with tempfile.TemporaryDirectory(prefix="fedtre-nb-") as tmp:
+        base, pairs = _databases(hood, catalog, Path(tmp))
+        for i, (person_id, neighbour) in enumerate(pairs):
+            added = i < len(hood.added)
+            larger, smaller = (neighbour, base) if added else (base, neighbour)
+            opted = _answers(larger, catalog, prepared, {kind: person_id})
+            absent = _answers(smaller, catalog, prepared)
+            present = _answers(larger, catalog, prepared)
+            for x, y, z, sql in zip(opted, absent, present, sqls, strict=True):
+                assert x.refusal == y.refusal == z.refusal
+                if x.prepared is None:
+                    continue
+                applies = kind in x.prepared.optouts
+                expected = y if applies else z
+                assert x.values == expected.values, (
+                    f"{kind.value} opt-out of person {person_id} ({purpose}, applies: {applies}) "
+                    f"changed {sql}"
+                )
+                TALLY["opt-out comparisons"] += 1
+                TALLY[f"opt-out applied ({kind.value})"] += applies
