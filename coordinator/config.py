@@ -74,6 +74,7 @@ class CoordinatorConfig:
     projects: Mapping[str, Project]
     metrics_listen: str = ""  # /metrics and /healthz on a local port, no TLS ("" = off)
     governance: GovernanceSources | None = None  # None: hand-kept [projects] (development)
+    crl: Path | None = None  # the federation's certificate revocation list (fedtre pki crl)
 
     @property
     def audit_path(self) -> Path:
@@ -108,15 +109,17 @@ def parse_coordinator_config(
     workers = data.get("max_workers", 16)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         raise CoordinatorConfigError(f"{source}: max_workers: a whole number from 1 to 256")
-    ca = cert = key = None
+    ca = cert = key = crl = None
     if "tls" in data:
         tls = data["tls"]
         if not isinstance(tls, dict):
             raise CoordinatorConfigError(f"{source}: [tls] must be a table")
-        check_keys(tls, f"{source}: tls", {"ca", "cert", "key"}, {"ca", "cert", "key"})
+        check_keys(tls, f"{source}: tls", {"ca", "cert", "key"}, {"ca", "cert", "key", "crl"})
         ca, cert, key = (
             resolve_path(tls[k], base_dir, f"{source}: tls") for k in ("ca", "cert", "key")
         )
+        if "crl" in tls:
+            crl = resolve_path(tls["crl"], base_dir, f"{source}: tls")
     nodes_raw = data["nodes"]
     if not isinstance(nodes_raw, dict) or not nodes_raw:
         raise CoordinatorConfigError(f"{source}: [nodes] must list at least one trust")
@@ -154,6 +157,7 @@ def parse_coordinator_config(
         projects=MappingProxyType(projects),
         metrics_listen=metrics_listen,
         governance=governance,
+        crl=crl,
     )
 
 

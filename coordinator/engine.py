@@ -34,6 +34,7 @@ from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
 from fedtre.governance.query_signature import verify as verify_query
 from fedtre.parse import parse_query
+from fedtre.pki_requests import RevocationList
 from fedtre.plan import QueryPlan
 from fedtre.protocol import NodeOutcome, OutcomeKind, PrepareRequest
 from fedtre.request import Submission, check_ids
@@ -50,6 +51,11 @@ class CoordinatorEngine:
         self.trusts = trusts
         self.book = ProjectBook(config)
         self._ca: bytes | None = None  # the federation CA: checks researchers' signatures
+        self.crl = (
+            RevocationList(config.crl, config.ca)
+            if config.crl is not None and config.ca is not None
+            else None
+        )
         self._on_close: list[Callable[[], None]] = []
         # Told (outcome, seconds) after every query that reached the trusts (metrics).
         self.on_query: Callable[[str, float], None] = lambda outcome, seconds: None
@@ -195,6 +201,7 @@ class CoordinatorEngine:
                 sql=sub.sql,
                 epsilon_units=units,
                 now=datetime.now(UTC),
+                revoked=self.crl.problem if self.crl is not None else None,
             )
             if signer != researcher:
                 raise QueryRefused(

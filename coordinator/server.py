@@ -104,6 +104,7 @@ def create_server(
                 by_prefix={f"/{LINK_SERVICE}/": node_link},
                 on_refused=audit_refusal,
                 max_request_bytes=MAX_REQUEST_BYTES,
+                revoked=engine.crl.problem if engine.crl is not None else None,
             ),
             # every open dial-out stream holds one worker thread
             max_workers=config.max_workers + len(dial_out),

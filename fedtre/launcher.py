@@ -87,6 +87,7 @@ class LocalFederation:
     node_workers: int | None = None  # None: the node's default
     coordinator_workers: int | None = None
     lease_seconds: float | None = None
+    crl: Path | None = None  # the CA's revocation list, checked by every node and coordinator
     new_session: bool = False  # put processes in their own session (Ctrl-C handled by us)
     nodes: dict[str, Proc] = field(default_factory=dict)
     hubs: list[Proc] = field(default_factory=list)
@@ -294,6 +295,7 @@ class LocalFederation:
             + (
                 f'[server]\n{where}coordinator = "{self.coordinator_name}"\n'
                 f'ca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+                + (f'crl = "{self.crl}"\n' if self.crl is not None else "")
                 + ("" if self.node_workers is None else f"max_workers = {self.node_workers}\n")
                 if server
                 else ""
@@ -323,7 +325,9 @@ class LocalFederation:
         (home / "config.toml").write_text(
             f'coordinator_id = "{self.coordinator_name}"\nlisten = "127.0.0.1:{port}"\n'
             f'state_dir = "state"\ndeadline_seconds = {self.deadline}\n{workers}\n'
-            f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n\n{nodes}{projects}'
+            f'[tls]\nca = "{tls.ca}"\ncert = "{tls.cert}"\nkey = "{tls.key}"\n'
+            + (f'crl = "{self.crl}"\n' if self.crl is not None else "")
+            + f"\n{nodes}{projects}"
         )
 
     def _approve_projects(self) -> None:

@@ -163,11 +163,35 @@ def issue(
             "or renew the CA"
         )
 
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build_certificate(ca_cert, ca_key, role, name, key.public_key(), sans, start, end)
+    write_file(key_path, _key_pem(key), private=True, overwrite=overwrite)
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    try:
+        write_file(cert_path, cert_pem, private=False, overwrite=overwrite)
+    except PkiError:
+        if not overwrite:
+            key_path.unlink(missing_ok=True)  # no orphan key that would block a retry
+        raise
+    return Issued(role, name, cert_path, key_path, cert.not_valid_after_utc)
+
+
+def build_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    role: Role,
+    name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    sans: list[x509.GeneralName],
+    start: dt.datetime,
+    end: dt.datetime,
+) -> x509.Certificate:
+    """A leaf certificate for (role, name) over ``public_key``, signed by the CA. Every field
+    comes from here, never from a request: subject, role name, usages, validity."""
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if role is not Role.RESEARCHER:
         usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(
             x509.Name(
@@ -179,7 +203,7 @@ def issue(
             )
         )
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -189,22 +213,13 @@ def issue(
         )
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    write_file(key_path, _key_pem(key), private=True, overwrite=overwrite)
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    try:
-        write_file(cert_path, cert_pem, private=False, overwrite=overwrite)
-    except PkiError:
-        if not overwrite:
-            key_path.unlink(missing_ok=True)  # no orphan key that would block a retry
-        raise
-    return Issued(role, name, cert_path, key_path, cert.not_valid_after_utc)
 
 
 def check_name(name: str) -> str:

@@ -170,7 +170,10 @@ class CallerPolicy(grpc.ServerInterceptor):
         by_prefix: Mapping[str, Callable[[Peer], bool]] | None = None,
         on_refused: Callable[[str, str, str], None] | None = None,
         max_request_bytes: int | None = None,
+        revoked: Callable[[bytes], str] | None = None,
     ) -> None:
+        # Told the caller's certificate (PEM): "" if it may be used, else why not (a CRL).
+        self._revoked = revoked
         self._allowed = allowed
         # Told (method, who, why) before every refusal here, so that the service audits it.
         self._on_refused = on_refused or (lambda method, who, why: None)
@@ -202,6 +205,13 @@ class CallerPolicy(grpc.ServerInterceptor):
             who = f"{peer.role.value if peer.role else 'unknown'}:{peer.name}"
             self._on_refused(method, who, "certificate not allowed to call this method")
             _deny(context, self._denied_message)
+        if self._revoked is not None:
+            pems = (context.auth_context() or {}).get("x509_pem_cert") or [b""]
+            why = self._revoked(pems[0])
+            if why:
+                log.warning("refused %s from %s %r: %s", method, peer.role, peer.name, why)
+                self._on_refused(method, _who(peer), why)
+                _deny(context, f"Refused: {why}.")
         return peer
 
     def intercept_service(

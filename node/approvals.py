@@ -36,6 +36,7 @@ from fedtre.governance.documents import DocumentError, Kind, Signed, digest
 from fedtre.governance.query_signature import verify as verify_query
 from fedtre.governance.verify import Approved, NotApproved, check
 from fedtre.pki import write_file
+from fedtre.pki_requests import RevocationList
 from fedtre.request import QueryRequest, check_ids
 from node.config import GovernanceSettings, NodeConfig, ProjectPolicy
 
@@ -68,6 +69,13 @@ class Projects:
         # verdicts that held, by (bundle, imported generation): used until they could change
         self._verified: dict[tuple[bytes, int], tuple[Verified, dt.datetime]] = {}
         self._ca: bytes | None = None
+        server = config.server
+        # the federation's certificate revocation list: callers and researchers' signatures
+        self.crl = (
+            RevocationList(server.crl, server.ca)
+            if server is not None and server.crl is not None and server.ca is not None
+            else None
+        )
         if self.governance is not None:
             for d in (self._dir(APPROVALS), self._dir(APPROVALS) / BY_DIGEST, self._dir(IMPORTED)):
                 d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -132,6 +140,7 @@ class Projects:
             sql=request.sql,
             epsilon_units=epsilon_to_units(request.epsilon),
             now=self._now(),
+            revoked=self.crl.problem if self.crl is not None else None,
         )
 
     def ids(self) -> tuple[str, ...]:

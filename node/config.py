@@ -75,6 +75,7 @@ class ServerSettings:
     max_workers: int
     mode: ServerMode = ServerMode.DIAL_IN
     connect: tuple[str, ...] = ()  # dial-out: the coordinator address(es) to dial
+    crl: Path | None = None  # the federation's certificate revocation list (fedtre pki crl)
 
 
 DEFAULT_MIN_EPSILON = 0.001
@@ -262,7 +263,17 @@ def _governance(spec: Any, node_id: str, base_dir: Path, where: str) -> Governan
 def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a table")
-    allowed = {"mode", "listen", "connect", "coordinator", "ca", "cert", "key", "max_workers"}
+    allowed = {
+        "mode",
+        "listen",
+        "connect",
+        "coordinator",
+        "ca",
+        "cert",
+        "key",
+        "crl",
+        "max_workers",
+    }
     try:
         mode = ServerMode(spec.get("mode", "dial-in"))
     except ValueError:
@@ -280,6 +291,9 @@ def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
     if any(t is not None for t in tls) and not all(t is not None for t in tls):
         raise ConfigError(f"{where}: give all of ca, cert and key, or none (development only)")
     ca, cert, key = (None if t is None else resolve_path(t, base_dir, where) for t in tls)
+    crl = resolve_path(spec["crl"], base_dir, where) if "crl" in spec else None
+    if crl is not None and ca is None:
+        raise ConfigError(f"{where}.crl: needs ca (the list is checked against the CA)")
     workers = spec.get("max_workers", 8)
     if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 256:
         raise ConfigError(f"{where}.max_workers: a whole number from 1 to 256")
@@ -301,6 +315,7 @@ def _server(spec: Any, base_dir: Path, where: str) -> ServerSettings:
         max_workers=workers,
         mode=mode,
         connect=connect,
+        crl=crl,
     )
 
 

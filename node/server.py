@@ -93,6 +93,7 @@ def _dial_in(
             _only(settings.coordinator),
             on_refused=_audit_refusal(engine),
             max_request_bytes=MAX_REQUEST_BYTES,
+            revoked=engine.projects.crl.problem if engine.projects.crl is not None else None,
         )
     )
     holder: list[Health] = []

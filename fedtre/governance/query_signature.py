@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def verify(
     sql: str,
     epsilon_units: int,
     now: dt.datetime,
+    revoked: Callable[[bytes], str] | None = None,
 ) -> str:
     """The researcher's name, once every check holds; ``NotApproved`` saying which did not."""
     if signed is None or not signed.statement or not signed.signature or not signed.certificate:
@@ -93,6 +95,9 @@ def verify(
         raise NotApproved(f"the researcher's certificate does not hold: {exc}") from None
     if role is not Role.RESEARCHER:
         raise NotApproved("the query is signed with a certificate that is not a researcher's")
+    why = revoked(signed.certificate) if revoked is not None else ""
+    if why:
+        raise NotApproved(f"the researcher's certificate does not hold: {why}")
     if not _signature_ok(signed.certificate, signed.signature, signed.statement):
         raise NotApproved("the query does not match its researcher's signature")
     said = _parse(signed.statement)

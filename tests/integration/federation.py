@@ -89,6 +89,7 @@ class Federation(LocalFederation):
         coordinators: int = 1,
         budgets: dict[str, dict[str, float]] | None = None,
         lease_seconds: float | None = None,
+        crl: Path | None = None,
     ) -> None:
         super().__init__(
             work=work,
@@ -108,6 +109,7 @@ class Federation(LocalFederation):
             answer_slot_ms=answer_slot_ms,
             lease_seconds=lease_seconds,
             node_workers=4,
+            crl=crl,
         )
         self.mode = mode
 

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from fedtre.governance.keys import SigningKey
 from fedtre.governance.local import application
 from fedtre.governance.query_signature import sign as sign_query
 from fedtre.pki import Role
+from fedtre.pki_requests import request, revoke, sign_request, write_crl
 from fedtre.serde.common import refusal_from_proto
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
 from fedtre.v2 import common_pb2 as pb
@@ -46,8 +48,11 @@ TRUSTS = ("trust-a", "trust-b", "trust-c")
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory: pytest.TempPathFactory, catalog) -> Iterator[Federation]:  # type: ignore[no-untyped-def]
     pki = make_pki(tmp_path_factory.mktemp("pki"))
+    write_crl(pki, pki / "crl.pem")  # nobody revoked yet
     databases = make_databases(tmp_path_factory.mktemp("trusts"), catalog)
-    federation = Federation(tmp_path_factory.mktemp("fed"), pki, databases).start()
+    federation = Federation(
+        tmp_path_factory.mktemp("fed"), pki, databases, crl=pki / "crl.pem"
+    ).start()
     yield federation
     codes = federation.stop()
     assert all(code == 0 for code in codes.values()), codes
@@ -487,3 +492,68 @@ def test_opt_outs_take_effect_from_the_next_query_of_a_running_node(
     )
     assert counts == {"national": 0, "commercial": len(ids), "mental_health": 0}
     _fedtre("node", "optout", "remove", "--config", config, "--kind", "commercial", str(listing))
+
+
+def test_revoked_certificates_are_refused_by_every_node(fed: Federation, tmp_path: Path) -> None:
+    """A leaked coordinator certificate and a leaked researcher certificate (each a real one
+    of the federation, then revoked and the list published): every node refuses a call from
+    the first and a query signed with the second, audited, nothing spent; the real ones work."""
+    pki = fed.pki
+    _, csr = request(tmp_path / "leak", Role.COORDINATOR, "hub")
+    leaked_hub = sign_request(pki, csr)
+    _, csr = request(tmp_path / "leak", Role.RESEARCHER, "alice")
+    leaked_alice = sign_request(pki, csr)
+    approval = fed.governance.registry.bundle("partial").to_bytes()
+
+    def leaked_hub_prepare(node: str, qid: str):  # type: ignore[no-untyped-def]
+        creds = channel_credentials(
+            TlsFiles(pki / "ca.pem", leaked_hub, tmp_path / "leak" / "coordinator-hub.key")
+        )
+        with grpc.secure_channel(
+            fed.nodes[node].address, creds, options=channel_options(node)
+        ) as channel:
+            return node_pb2_grpc.NodeServiceStub(channel).Prepare(
+                npb.PrepareRequest(
+                    query_id=qid,
+                    project_id="partial",
+                    sql=BY_SEX,
+                    epsilon_units=100_000,
+                    approval=approval,
+                    signed=_signed(fed, "partial", qid),
+                ),
+                timeout=10,
+            )
+
+    def leaked_alice_signature(qid: str) -> pb.SignedQuery:
+        s = sign_query(
+            tmp_path / "leak" / "researcher-alice.key", leaked_alice, "partial", qid, BY_SEX, 0.1
+        )
+        return pb.SignedQuery(
+            statement=s.statement, signature=s.signature, certificate=s.certificate
+        )
+
+    # before: both leaked certificates still work (they are the federation's own)
+    assert leaked_hub_prepare("trust-a", "crl-before").outcome == npb.OUTCOME_PREPARED
+    _abort(fed, "trust-a", "partial", "crl-before")
+    for cert in (leaked_hub, leaked_alice):
+        revoke(pki, cert, "leaked")
+    time.sleep(0.01)
+    write_crl(pki, pki / "crl.pem")  # the nodes read it again when it changes
+    for node in TRUSTS:
+        lines = len(fed.audit(node))
+        before = fed.spent_units(node, "project:partial")
+        with pytest.raises(grpc.RpcError) as info:
+            leaked_hub_prepare(node, f"crl-hub-{node}")
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked" in (info.value.details() or "")
+        new = fed.audit(node)[lines:]
+        assert [(e["event"], e["reason"]) for e in new] == [
+            ("call.refused", "the certificate has been revoked")
+        ]
+        assert fed.spent_units(node, "project:partial") == before
+    _refused_everywhere(
+        fed, "partial", approval, "crl-alice", "has been revoked", leaked_alice_signature
+    )
+    # the real coordinator and researcher still work
+    with fed.client() as client:
+        assert client.query("partial", BY_SEX, 0.1).released
