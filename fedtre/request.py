@@ -29,6 +29,7 @@ class QueryRequest:
     caller: str
     approval: bytes = b""  # the project's approval bundle, as sent: checked by the node
     signed: SignedQuery | None = None  # the researcher's signature, as sent: checked by the node
+    researcher: str = ""  # who the coordinator says asked: must be who signed
 
     def check_fields(self) -> None:
         """Refuse malformed identifiers before anything else looks at the request."""

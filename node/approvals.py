@@ -20,11 +20,14 @@ Kept in the state directory (owner-only):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import functools
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,8 @@ class Projects:
         self.governance: GovernanceSettings | None = config.governance
         self._now = now
         self._lock = threading.Lock()
-        self._newest: dict[str, bytes] = {}  # project -> newest bundle that held (as stored)
+        # project -> (file stamp, newest bundle that held, as stored)
+        self._newest: dict[str, tuple[tuple[int, int, int], bytes]] = {}
         # (names in imported/, generation, statements): reloaded when the names change
         self._imported: tuple[tuple[str, ...], int, tuple[Signed, ...]] = ((), 0, ())
         # verdicts that held, by (bundle, imported generation): used until they could change
@@ -98,7 +102,7 @@ class Projects:
         verified = self._verify(project_id, approval)
         assert verified.approved is not None
         if approval != newest:
-            self._remember(project_id, approval, verified.approved, newest)
+            self._remember(project_id, approval, verified.approved)
         return verified
 
     def for_commit(self, project_id: str, approval_digest: str) -> Verified:
@@ -131,7 +135,7 @@ class Projects:
         (``fedtre.governance.query_signature``); returns the researcher. Hand-kept: ""."""
         if verified.approved is None:
             return ""
-        return verify_query(
+        signer = verify_query(
             request.signed,
             ca_pem=self._ca_pem(),
             application=verified.approved.application,
@@ -142,6 +146,10 @@ class Projects:
             now=self._now(),
             revoked=self.crl.problem if self.crl is not None else None,
         )
+        if request.researcher and request.researcher != signer:
+            # the audit names the researcher the coordinator gave: it must be the signer
+            raise NotApproved("the query was signed by another researcher than the one named")
+        return signer
 
     def ids(self) -> tuple[str, ...]:
         """Projects this node serves now (hand-kept, or stored approvals that still hold)."""
@@ -174,9 +182,7 @@ class Projects:
                 raise ConfigError(f"{path}: not a valid approval ({exc})") from None
             verified = self._verify(app.project_id, data)
             assert verified.approved is not None
-            self._remember(
-                app.project_id, data, verified.approved, self._newest_bundle(app.project_id)
-            )
+            self._remember(app.project_id, data, verified.approved)
             return f"approval of {app.project_id} (checked: it holds at this trust)"
         try:
             signed = Signed.from_json(doc)
@@ -243,20 +249,36 @@ class Projects:
         return generation, tuple(loaded)
 
     def _verify(self, project_id: str, approval: bytes) -> Verified:
+        """The approval checked now: signatures and policy (cached while they stand), and,
+        every time, that no newer version of the project is held here."""
         generation, imported = self._imported_list()
         key = (approval, generation)
         now = self._now()
         with self._lock:
             cached = self._verified.get(key)
         if cached is not None and now < cached[1] and cached[0].policy.project_id == project_id:
-            return cached[0]
-        verified = self._verify_now(project_id, approval, imported, now)
+            verified = cached[0]
+        else:
+            verified = self._verify_now(project_id, approval, imported, now)
+            assert verified.approved is not None
+            with self._lock:
+                if len(self._verified) >= MAX_VERDICTS:
+                    self._verified.clear()
+                self._verified[key] = (verified, verified.approved.holds_until)
         assert verified.approved is not None
-        with self._lock:
-            if len(self._verified) >= MAX_VERDICTS:
-                self._verified.clear()
-            self._verified[key] = (verified, verified.approved.holds_until)
+        self._not_superseded(project_id, approval, verified.approved)
         return verified
+
+    def _not_superseded(self, project_id: str, approval: bytes, approved: Approved) -> None:
+        newest = self._newest_bundle(project_id)
+        if newest is None or newest == approval:
+            return
+        held = _parsed(newest)
+        if held is not None and held.submitted_at > approved.application.submitted_at:
+            raise NotApproved(
+                "a newer version of this project's application is approved at this trust; "
+                "the version sent is superseded"
+            )
 
     def _verify_now(
         self, project_id: str, approval: bytes, imported: tuple[Signed, ...], now: dt.datetime
@@ -270,14 +292,6 @@ class Projects:
         app = approved.application
         if app.project_id != project_id:
             raise NotApproved("the approval sent with the request is for another project")
-        newest = self._newest_bundle(project_id)
-        if newest is not None and newest != approval:
-            held = _parsed(newest)
-            if held is not None and held.submitted_at > app.submitted_at:
-                raise NotApproved(
-                    "a newer version of this project's application is approved at this trust; "
-                    "the version sent is superseded"
-                )
         unknown = sorted(set(app.views) - set(self.config.catalog.views))
         if unknown:
             raise NotApproved(
@@ -301,21 +315,22 @@ class Projects:
         )
         return Verified(policy, approved)
 
-    def _remember(
-        self, project_id: str, bundle: bytes, approved: Approved, newest: bytes | None
-    ) -> None:
+    def _remember(self, project_id: str, bundle: bytes, approved: Approved) -> None:
         """Keep a bundle that held: by its application's digest (commits), and as the newest
-        version of the project unless a newer one is held already."""
+        version of the project unless a newer one is held already. Under a lock file shared
+        with ``fedtre node approvals import`` (another process): compare, then replace."""
         by_digest = self._dir(APPROVALS) / BY_DIGEST / f"{approved.digest}.json"
-        write_file(by_digest, bundle, private=True, overwrite=True)
-        held = _parsed(newest) if newest is not None else None
-        if held is not None and held.submitted_at > approved.application.submitted_at:
-            return
-        write_file(
-            self._dir(APPROVALS) / f"{project_id}.json", bundle, private=True, overwrite=True
-        )
-        with self._lock:
-            self._newest[project_id] = bundle
+        with _locked(self._dir(APPROVALS) / ".lock"):
+            if not by_digest.exists():
+                write_file(by_digest, bundle, private=True, overwrite=True)
+            newest = self._newest_bundle(project_id)
+            held = _parsed(newest) if newest is not None else None
+            if held is not None and held.submitted_at > approved.application.submitted_at:
+                return
+            if newest == bundle:
+                return
+            path = self._dir(APPROVALS) / f"{project_id}.json"
+            write_file(path, bundle, private=True, overwrite=True)
 
     def _ca_pem(self) -> bytes:
         server = self.config.server
@@ -338,17 +353,26 @@ class Projects:
         return project
 
     def _newest_bundle(self, project_id: str) -> bytes | None:
-        with self._lock:
-            if project_id in self._newest:
-                return self._newest[project_id]
+        """The newest version held, as on disk now (one ``stat`` per call: another process,
+        ``fedtre node approvals import``, may have replaced it)."""
         path = self._dir(APPROVALS) / f"{project_id}.json"  # project_id checked by callers
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_ino, st.st_size)
+        with self._lock:
+            cached = self._newest.get(project_id)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         with self._lock:
-            if len(self._newest) < 10_000:
-                self._newest[project_id] = data
+            if len(self._newest) >= 10_000:
+                self._newest.clear()
+            self._newest[project_id] = (stamp, data)
         return data
 
     def _governance(self) -> GovernanceSettings:
@@ -360,6 +384,17 @@ class Projects:
         return self.config.state_dir / name
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
 def _parsed(bundle: bytes) -> Any:
     try:
         return Bundle.from_bytes(bundle).parsed()

@@ -217,6 +217,12 @@ class NodeEngine:
         try:
             check_ids(query_id, project_id)
             held = self.ledger.entry(project_id, query_id)
+            if held is not None and held.state is State.RESERVED:
+                raise QueryRefused(
+                    Refusal.NOT_PREPARED,
+                    "This trust is still preparing that query id; nothing was released. Commit "
+                    "after it has answered 'prepared'.",
+                )
             if held is not None and held.state is State.PREPARED:
                 # the approval it was prepared under must hold still: one revoked since then
                 # releases nothing (the reservation expires and is refunded)

@@ -102,6 +102,7 @@ class NodeHandler:
             caller=f"{caller} for researcher:{request.researcher}",
             approval=request.approval,
             signed=request.signed,
+            researcher=request.researcher,
         )
         try:
             prepared = self.engine.prepare(query, cancelled=cancelled, time_left=time_left)

@@ -24,6 +24,7 @@ import csv
 import io
 import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,12 +76,13 @@ class OptOuts:
         self._lock = threading.Lock()
         self._version: int | None = None
         self._watcher: sqlite3.Connection | None = None
+        self._watched: tuple[int, int] = (-1, -1)
         self._cache: dict[frozenset[OptOut], pa.Table] = {}
         try:
             fresh = not self.path.exists()
             con = self._con()
-            if fresh:
-                os.chmod(self.path, 0o600)
+            if fresh or stat.S_IMODE(self.path.stat().st_mode) & 0o077:
+                os.chmod(self.path, 0o600)  # person-level data: owner only
             con.execute(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise OptOutsUnavailable(f"cannot open the opt-out list {self.path}: {exc}") from exc
@@ -106,7 +108,7 @@ class OptOuts:
             return _EMPTY
         with self._lock:
             try:
-                watch = self._watch()
+                watch = self._watch()  # reopened if the file was replaced; refused if gone
                 version = int(watch.execute("PRAGMA data_version").fetchone()[0])
                 if version != self._version:
                     self._cache.clear()
@@ -126,11 +128,26 @@ class OptOuts:
             return out
 
     def _watch(self) -> sqlite3.Connection:
-        if self._watcher is None:
+        """The watching connection, on the file now at the path: a list restored from a
+        backup or re-created is opened afresh; a missing one refuses (never an empty list)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise OptOutsUnavailable(
+                f"the opt-out list {self.path} is missing: restore it; this node answers no "
+                "query without it"
+            ) from None
+        identity = (st.st_dev, st.st_ino)
+        if self._watcher is None or identity != self._watched:
+            if self._watcher is not None:
+                self._watcher.close()
             self._watcher = sqlite3.connect(
                 self.path, timeout=60, isolation_level=None, check_same_thread=False
             )
             self._watcher.execute("PRAGMA busy_timeout=60000")
+            self._watched = identity
+            self._version = None
+            self._cache.clear()
         return self._watcher
 
     # -- operators -----------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def check(
             )
         _verify(member.key, signed, "a committee member's statement")
         if statement.kind is Kind.REVOCATION:
-            _revoked(statement, app)
+            _revoked(statement, app, app_digest)
             continue  # another project's, or one before this version was submitted
         _same_application(statement, app, app_digest)
         latest = decisions.get(member.name)
@@ -142,7 +142,7 @@ def check(
         if said is None or said.project_id != app.project_id:
             continue
         if said.kind is Kind.REVOCATION:
-            _revoked(said, app)  # checked at import; honoured even if its signer left
+            _revoked(said, app, app_digest)  # checked at import; honoured if its signer left
         elif (
             said.kind is Kind.PARTICIPATION
             and trust is not None
@@ -153,7 +153,9 @@ def check(
             participations.append(said)
     if app.expired(now):
         raise NotApproved(f"the project's approval expired on {app.expires:%Y-%m-%d}")
-    approvers, valid_until = _approvers(decisions.values(), committee, now)
+    if app.submitted_at > now + CLOCK_SKEW:
+        raise NotApproved("the project's application is dated in the future")
+    approvers, valid_until = _approvers(decisions.values(), committee, now, app.submitted_at)
     _meets_policy(app, approvers, committee)
     _within_purpose_rules(app, committee)
     participation = "" if trust is None else _participation(app, trust, participations)
@@ -162,8 +164,11 @@ def check(
     )
 
 
-def _revoked(statement: Statement, app: Application) -> None:
-    if statement.project_id == app.project_id and app.submitted_at <= statement.signed_at:
+def _revoked(statement: Statement, app: Application, app_digest: str) -> None:
+    """A revocation revokes the version it names and every version submitted before it."""
+    if statement.project_id != app.project_id:
+        return
+    if statement.application == app_digest or app.submitted_at <= statement.signed_at:
         raise NotApproved(
             f"the committee revoked this project on {statement.signed_at:%Y-%m-%d}"
             + (f": {_plain(statement.reason)}" if statement.reason else "")
@@ -225,7 +230,10 @@ def _same_application(statement: Statement, app: Application, app_digest: str) -
 
 
 def _approvers(
-    latest: Iterable[tuple[Statement, Member]], committee: Committee, now: dt.datetime
+    latest: Iterable[tuple[Statement, Member]],
+    committee: Committee,
+    now: dt.datetime,
+    submitted: dt.datetime,
 ) -> tuple[tuple[Member, ...], dt.datetime]:
     lifetime = dt.timedelta(days=committee.policy.max_approval_days)
     counted: list[tuple[Member, dt.datetime]] = []
@@ -236,6 +244,8 @@ def _approvers(
             continue  # longer-lived than the policy allows: does not count
         if statement.signed_at - CLOCK_SKEW > now or now >= statement.valid_until:
             continue  # not yet, or lapsed
+        if statement.signed_at + CLOCK_SKEW < submitted:
+            continue  # signed before the application it names was submitted: not a review
         counted.append((member, statement.valid_until))
     counted.sort(key=lambda mv: mv[0].name)
     until = min((v for _, v in counted), default=now)
