@@ -30,6 +30,7 @@ def trust_report(o: TrustOutcome, units: int) -> TrustReport:
         epsilon_spent=units_to_epsilon(spent),
         epsilon_left=None if o.remaining_units is None else units_to_epsilon(o.remaining_units),
         replayed=o.replayed,
+        data_as_of=o.result.data_as_of if o.result is not None else "",
     )
 
 

@@ -28,6 +28,7 @@ class TrustReport:
     epsilon_spent: float
     epsilon_left: float | None
     replayed: bool
+    data_as_of: str = ""  # the date of the trust's extract, when it answered
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ class QueryResult:
         trusts = "".join(
             f"<li>{e(t.node_id)}: {e(t.state)}"
             + (f" ({e(t.reason)})" if t.reason else "")
+            + (f"; data as of {e(t.data_as_of)}" if t.data_as_of else "")
             + "</li>"
             for t in self.trusts
         )
@@ -237,7 +239,8 @@ class QueryResult:
             spent = f"ε spent {t.epsilon_spent:g}" if t.state == "answered" else "nothing spent"
             replay = " (stored answer, no new spend)" if t.replayed else ""
             why = f": {t.reason}" if t.reason and t.state != "answered" else ""
-            lines.append(f"  {t.node_id:<20} {t.state}{why}; {spent}{replay}{left}")
+            fresh = f"; data as of {t.data_as_of}" if t.data_as_of else ""
+            lines.append(f"  {t.node_id:<20} {t.state}{why}; {spent}{replay}{left}{fresh}")
         if self.released:
             lines.append(f"Covers: {', '.join(self.covered_trusts)}")
             lines.append(f"Ages are at the federation's reference date, {self.reference_date}.")

@@ -259,13 +259,20 @@ def verify_certificate(cert_pem: bytes, ca_pem: bytes, now: dt.datetime) -> tupl
     """The (role, name) of a leaf certificate presented outside a TLS handshake (e.g. with a
     signed query), after checking what the handshake would: signed by the federation CA,
     within its validity, and carrying its role's name. ``PkiError`` says which check failed."""
+    role, name, start, end = _checked_leaf(cert_pem, ca_pem)
+    if not start <= _utc(now) <= end:
+        raise PkiError("the certificate is outside its validity period")
+    return role, name
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_leaf(cert_pem: bytes, ca_pem: bytes) -> tuple[Role, str, dt.datetime, dt.datetime]:
+    """What does not change with time: the CA's signature, the role and name (cached by the
+    certificate's bytes: a researcher presents the same one with every query)."""
     cert = _parse_pem(cert_pem)
     ca = _parse_pem(ca_pem, "the CA certificate")
     if cert.issuer != ca.subject or not _signed_by(cert, ca):
         raise PkiError("the certificate is not signed by the federation CA")
-    now = _utc(now)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise PkiError("the certificate is outside its validity period")
     role, name = read_identity(cert_pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -273,7 +280,7 @@ def verify_certificate(cert_pem: bytes, ca_pem: bytes, now: dt.datetime) -> tupl
         raise PkiError("the certificate names no role") from None
     if role_host(role, name) not in sans.get_values_for_type(x509.DNSName):
         raise PkiError("the certificate does not carry its role's name")
-    return role, name
+    return role, name, cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 def describe(cert_path: Path) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class NodeResult:
     aggregates: tuple[ReleasedAggregate, ...]
     epsilon_units: int
     released_at: str
+    data_as_of: str = ""  # the date of the trust's extract (YYYY-MM-DD): how fresh the data is
 
     @property
     def epsilon(self) -> float:
@@ -104,6 +105,7 @@ def _to_dict(r: NodeResult) -> dict[str, Any]:
         ],
         "epsilon_units": r.epsilon_units,
         "released_at": r.released_at,
+        "data_as_of": r.data_as_of,
     }
 
 
@@ -115,6 +117,7 @@ def _from_dict(d: dict[str, Any]) -> NodeResult:
         view=d["view"],
         catalog_version=d["catalog_version"],
         reference_date=d.get("reference_date", ""),  # answers stored before it was recorded
+        data_as_of=d.get("data_as_of", ""),
         group_by=tuple(d["group_by"]),
         cells=tuple(tuple(c) for c in d["cells"]),
         aggregates=tuple(

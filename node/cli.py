@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import signal
@@ -55,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "memory, at most 4GB; work beyond it spills to disk next to --out)",
     )
     load.add_argument("--threads", type=int, help="DuckDB worker threads (default: every core)")
+    load.add_argument(
+        "--extract-date",
+        type=_date,
+        help="when the extract was taken, YYYY-MM-DD (default: today); every answer states it",
+    )
     load.set_defaults(func=_load)
 
     query = node_sub.add_parser(
@@ -218,6 +224,13 @@ def _approvals_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a date, YYYY-MM-DD") from None
+
+
 def _load(args: argparse.Namespace) -> int:
     # SIGTERM ends the load like Ctrl-C: its temporary files (person-level views) are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -237,6 +250,7 @@ def _load(args: argparse.Namespace) -> int:
         progress=LoadProgress(sys.stderr),
         memory_limit=args.memory_limit,
         threads=args.threads,
+        extract_date=args.extract_date,
     )
     print("\n".join(report.lines()))
     return 0

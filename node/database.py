@@ -193,6 +193,7 @@ class ResearchDatabase:
         self._on_reload = on_reload
         self._identity = _file_identity(path)
         self._con = open_research_db(path, catalog, threads, memory_limit)
+        self.data_as_of = data_as_of(self._con)  # the extract's date: every answer states it
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._active: Counter[int] = Counter()  # cursors open per connection
@@ -254,6 +255,7 @@ class ResearchDatabase:
             with self._lock:
                 old = self._con
                 self._con = new
+                self.data_as_of = data_as_of(new)
                 if self._active[id(old)] == 0:
                     old.close()
                 else:
@@ -264,6 +266,20 @@ class ResearchDatabase:
 def _file_identity(path: Path) -> tuple[int, int, int]:
     info = path.stat()
     return (info.st_dev, info.st_ino, info.st_mtime_ns)
+
+
+def data_as_of(con: Any) -> str:
+    """The date of the trust's extract (``fedtre node load --extract-date``; else the day it
+    was loaded), YYYY-MM-DD."""
+    try:
+        rows = dict(
+            con.execute(
+                f"SELECT key, value FROM {META_TABLE} WHERE key IN ('extract_date', 'loaded_at')"
+            ).fetchall()
+        )
+    except duckdb.Error:
+        return ""
+    return str(rows.get("extract_date") or str(rows.get("loaded_at", ""))[:10])
 
 
 def _loaded_at(con: Any) -> str:

@@ -495,6 +495,7 @@ class NodeEngine:
         self, request: QueryRequest, prepared: PreparedQuery, released_at: str
     ) -> NodeResult:
         exact = self._run(prepared.compiled, self.optouts.ids(prepared.optouts))
+        as_of = self.database.data_as_of
         aggregates = release(prepared.release, exact)
         del exact
         return NodeResult(
@@ -509,6 +510,7 @@ class NodeEngine:
             aggregates=aggregates,
             epsilon_units=prepared.units,
             released_at=released_at,
+            data_as_of=as_of,
         )
 
     def _reloaded(self, ok: bool, detail: str) -> None:

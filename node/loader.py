@@ -189,10 +189,12 @@ def load_omop(
     progress: Progress | None = None,
     memory_limit: str | None = None,
     threads: int | None = None,
+    extract_date: dt.date | None = None,
 ) -> LoadReport:
     """Build the node database ``out`` from an OMOP extract. ``memory_limit`` (e.g. "4GB";
     default ``default_memory_limit()``) caps DuckDB's memory; ``threads`` its worker threads
-    (default: every core)."""
+    (default: every core). ``extract_date``: when the trust took the extract (default: today);
+    every answer states it, so researchers know how fresh each trust's data is."""
     started = time.perf_counter()
 
     def say(message: str) -> None:
@@ -219,7 +221,17 @@ def load_omop(
     umask = os.umask(0o077)
     try:
         return _load_private(
-            source, out, catalog, groups, opt_out, memory_limit, threads, say, started, progress
+            source,
+            out,
+            catalog,
+            groups,
+            opt_out,
+            memory_limit,
+            threads,
+            say,
+            started,
+            progress,
+            extract_date or dt.datetime.now(dt.UTC).date(),
         )
     finally:
         os.umask(umask)
@@ -236,6 +248,7 @@ def _load_private(
     say: Callable[[str], None],
     started: float,
     progress: Progress | None,
+    extract_date: dt.date,
 ) -> LoadReport:
     out.parent.mkdir(parents=True, exist_ok=True)
     removed = remove_interrupted_loads(out)
@@ -283,6 +296,7 @@ def _load_private(
             "catalog_digest": catalog.digest,
             "reference_date": ref.isoformat(),
             "loaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "extract_date": extract_date.isoformat(),
             "fedtre_version": __version__,
             "source_kind": "duckdb" if source.is_file() else "folder",
         }

@@ -169,7 +169,15 @@ def node_result_to_proto(result: NodeResult) -> pb.NodeResult:
         ],
         epsilon_units=result.epsilon_units,
         released_at=result.released_at,
+        data_as_of=result.data_as_of,
     )
+
+
+def _as_of(text: str) -> str:
+    """A trust's extract date: YYYY-MM-DD, or "" (answers stored before it was recorded)."""
+    if text and not (len(text) == 10 and text[4] == "-" and text[7] == "-"):
+        raise WireError("node result's data date is not a date")
+    return text
 
 
 def node_result_from_proto(msg: pb.NodeResult) -> NodeResult:
@@ -201,6 +209,7 @@ def node_result_from_proto(msg: pb.NodeResult) -> NodeResult:
         aggregates=aggregates,
         epsilon_units=int(msg.epsilon_units),
         released_at=msg.released_at,
+        data_as_of=_as_of(msg.data_as_of),
     )
 
 

@@ -76,6 +76,7 @@ def trust_report_to_proto(t: TrustReport) -> cpb.TrustStatus:
         replayed=t.replayed,
         has_budget=t.epsilon_left is not None,
         remaining_units=round((t.epsilon_left or 0.0) * UNITS),
+        data_as_of=t.data_as_of,
     )
 
 
@@ -92,6 +93,7 @@ def trust_report_from_proto(msg: cpb.TrustStatus) -> TrustReport:
         epsilon_spent=msg.epsilon_units / UNITS,
         epsilon_left=msg.remaining_units / UNITS if msg.has_budget else None,
         replayed=msg.replayed,
+        data_as_of=msg.data_as_of[:10],
     )
 
 

@@ -118,7 +118,7 @@ class Aggregate(_message.Message):
     def __init__(self, alias: _Optional[str] = ..., kind: _Optional[_Union[AggregateKind, str]] = ..., column: _Optional[str] = ..., statistics: _Optional[_Iterable[_Union[Statistic, _Mapping]]] = ..., has_bounds: _Optional[bool] = ..., lower: _Optional[int] = ..., upper: _Optional[int] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = ("query_id", "node_id", "project_id", "view", "catalog_version", "group_by", "cells", "aggregates", "epsilon_units", "released_at", "reference_date")
+    __slots__ = ("query_id", "node_id", "project_id", "view", "catalog_version", "group_by", "cells", "aggregates", "epsilon_units", "released_at", "reference_date", "data_as_of")
     QUERY_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class NodeResult(_message.Message):
     EPSILON_UNITS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_AT_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_DATE_FIELD_NUMBER: _ClassVar[int]
+    DATA_AS_OF_FIELD_NUMBER: _ClassVar[int]
     query_id: str
     node_id: str
     project_id: str
@@ -141,7 +142,8 @@ class NodeResult(_message.Message):
     epsilon_units: int
     released_at: str
     reference_date: str
-    def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ..., reference_date: _Optional[str] = ...) -> None: ...
+    data_as_of: str
+    def __init__(self, query_id: _Optional[str] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., view: _Optional[str] = ..., catalog_version: _Optional[str] = ..., group_by: _Optional[_Iterable[str]] = ..., cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., aggregates: _Optional[_Iterable[_Union[Aggregate, _Mapping]]] = ..., epsilon_units: _Optional[int] = ..., released_at: _Optional[str] = ..., reference_date: _Optional[str] = ..., data_as_of: _Optional[str] = ...) -> None: ...
 
 class SignedQuery(_message.Message):
     __slots__ = ("statement", "signature", "certificate")

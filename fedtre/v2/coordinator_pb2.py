@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from fedtre.v2 import common_pb2 as fedtre_dot_v2_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tre/v2/coordinator.proto\x12\tfedtre.v2\x1a\x16\x66\x65\x64tre/v2/common.proto\"\x10\n\x0e\x43\x61talogRequest\"<\n\x0b\x43\x61talogInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8c\x01\n\rSubmitRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x14\n\x07\x65psilon\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06signed\x18\x05 \x01(\x0b\x32\x16.fedtre.v2.SignedQueryB\n\n\x08_epsilon\"\xe2\x01\n\x0bTrustStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedtre.v2.TrustState\x12#\n\x07refusal\x18\x03 \x01(\x0e\x32\x12.fedtre.v2.Refusal\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\repsilon_units\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x12\n\nhas_budget\x18\x07 \x01(\x08\x12\x17\n\x0fremaining_units\x18\x08 \x01(\x04J\x04\x08\t\x10\nR\x0bhandling_ms\"\x85\x01\n\x08\x45stimate\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x12\n\nsuppressed\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\x0f\n\x07\x64isplay\x18\x06 \x01(\t\x12\x11\n\tstd_error\x18\x07 \x01(\x01\"\x7f\n\x0e\x45stimateColumn\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fedtre.v2.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12&\n\testimates\x18\x04 \x03(\x0b\x32\x13.fedtre.v2.Estimate\"\xde\x02\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0c\n\x04view\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x04 \x01(\t\x12\x10\n\x08released\x18\x05 \x01(\x08\x12\x17\n\x0fwithheld_reason\x18\x06 \x01(\t\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12\x1e\n\x05\x63\x65lls\x18\x08 \x03(\x0b\x32\x0f.fedtre.v2.Cell\x12*\n\x07\x63olumns\x18\t \x03(\x0b\x32\x19.fedtre.v2.EstimateColumn\x12&\n\x06trusts\x18\n \x03(\x0b\x32\x16.fedtre.v2.TrustStatus\x12\x16\n\x0e\x63overed_trusts\x18\x0b \x03(\t\x12\x0f\n\x07\x65psilon\x18\x0c \x01(\x01\x12\r\n\x05notes\x18\r \x03(\t\x12\x16\n\x0ereference_date\x18\x0e \x01(\t\"\x15\n\x13ListProjectsRequest\"\xda\x01\n\x0bProjectInfo\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06trusts\x18\x03 \x03(\t\x12\x1d\n\x15max_epsilon_per_query\x18\x04 \x01(\x01\x12\x15\n\rallow_partial\x18\x05 \x01(\x08\x12\x16\n\x0esuppress_below\x18\x06 \x01(\x03\x12\x10\n\x08round_to\x18\x07 \x01(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_epsilon\x18\x08 \x01(\x01\x12\r\n\x05views\x18\t \x03(\t\x12\x10\n\x08max_tier\x18\n \x01(\t\"7\n\x0bProjectList\x12(\n\x08projects\x18\x01 \x03(\x0b\x32\x16.fedtre.v2.ProjectInfo\"*\n\x14ProjectBudgetRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"K\n\rProjectBudget\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x06trusts\x18\x02 \x03(\x0b\x32\x16.fedtre.v2.TrustStatus*\xac\x01\n\nTrustState\x12\x1b\n\x17TRUST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRUST_STATE_ANSWERED\x10\x01\x12\x1b\n\x17TRUST_STATE_UNAVAILABLE\x10\x02\x12\x17\n\x13TRUST_STATE_REFUSED\x10\x03\x12\x16\n\x12TRUST_STATE_FAILED\x10\x04\x12\x19\n\x15TRUST_STATE_WITHDRAWN\x10\x05\x32\x9d\x02\n\x11ResearcherService\x12=\n\x06Submit\x12\x18.fedtre.v2.SubmitRequest\x1a\x19.fedtre.v2.SubmitResponse\x12\x46\n\x0cListProjects\x12\x1e.fedtre.v2.ListProjectsRequest\x1a\x16.fedtre.v2.ProjectList\x12\x43\n\x06\x42udget\x12\x1f.fedtre.v2.ProjectBudgetRequest\x1a\x18.fedtre.v2.ProjectBudget\x12<\n\x07\x43\x61talog\x12\x19.fedtre.v2.CatalogRequest\x1a\x16.fedtre.v2.CatalogInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64tre/v2/coordinator.proto\x12\tfedtre.v2\x1a\x16\x66\x65\x64tre/v2/common.proto\"\x10\n\x0e\x43\x61talogRequest\"<\n\x0b\x43\x61talogInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x8c\x01\n\rSubmitRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x14\n\x07\x65psilon\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06signed\x18\x05 \x01(\x0b\x32\x16.fedtre.v2.SignedQueryB\n\n\x08_epsilon\"\xf6\x01\n\x0bTrustStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.fedtre.v2.TrustState\x12#\n\x07refusal\x18\x03 \x01(\x0e\x32\x12.fedtre.v2.Refusal\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\repsilon_units\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x12\n\nhas_budget\x18\x07 \x01(\x08\x12\x17\n\x0fremaining_units\x18\x08 \x01(\x04\x12\x12\n\ndata_as_of\x18\n \x01(\tJ\x04\x08\t\x10\nR\x0bhandling_ms\"\x85\x01\n\x08\x45stimate\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x12\n\nsuppressed\x18\x02 \x01(\x08\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06\x63i_low\x18\x04 \x01(\x01\x12\x0f\n\x07\x63i_high\x18\x05 \x01(\x01\x12\x0f\n\x07\x64isplay\x18\x06 \x01(\t\x12\x11\n\tstd_error\x18\x07 \x01(\x01\"\x7f\n\x0e\x45stimateColumn\x12\r\n\x05\x61lias\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.fedtre.v2.AggregateKind\x12\x0e\n\x06\x63olumn\x18\x03 \x01(\t\x12&\n\testimates\x18\x04 \x03(\x0b\x32\x13.fedtre.v2.Estimate\"\xde\x02\n\x0eSubmitResponse\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0c\n\x04view\x18\x03 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x04 \x01(\t\x12\x10\n\x08released\x18\x05 \x01(\x08\x12\x17\n\x0fwithheld_reason\x18\x06 \x01(\t\x12\x10\n\x08group_by\x18\x07 \x03(\t\x12\x1e\n\x05\x63\x65lls\x18\x08 \x03(\x0b\x32\x0f.fedtre.v2.Cell\x12*\n\x07\x63olumns\x18\t \x03(\x0b\x32\x19.fedtre.v2.EstimateColumn\x12&\n\x06trusts\x18\n \x03(\x0b\x32\x16.fedtre.v2.TrustStatus\x12\x16\n\x0e\x63overed_trusts\x18\x0b \x03(\t\x12\x0f\n\x07\x65psilon\x18\x0c \x01(\x01\x12\r\n\x05notes\x18\r \x03(\t\x12\x16\n\x0ereference_date\x18\x0e \x01(\t\"\x15\n\x13ListProjectsRequest\"\xda\x01\n\x0bProjectInfo\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06trusts\x18\x03 \x03(\t\x12\x1d\n\x15max_epsilon_per_query\x18\x04 \x01(\x01\x12\x15\n\rallow_partial\x18\x05 \x01(\x08\x12\x16\n\x0esuppress_below\x18\x06 \x01(\x03\x12\x10\n\x08round_to\x18\x07 \x01(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_epsilon\x18\x08 \x01(\x01\x12\r\n\x05views\x18\t \x03(\t\x12\x10\n\x08max_tier\x18\n \x01(\t\"7\n\x0bProjectList\x12(\n\x08projects\x18\x01 \x03(\x0b\x32\x16.fedtre.v2.ProjectInfo\"*\n\x14ProjectBudgetRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"K\n\rProjectBudget\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12&\n\x06trusts\x18\x02 \x03(\x0b\x32\x16.fedtre.v2.TrustStatus*\xac\x01\n\nTrustState\x12\x1b\n\x17TRUST_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14TRUST_STATE_ANSWERED\x10\x01\x12\x1b\n\x17TRUST_STATE_UNAVAILABLE\x10\x02\x12\x17\n\x13TRUST_STATE_REFUSED\x10\x03\x12\x16\n\x12TRUST_STATE_FAILED\x10\x04\x12\x19\n\x15TRUST_STATE_WITHDRAWN\x10\x05\x32\x9d\x02\n\x11ResearcherService\x12=\n\x06Submit\x12\x18.fedtre.v2.SubmitRequest\x1a\x19.fedtre.v2.SubmitResponse\x12\x46\n\x0cListProjects\x12\x1e.fedtre.v2.ListProjectsRequest\x1a\x16.fedtre.v2.ProjectList\x12\x43\n\x06\x42udget\x12\x1f.fedtre.v2.ProjectBudgetRequest\x1a\x18.fedtre.v2.ProjectBudget\x12<\n\x07\x43\x61talog\x12\x19.fedtre.v2.CatalogRequest\x1a\x16.fedtre.v2.CatalogInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtre.v2.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUSTSTATE']._serialized_start=1559
-  _globals['_TRUSTSTATE']._serialized_end=1731
+  _globals['_TRUSTSTATE']._serialized_start=1579
+  _globals['_TRUSTSTATE']._serialized_end=1751
   _globals['_CATALOGREQUEST']._serialized_start=66
   _globals['_CATALOGREQUEST']._serialized_end=82
   _globals['_CATALOGINFO']._serialized_start=84
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_start=147
   _globals['_SUBMITREQUEST']._serialized_end=287
   _globals['_TRUSTSTATUS']._serialized_start=290
-  _globals['_TRUSTSTATUS']._serialized_end=516
-  _globals['_ESTIMATE']._serialized_start=519
-  _globals['_ESTIMATE']._serialized_end=652
-  _globals['_ESTIMATECOLUMN']._serialized_start=654
-  _globals['_ESTIMATECOLUMN']._serialized_end=781
-  _globals['_SUBMITRESPONSE']._serialized_start=784
-  _globals['_SUBMITRESPONSE']._serialized_end=1134
-  _globals['_LISTPROJECTSREQUEST']._serialized_start=1136
-  _globals['_LISTPROJECTSREQUEST']._serialized_end=1157
-  _globals['_PROJECTINFO']._serialized_start=1160
-  _globals['_PROJECTINFO']._serialized_end=1378
-  _globals['_PROJECTLIST']._serialized_start=1380
-  _globals['_PROJECTLIST']._serialized_end=1435
-  _globals['_PROJECTBUDGETREQUEST']._serialized_start=1437
-  _globals['_PROJECTBUDGETREQUEST']._serialized_end=1479
-  _globals['_PROJECTBUDGET']._serialized_start=1481
-  _globals['_PROJECTBUDGET']._serialized_end=1556
-  _globals['_RESEARCHERSERVICE']._serialized_start=1734
-  _globals['_RESEARCHERSERVICE']._serialized_end=2019
+  _globals['_TRUSTSTATUS']._serialized_end=536
+  _globals['_ESTIMATE']._serialized_start=539
+  _globals['_ESTIMATE']._serialized_end=672
+  _globals['_ESTIMATECOLUMN']._serialized_start=674
+  _globals['_ESTIMATECOLUMN']._serialized_end=801
+  _globals['_SUBMITRESPONSE']._serialized_start=804
+  _globals['_SUBMITRESPONSE']._serialized_end=1154
+  _globals['_LISTPROJECTSREQUEST']._serialized_start=1156
+  _globals['_LISTPROJECTSREQUEST']._serialized_end=1177
+  _globals['_PROJECTINFO']._serialized_start=1180
+  _globals['_PROJECTINFO']._serialized_end=1398
+  _globals['_PROJECTLIST']._serialized_start=1400
+  _globals['_PROJECTLIST']._serialized_end=1455
+  _globals['_PROJECTBUDGETREQUEST']._serialized_start=1457
+  _globals['_PROJECTBUDGETREQUEST']._serialized_end=1499
+  _globals['_PROJECTBUDGET']._serialized_start=1501
+  _globals['_PROJECTBUDGET']._serialized_end=1576
+  _globals['_RESEARCHERSERVICE']._serialized_start=1754
+  _globals['_RESEARCHERSERVICE']._serialized_end=2039
 # @@protoc_insertion_point(module_scope)

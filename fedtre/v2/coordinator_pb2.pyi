@@ -53,7 +53,7 @@ class SubmitRequest(_message.Message):
     def __init__(self, query_id: _Optional[str] = ..., project_id: _Optional[str] = ..., sql: _Optional[str] = ..., epsilon: _Optional[float] = ..., signed: _Optional[_Union[_common_pb2.SignedQuery, _Mapping]] = ...) -> None: ...
 
 class TrustStatus(_message.Message):
-    __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units")
+    __slots__ = ("node_id", "state", "refusal", "reason", "epsilon_units", "replayed", "has_budget", "remaining_units", "data_as_of")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class TrustStatus(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     HAS_BUDGET_FIELD_NUMBER: _ClassVar[int]
     REMAINING_UNITS_FIELD_NUMBER: _ClassVar[int]
+    DATA_AS_OF_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     state: TrustState
     refusal: _common_pb2.Refusal
@@ -70,7 +71,8 @@ class TrustStatus(_message.Message):
     replayed: bool
     has_budget: bool
     remaining_units: int
-    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ...) -> None: ...
+    data_as_of: str
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[_Union[TrustState, str]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., has_budget: _Optional[bool] = ..., remaining_units: _Optional[int] = ..., data_as_of: _Optional[str] = ...) -> None: ...
 
 class Estimate(_message.Message):
     __slots__ = ("available", "suppressed", "value", "ci_low", "ci_high", "display", "std_error")

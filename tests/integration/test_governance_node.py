@@ -198,6 +198,9 @@ def test_the_governance_walk_through(fed: Federation, tmp_path: Path) -> None:
     answered = _fedtre(*query, "--format", "json", BY_SEX)
     doc = json.loads(answered.stdout)
     assert doc["status"] == "released", doc
+    today = dt.datetime.now(dt.UTC).date()
+    for trust in doc["trusts"]:  # each trust's extract date (loaded today, no --extract-date)
+        assert abs((dt.date.fromisoformat(trust["data_as_of"]) - today).days) <= 1, trust
     spent = {t: fed.spent_units(t, "project:service-eval") for t in TRUSTS}
     assert all(units == 200_000 for units in spent.values()), spent
     # 4. the committee revokes; the next query is refused, and so is every node asked directly
