@@ -137,6 +137,9 @@ class Catalog:
     digest: str
     reference_date: dt.date  # ages are computed at this date at every trust
     text: str = field(default="", repr=False, compare=False)  # the file as read (TOML)
+    # Records a patient disputes (``fedtre node dispute``): "exclude" (default: the person
+    # does not exist for a query reading that view) or "count" (used as recorded).
+    disputed_records: str = "exclude"
 
     def view(self, name: str) -> View | None:
         return self.views.get(name)
@@ -168,7 +171,15 @@ def catalog_from_bytes(raw: bytes, source: str) -> Catalog:
 
 
 def parse_catalog(data: Mapping[str, Any], source: str = "catalog", digest: str = "") -> Catalog:
-    _keys(data, source, required={"version", "views", "reference_date"}, optional={"privacy_unit"})
+    _keys(
+        data,
+        source,
+        required={"version", "views", "reference_date"},
+        optional={"privacy_unit", "disputed_records"},
+    )
+    disputed = data.get("disputed_records", "exclude")
+    if disputed not in ("exclude", "count"):
+        raise ConfigError(f"{source}: disputed_records must be 'exclude' or 'count'")
     version = _str(data["version"], f"{source}: version")
     reference_date = _date(data["reference_date"], f"{source}: reference_date")
     privacy_unit = data.get("privacy_unit", PERSON_ID)
@@ -180,7 +191,14 @@ def parse_catalog(data: Mapping[str, Any], source: str = "catalog", digest: str 
     views = {
         name: _parse_view(name, spec, f"{source}: views.{name}") for name, spec in views_raw.items()
     }
-    return Catalog(version, privacy_unit, MappingProxyType(views), digest, reference_date)
+    return Catalog(
+        version,
+        privacy_unit,
+        MappingProxyType(views),
+        digest,
+        reference_date,
+        disputed_records=disputed,
+    )
 
 
 def _parse_view(name: str, spec: Any, where: str) -> View:

@@ -97,6 +97,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_serve_arguments(serve, "DEVELOPMENT ONLY: plaintext, no caller authentication")
     serve.set_defaults(func=_serve)
 
+    dispute = node_sub.add_parser(
+        "dispute",
+        help="records patients dispute, per view (the catalog says: excluded, or counted)",
+    )
+    dispute_sub = dispute.add_subparsers(dest="dispute_command", required=True, metavar="ACTION")
+    for name, helptext in (
+        ("add", "mark the records of the persons in a CSV (person_id) in a view as disputed"),
+        ("remove", "the dispute is settled: use their records in the view again"),
+    ):
+        p = dispute_sub.add_parser(name, help=helptext)
+        p.add_argument("--config", type=Path, required=True)
+        p.add_argument("--view", required=True)
+        p.add_argument("file", type=Path)
+        p.set_defaults(func=_dispute_change, add=name == "add")
+    dlist = dispute_sub.add_parser("list", help="how many persons dispute records, per view")
+    dlist.add_argument("--config", type=Path, required=True)
+    dlist.set_defaults(func=_dispute_list)
+
     approvals = node_sub.add_parser(
         "approvals", help="signed approvals this node holds; import a revocation or an approval"
     )
@@ -169,6 +187,37 @@ def _world_readable(path: Path) -> list[str]:
             f"chmod 600 {path}, or delete it now that it is imported"
         ]
     return []
+
+
+def _dispute_change(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config)
+    if args.view not in config.catalog.views:
+        raise ConfigError(f"no view {args.view!r} in the catalog")
+    ids = read_person_ids(args.file)
+    changed, total = OptOuts(config.state_dir).dispute(args.view, ids, add=args.add)
+    policy = config.catalog.disputed_records
+    effect = (
+        "excluded from every query reading it"
+        if policy == "exclude"
+        else "still counted (the catalog says disputed_records = 'count')"
+    )
+    verb = "marked" if args.add else "cleared"
+    print(
+        f"{args.view}: {verb} {changed:,} of {len(ids):,} person(s); {total:,} hold disputed "
+        f"records there, {effect}. A running node applies it from its next query."
+    )
+    for warning in _world_readable(args.file):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _dispute_list(args: argparse.Namespace) -> int:
+    config = load_node_config(args.config)
+    counts = OptOuts(config.state_dir).disputes()
+    print(f"policy (catalog disputed_records): {config.catalog.disputed_records}")
+    for view in config.catalog.views:
+        print(f"{view:<14} {counts.get(view, 0):>12,} person(s) with disputed records")
+    return 0
 
 
 def _optout_list(args: argparse.Namespace) -> int:

@@ -494,7 +494,8 @@ class NodeEngine:
     def _compute(
         self, request: QueryRequest, prepared: PreparedQuery, released_at: str
     ) -> NodeResult:
-        exact = self._run(prepared.compiled, self.optouts.ids(prepared.optouts))
+        disputed = prepared.views if self.catalog.disputed_records == "exclude" else frozenset()
+        exact = self._run(prepared.compiled, self.optouts.ids(prepared.optouts, disputed))
         as_of = self.database.data_as_of
         aggregates = release(prepared.release, exact)
         del exact

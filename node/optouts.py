@@ -51,6 +51,11 @@ CREATE TABLE IF NOT EXISTS optout (
     person_id INTEGER NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('national', 'commercial', 'mental_health')),
     PRIMARY KEY (person_id, kind)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS disputed (
+    person_id INTEGER NOT NULL,
+    view TEXT NOT NULL,
+    PRIMARY KEY (person_id, view)
 ) WITHOUT ROWID
 """
 
@@ -77,13 +82,13 @@ class OptOuts:
         self._version: int | None = None
         self._watcher: sqlite3.Connection | None = None
         self._watched: tuple[int, int] = (-1, -1)
-        self._cache: dict[frozenset[OptOut], pa.Table] = {}
+        self._cache: dict[tuple[frozenset[OptOut], frozenset[str]], pa.Table] = {}
         try:
             fresh = not self.path.exists()
             con = self._con()
             if fresh or stat.S_IMODE(self.path.stat().st_mode) & 0o077:
                 os.chmod(self.path, 0o600)  # person-level data: owner only
-            con.execute(_SCHEMA)
+            con.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise OptOutsUnavailable(f"cannot open the opt-out list {self.path}: {exc}") from exc
 
@@ -98,13 +103,13 @@ class OptOuts:
 
     # -- the query path ------------------------------------------------------------------------
 
-    def ids(self, kinds: frozenset[OptOut]) -> pa.Table:
+    def ids(self, kinds: frozenset[OptOut], disputed: frozenset[str] = frozenset()) -> pa.Table:
         """The persons opted out of any of ``kinds`` now, as an Arrow table (column ``id``,
         sorted; no rows: nobody), ready for the query (``node.compiler.run_exact``).
 
         One connection watches the file: SQLite's ``data_version`` on it changes whenever
         another connection (``fedtre node optout``) has committed a change."""
-        if not kinds:
+        if not kinds and not disputed:
             return _EMPTY
         with self._lock:
             try:
@@ -113,18 +118,21 @@ class OptOuts:
                 if version != self._version:
                     self._cache.clear()
                     self._version = version
-                cached = self._cache.get(kinds)
+                key = (kinds, disputed)
+                cached = self._cache.get(key)
                 if cached is not None:
                     return cached
-                marks = ", ".join("?" for _ in kinds)
+                k_marks = ", ".join("?" for _ in kinds) or "NULL"
+                v_marks = ", ".join("?" for _ in disputed) or "NULL"
                 rows = watch.execute(
-                    f"SELECT DISTINCT person_id FROM optout WHERE kind IN ({marks}) ORDER BY 1",
-                    [k.value for k in kinds],
+                    f"SELECT person_id FROM optout WHERE kind IN ({k_marks}) UNION "
+                    f"SELECT person_id FROM disputed WHERE view IN ({v_marks}) ORDER BY 1",
+                    [*(k.value for k in kinds), *sorted(disputed)],
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise OptOutsUnavailable(f"cannot read the opt-out list: {exc}") from exc
             out = pa.table({"id": pa.array([r[0] for r in rows], type=pa.int64())})
-            self._cache[kinds] = out
+            self._cache[key] = out
             return out
 
     def _watch(self) -> sqlite3.Connection:
@@ -156,6 +164,32 @@ class OptOuts:
         rows = self._con().execute("SELECT kind, COUNT(*) FROM optout GROUP BY kind").fetchall()
         found = {str(k): int(n) for k, n in rows}
         return {k.value: found.get(k.value, 0) for k in OptOut}
+
+    def disputes(self) -> dict[str, int]:
+        """Persons with disputed records, per view."""
+        rows = self._con().execute("SELECT view, COUNT(*) FROM disputed GROUP BY view").fetchall()
+        return {str(v): int(n) for v, n in rows}
+
+    def dispute(self, view: str, ids: Iterable[int], *, add: bool) -> tuple[int, int]:
+        """Mark (or unmark) persons' records in ``view`` as disputed: (changed, now held)."""
+        con = self._con()
+        rows = [(int(i), view) for i in ids]
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            before = con.total_changes
+            if add:
+                con.executemany("INSERT OR IGNORE INTO disputed VALUES (?, ?)", rows)
+            else:
+                con.executemany("DELETE FROM disputed WHERE person_id = ? AND view = ?", rows)
+            changed = con.total_changes - before
+            (total,) = con.execute(
+                "SELECT COUNT(*) FROM disputed WHERE view = ?", (view,)
+            ).fetchone()
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return changed, int(total)
 
     def add(self, kind: OptOut, ids: Iterable[int]) -> Change:
         return self._change(kind, ids, add=True)

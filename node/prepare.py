@@ -37,6 +37,7 @@ class PreparedQuery:
     units: int
     fingerprint: str  # what a retry of the query id must match
     optouts: frozenset[OptOut] = frozenset()  # the opt-outs that remove persons from it
+    views: frozenset[str] = frozenset()  # every view it reads (disputed records act on these)
     approval: str = ""  # digest of the signed application it is prepared under ("" hand-kept)
 
 
@@ -92,7 +93,10 @@ def plan_query(
     release = plan_release(plan, compiled.view, len(compiled.cells), units)
     fingerprint = _fingerprint(project.project_id, plan, units)
     kinds = optouts_for(plan, catalog, project)
-    return PreparedQuery(project, plan, compiled, release, units, fingerprint, optouts=kinds)
+    views = frozenset({plan.view} | cohort_views(plan.where))
+    return PreparedQuery(
+        project, plan, compiled, release, units, fingerprint, optouts=kinds, views=views
+    )
 
 
 def optouts_for(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> frozenset[OptOut]:
