@@ -132,8 +132,10 @@ def test_no_timing_of_any_trust_reaches_the_researcher(fed: Federation) -> None:
     assert "_ms" not in text and "handling" not in text
     for trust in result.trusts:
         assert set(vars(trust)) == {
-            "node_id", "state", "reason", "refusal", "epsilon_spent", "epsilon_left", "replayed"
+            "node_id", "state", "reason", "refusal", "epsilon_spent", "epsilon_left", "replayed",
+            "data_as_of",  # the date of the trust's extract: a date, never a time of the query
         }  # fmt: skip
+        assert len(trust.data_as_of) == 10
     assert fed.coordinator is not None
     logged = [e for e in fed.log_lines("coordinator") if e.get("query_id") == "no-timing"]
     assert any(set(e.get("handling_ms", {})) == set(fed.nodes) for e in logged)
