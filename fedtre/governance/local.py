@@ -1,7 +1,7 @@
-"""A committee on this machine, for the local federation (demo, tests, benchmarks): two members
-(a service user and a clinician) with their keys, a committee file, a registry, and the
-applications of the local projects, each approved by both. Everything is made with the same
-functions the ``fedtre committee`` and ``fedtre project`` commands use.
+"""A committee on this machine, for the local federation (demo, tests, benchmarks): three members
+(two service users and a clinician) with their keys, a committee file, a registry, and the
+applications of the local projects, each approved as the default policy asks. Everything is
+made with the same functions the ``fedtre committee`` and ``fedtre project`` commands use.
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ from fedtre.governance.policy import (
 from fedtre.governance.registry import Registry
 from fedtre.pki import write_file
 
-MEMBERS = (("ann", MemberRole.SERVICE_USER), ("bob", MemberRole.CLINICIAN))
+MEMBERS = (
+    ("ann", MemberRole.SERVICE_USER),
+    ("bob", MemberRole.CLINICIAN),
+    ("cleo", MemberRole.SERVICE_USER),  # a second service user: the highly sensitive tier
+)
 # Local federations run many queries on small budgets: the purpose rules are relaxed here only.
 RELAXED = PurposeRule(10.0, 1e6, Tier.HIGHLY_SENSITIVE, 0)
 
@@ -71,8 +75,18 @@ class LocalGovernance:
         write_file(self.committee_path, committee.to_toml().encode(), private=False, overwrite=True)
         return self
 
-    def approve(self, app: Application, signers: Iterable[str] = ("ann", "bob")) -> bytes:
-        """Submit (or resubmit) ``app`` and sign its approval by ``signers``."""
+    def approve(self, app: Application, signers: Iterable[str] | None = None) -> bytes:
+        """Submit (or resubmit) ``app`` and sign its approval by ``signers`` (default: ann
+        and bob, and cleo as a second service user when the highly sensitive tier is asked)."""
+        if signers is None:
+            signers = (
+                ("ann", "bob", "cleo")
+                if app.max_tier is Tier.HIGHLY_SENSITIVE
+                else (
+                    "ann",
+                    "bob",
+                )
+            )
         data = self.registry.submit(app, replace=True)
         now = dt.datetime.now(dt.UTC)
         for name in signers:
