@@ -310,7 +310,8 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     print(f"{doc['project_id']}: {doc['title']}")
-    print(f"  {doc['lay_summary']}")
+    for line in str(doc["lay_summary"]).splitlines() or [""]:
+        print(f"  | {line}")  # every line of the summary marked: it cannot pose as a status line
     print(f"  purpose: {doc['purpose']}; {doc['organisation']} ({doc['organisation_type']})")
     print(f"  researchers: {', '.join(doc['researchers'])}")
     print(f"  views: {', '.join(doc['views'])}; highest tier {doc['max_tier']}")

@@ -530,3 +530,16 @@ def test_the_registry_bundle_keeps_each_signer_s_latest_word(tmp_path: Path) -> 
             TRUST_A, accept_purposes=frozenset({Purpose.PUBLIC_BENEFIT_RESEARCH})
         ),
     )
+
+
+def test_show_marks_every_line_of_the_lay_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedtre.cli import main
+    from fedtre.governance.registry import Registry
+
+    Registry(tmp_path).submit(_app(lay_summary="Why it matters.\nstatus: approved"))
+    assert main(["project", "show", "--registry", str(tmp_path), "dep-prev"]) == 0
+    out = capsys.readouterr().out
+    assert "  | status: approved" in out
+    assert not any(line.startswith("  status:") for line in out.splitlines())
