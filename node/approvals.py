@@ -151,18 +151,18 @@ class Projects:
             raise NotApproved("the query was signed by another researcher than the one named")
         return signer
 
-    def ids(self) -> tuple[str, ...]:
-        """Projects this node serves now (hand-kept, or stored approvals that still hold)."""
+    def held(self) -> Mapping[str, ProjectPolicy]:
+        """The projects this node serves now, by id (hand-kept, or stored approvals that still
+        hold, each checked once)."""
         if self.governance is None:
-            return tuple(sorted(self.config.projects))
-        out = []
+            return dict(sorted(self.config.projects.items()))
+        out = {}
         for path in sorted(self._dir(APPROVALS).glob("*.json")):
             try:
-                self.known(path.stem)
+                out[path.stem] = self.known(path.stem).policy
             except (QueryRefused, NotApproved):
                 continue
-            out.append(path.stem)
-        return tuple(out)
+        return out
 
     # -- the trust's own imports -----------------------------------------------------------
 
@@ -414,13 +414,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def scopes(projects: Projects, ids: tuple[str, ...]) -> Mapping[str, ProjectPolicy]:
-    out = {}
-    for pid in ids:
-        try:
-            out[pid] = projects.known(pid).policy
-        except (QueryRefused, NotApproved):
-            continue
-    return out

@@ -20,7 +20,7 @@ from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
-from node.approvals import Projects, scopes
+from node.approvals import Projects
 from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -386,7 +386,7 @@ def _budget(args: argparse.Namespace) -> int:
     engine = NodeEngine(load_node_config(args.config))
     try:
         rows = []
-        for pid, project in sorted(scopes(engine.projects, engine.projects.ids()).items()):
+        for pid, project in engine.projects.held().items():
             status = engine.budget(pid)
             rows.append(
                 {

@@ -33,7 +33,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -49,7 +49,7 @@ from fedtre.request import QueryRequest, check_ids
 from fedtre.result import NodeResult
 from node.approvals import Projects
 from node.compiler import CompiledQuery, run_exact
-from node.config import NodeConfig
+from node.config import NodeConfig, ProjectPolicy
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
 from node.generation import Generation
@@ -407,10 +407,10 @@ class NodeEngine:
             )
         time.sleep(max(0.0, received + slots * slot - time.monotonic()))
 
-    def describe(self, caller: str) -> tuple[str, ...]:
-        """Audited: the ids of the projects this trust serves."""
+    def describe(self, caller: str) -> Mapping[str, ProjectPolicy]:
+        """Audited: the projects this trust serves, by id."""
         self.audit.write("node.described", caller=caller)
-        return self.projects.ids()
+        return self.projects.held()
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
         """A remote budget request: audited before it is answered, refusals included."""

@@ -27,7 +27,6 @@ from fedtre.protocol import (
     ProjectScope,
 )
 from fedtre.request import QueryRequest
-from node.approvals import scopes as approved_scopes
 from node.engine import BudgetStatus, NodeEngine
 
 log = logs.get("node")
@@ -169,9 +168,10 @@ class NodeHandler:
                 total_units=p.total_units,
                 max_units_per_query=p.max_units_per_query,
             )
-            for p in approved_scopes(self.engine.projects, projects).values()
+            for p in projects.values()
         )
-        return NodeDescription(self.node_id, catalog.version, catalog.digest, projects, scopes)
+        ids = tuple(projects)
+        return NodeDescription(self.node_id, catalog.version, catalog.digest, ids, scopes)
 
     def _budget(self, status: BudgetStatus) -> BudgetReport:
         return BudgetReport(

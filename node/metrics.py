@@ -70,7 +70,7 @@ class _Budget(Collector):
         left = GaugeMetricFamily(
             "fedtre_node_epsilon_left", "ε left per project", labels=["project"]
         )
-        for project_id in self.engine.projects.ids():
+        for project_id in self.engine.projects.held():
             try:
                 status = self.engine.budget(project_id)
             except UserError:  # revoked or lapsed since the listing

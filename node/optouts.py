@@ -172,24 +172,7 @@ class OptOuts:
 
     def dispute(self, view: str, ids: Iterable[int], *, add: bool) -> tuple[int, int]:
         """Mark (or unmark) persons' records in ``view`` as disputed: (changed, now held)."""
-        con = self._con()
-        rows = [(int(i), view) for i in ids]
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            before = con.total_changes
-            if add:
-                con.executemany("INSERT OR IGNORE INTO disputed VALUES (?, ?)", rows)
-            else:
-                con.executemany("DELETE FROM disputed WHERE person_id = ? AND view = ?", rows)
-            changed = con.total_changes - before
-            (total,) = con.execute(
-                "SELECT COUNT(*) FROM disputed WHERE view = ?", (view,)
-            ).fetchone()
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        return changed, int(total)
+        return self._write("disputed", "view", view, ids, add=add)
 
     def add(self, kind: OptOut, ids: Iterable[int]) -> Change:
         return self._change(kind, ids, add=True)
@@ -198,26 +181,31 @@ class OptOuts:
         return self._change(kind, ids, add=False)
 
     def _change(self, kind: OptOut, ids: Iterable[int], *, add: bool) -> Change:
+        changed, total = self._write("optout", "kind", kind.value, ids, add=add)
+        return Change(kind, changed if add else 0, 0 if add else changed, total)
+
+    def _write(
+        self, table: str, column: str, value: str, ids: Iterable[int], *, add: bool
+    ) -> tuple[int, int]:
+        """Add (or remove) (person, ``value``) rows in one transaction: (changed, now held).
+        ``table`` and ``column`` are this module's own names, never input."""
         con = self._con()
-        rows = [(int(i), kind.value) for i in ids]
+        rows = [(int(i), value) for i in ids]
         con.execute("BEGIN IMMEDIATE")
         try:
             before = con.total_changes
             if add:
-                con.executemany("INSERT OR IGNORE INTO optout VALUES (?, ?)", rows)
+                con.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", rows)
             else:
-                con.executemany("DELETE FROM optout WHERE person_id = ? AND kind = ?", rows)
+                con.executemany(f"DELETE FROM {table} WHERE person_id = ? AND {column} = ?", rows)
             changed = con.total_changes - before
-            total = int(
-                con.execute("SELECT COUNT(*) FROM optout WHERE kind = ?", (kind.value,)).fetchone()[
-                    0
-                ]
-            )
+            sql = f"SELECT COUNT(*) FROM {table} WHERE {column} = ?"
+            (total,) = con.execute(sql, (value,)).fetchone()
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
-        return Change(kind, changed if add else 0, 0 if add else changed, total)
+        return changed, int(total)
 
 
 def read_person_ids(path: Path) -> list[int]:

@@ -168,7 +168,7 @@ class Application:
 
     @staticmethod
     def from_bytes(data: bytes) -> Application:
-        d = _object(data, Kind.APPLICATION, set(_APPLICATION_FIELDS))
+        d = _object(data, Kind.APPLICATION, set(APPLICATION_FIELDS))
         app = Application(
             project_id=_match(d, "project_id", PROJECT_ID),
             title=_text(d, "title", 200, line=True),
@@ -196,7 +196,7 @@ class Application:
         return app
 
 
-_APPLICATION_FIELDS = [
+APPLICATION_FIELDS = [
     "kind",
     "project_id",
     "title",

@@ -29,30 +29,23 @@ from typing import Any
 
 from fedtre.catalog import Catalog
 from fedtre.errors import ConfigError
-from fedtre.governance.documents import Application, DocumentError, canonical, timestamp
+from fedtre.governance.documents import (
+    APPLICATION_FIELDS,
+    Application,
+    DocumentError,
+    canonical,
+    timestamp,
+)
 from fedtre.settings import check_keys
 
-REQUIRED = {
-    "project_id",
-    "title",
-    "lay_summary",
-    "purpose",
-    "organisation",
-    "organisation_type",
-    "researchers",
-    "views",
-    "max_tier",
-    "trusts",
-    "epsilon_per_trust",
-    "max_epsilon_per_query",
-    "expires",
-}
 DEFAULTS: Mapping[str, Any] = {
     "default_epsilon": 0.1,
     "allow_partial": False,
     "suppress_below": 10,
     "round_to": 5,
 }
+# Everything an application holds, less what the form may leave out or the tool adds.
+REQUIRED = set(APPLICATION_FIELDS) - {"kind", "submitted"} - set(DEFAULTS)
 
 
 def application_from_form(

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,7 +83,7 @@ class Committee:
     def by_key_id(self, key_id: str) -> Member | None:
         return self._index.get(key_id)
 
-    @property
+    @functools.cached_property
     def _index(self) -> Mapping[str, Member]:
         return {m.key.key_id: m for m in self.members.values()}
 
@@ -215,7 +215,3 @@ def _eps(v: Any, where: str) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e6:
         raise ConfigError(f"{where}: ε above 0 and at most 1e6")
     return float(v)
-
-
-def approval_lifetime(policy: ApprovalPolicy) -> dt.timedelta:
-    return dt.timedelta(days=policy.max_approval_days)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedtre.errors import Refusal, UserError
@@ -291,7 +291,3 @@ def _participation(app: Application, trust: TrustPolicy, signed: list[Statement]
     if app.purpose in trust.accept_purposes:
         return "by the trust's policy"
     raise NotApproved("this trust's data guardian has not signed its participation in the project")
-
-
-def member_roles(approvers: Iterable[Member]) -> Mapping[str, str]:
-    return {m.name: m.role.value for m in approvers}
