@@ -87,8 +87,10 @@ def test_an_older_version_is_refused_even_after_it_held_and_was_cached(world) ->
     engine.answer(_request(certs, v1, "a-1", 0.5, "bob"))  # cached as holding
     v2 = _version(gov, epsilon=2.0, per_query=0.2, researchers=("alice",))
     engine.answer(_request(certs, v2, "a-2", 0.1))
+    spent = _spent(engine)
     with pytest.raises(NotApproved, match="superseded"):
         engine.prepare(_request(certs, v1, "a-3", 1.0, "bob"))
+    assert _spent(engine) == spent
 
 
 def test_a_newer_version_the_trust_imports_holds_at_once_and_is_not_undone(
@@ -107,8 +109,10 @@ def test_a_newer_version_the_trust_imports_holds_at_once_and_is_not_undone(
     doc = json.loads(v1)
     doc["statements"].reverse()
     reordered = json.dumps(doc).encode()
+    spent = _spent(engine)
     with pytest.raises(NotApproved, match="superseded"):
         engine.prepare(_request(certs, reordered, "b-2", 1.0))
+    assert _spent(engine) == spent
     held = (engine.config.state_dir / "approvals" / "proj.json").read_bytes()
     assert held == v2
 
@@ -118,6 +122,7 @@ def test_a_query_signed_by_another_researcher_than_named_is_refused(world) -> No
     v1 = _version(gov, epsilon=5.0, per_query=1.0)
     with pytest.raises(NotApproved, match="another researcher than the one named"):
         engine.prepare(_request(certs, v1, "c-1", 0.1, "alice", named="bob"))
+    assert _spent(engine) == 0
 
 
 def test_a_commit_while_the_answer_is_computed_releases_nothing(world) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +139,8 @@ def test_a_commit_while_the_answer_is_computed_releases_nothing(world) -> None: 
 
     with pytest.raises(QueryRefused, match="still preparing"):
         engine.commit("proj", "d-1", "test")
+    entry = engine.ledger.entry("proj", "d-1")
+    assert entry is not None and entry.state.value == "reserved"  # nothing released
 
 
 def test_a_future_dated_application_is_refused(world) -> None:  # type: ignore[no-untyped-def]
@@ -158,6 +165,7 @@ def test_a_future_dated_application_is_refused(world) -> None:  # type: ignore[n
     bundle = gov.registry.bundle("proj").to_bytes()
     with pytest.raises(NotApproved, match="dated in the future"):
         engine.prepare(_request(certs, bundle, "e-1", 0.1))
+    assert _spent(engine) == 0
 
 
 def test_an_opt_out_list_replaced_or_removed_under_a_running_node(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -178,3 +186,7 @@ def test_an_opt_out_list_replaced_or_removed_under_a_running_node(world, tmp_pat
     (state / "optouts.sqlite").unlink()
     with pytest.raises(OptOutsUnavailable, match="missing"):
         engine.optouts.ids(kinds)
+
+
+def _spent(engine: NodeEngine) -> int:
+    return engine.ledger.spent("project:proj")
