@@ -78,7 +78,7 @@ class CoordinatorConfig:
 
     @property
     def audit_path(self) -> Path:
-        return self.state_dir / "audit.jsonl"
+        return self.state_dir / "audit.sqlite"
 
 
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:

@@ -9,7 +9,8 @@
    project allows partial results), commit at the prepared trusts and collect their answers;
    otherwise abort them, so that a withheld answer spends nothing anywhere;
 5. combine the committed answers (noisy values only), apply the project's output rules, and
-   audit the outcome with the trusts covered and the ε each charged.
+   audit the outcome with its release record: the trusts covered, the ε each newly spent
+   (a trust that replayed an earlier answer spent nothing), mechanisms and output rules.
 A retry with the same query id replays every committed answer: same numbers, no new debit.
 """
 
@@ -28,14 +29,18 @@ from coordinator.fanout import Trusts
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from coordinator.projects import ProjectBook
 from fedtre import logs
-from fedtre.audit import AuditLog
+from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex, sign_checkpoint
+from fedtre.audit.events import Event
+from fedtre.audit.log import AuditLog
+from fedtre.audit.records import coordinator_release
 from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
+from fedtre.governance.bundle import Bundle
 from fedtre.governance.query_signature import verify as verify_query
 from fedtre.parse import parse_query
 from fedtre.pki_requests import RevocationList
-from fedtre.plan import QueryPlan
+from fedtre.plan import QueryPlan, fingerprint
 from fedtre.protocol import NodeOutcome, OutcomeKind, PrepareRequest
 from fedtre.request import Submission, check_ids
 
@@ -62,8 +67,16 @@ class CoordinatorEngine:
         # Parsed plans by SQL text (the catalog is fixed): a question asked again is not
         # parsed again. Refusals raise, so they are never cached.
         self._parse = functools.lru_cache(maxsize=512)(self._parse_sql)
-        self.audit = AuditLog(config.audit_path, config.coordinator_id, role="coordinator")
-        self.audit.write("coordinator.started", catalog_version=config.catalog.version)
+        self.audit_key = load_or_create_key(config.state_dir / KEY_FILE)
+        self.audit = AuditLog(
+            config.audit_path,
+            config.coordinator_id,
+            role="coordinator",
+            public_key=public_hex(self.audit_key),
+            follows=config.state_dir / "audit.jsonl",
+        )
+        self.audit.write(Event.COORDINATOR_STARTED, catalog_version=config.catalog.version)
+        self.checkpoint()
 
     def on_close(self, hook: Callable[[], None]) -> None:
         self._on_close.append(hook)
@@ -71,9 +84,18 @@ class CoordinatorEngine:
     def close(self) -> None:
         for hook in self._on_close:
             hook()
-        self.audit.write("coordinator.stopped")
+        self.audit.write(Event.COORDINATOR_STOPPED)
+        self.checkpoint()
         self.trusts.close()
         self.audit.close()
+
+    def checkpoint(self) -> str:
+        """Sign the audit log's head now; returns the checkpoint (JSON) to publish."""
+        return sign_checkpoint(self.audit, self.audit_key).to_json()
+
+    def witness(self, trust: str, checkpoint: str) -> None:
+        """Keep a trust's signed checkpoint in this log (checked by auditors, not here)."""
+        self.audit.note(Event.CHECKPOINT_WITNESSED, trust=trust, checkpoint=checkpoint)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -82,7 +104,7 @@ class CoordinatorEngine:
         # In the log before anything is acted on; it reaches the disk with the outcome's line
         # (one fsync per query: a crash before it leaves no answer released either).
         self.audit.note(
-            "query.received",
+            Event.QUERY_RECEIVED,
             query_id=query_id[:128],
             project=sub.project_id[:64],
             researcher=researcher,
@@ -93,7 +115,7 @@ class CoordinatorEngine:
             project, units, approval = self._check(researcher, query_id, sub)
         except UserError as exc:
             self.audit.write(
-                "query.refused",
+                Event.QUERY_REFUSED,
                 query_id=query_id[:128],
                 project=sub.project_id[:64],
                 researcher=researcher,
@@ -136,21 +158,39 @@ class CoordinatorEngine:
             },
         )
         self.on_query(status, seconds)
-        self.audit.write(
-            "query.released" if outcome.combined is not None else "query.withheld",
-            query_id=query_id,
-            project=project.project_id,
-            researcher=researcher,
-            epsilon_units=units,
-            trusts={o.node_id: o.state.value for o in outcome.trusts},
-            charged={
-                o.node_id: units
-                for o in outcome.trusts
-                if o.state is TrustState.ANSWERED and not o.replayed
-            },
-            replayed=sorted(o.node_id for o in outcome.trusts if o.replayed),
-            withheld_reason=outcome.withheld_reason or None,
-        )
+        spent = {
+            o.node_id: units
+            for o in outcome.trusts
+            if o.state is TrustState.ANSWERED and not o.replayed
+        }
+        replayed = sorted(o.node_id for o in outcome.trusts if o.replayed)
+        fields: dict[str, object] = {
+            "query_id": query_id,
+            "project": project.project_id,
+            "researcher": researcher,
+            "trusts": {o.node_id: o.state.value for o in outcome.trusts},
+            "spent_epsilon_units": spent,  # per trust: newly spent by this request
+            "replayed": replayed,  # per trust: an earlier answer again, nothing spent
+        }
+        if outcome.combined is None:
+            event = Event.QUERY_WITHHELD
+            fields["withheld_reason"] = outcome.withheld_reason
+        else:
+            event = Event.QUERY_RELEASED if spent else Event.QUERY_REPLAYED
+            fields["release"] = coordinator_release(
+                {o.node_id: o.result for o in outcome.trusts if o.result is not None},
+                fields["trusts"],  # type: ignore[arg-type]
+                replayed,
+                _approval_digest(approval),
+                fingerprint(project.project_id, self._parse(sub.sql), units),
+                units,
+                {
+                    "suppress_below": project.rules.suppress_below,
+                    "round_to": project.rules.round_to,
+                    "allow_partial": project.allow_partial,
+                },
+            )
+        self.audit.write(event, **fields)
         return outcome
 
     def _two_phases(self, project: Project, request: PrepareRequest) -> tuple[TrustOutcome, ...]:
@@ -275,7 +315,7 @@ class CoordinatorEngine:
         return self.book.for_researcher(researcher, project_id).project
 
     def projects(self, researcher: str) -> list[Project]:
-        self.audit.write("projects.listed", researcher=researcher)
+        self.audit.write(Event.PROJECTS_LISTED, researcher=researcher)
         return [
             listed.project
             for listed in self.book.approved()
@@ -284,16 +324,16 @@ class CoordinatorEngine:
 
     def catalog(self, researcher: str) -> Catalog:
         """The federation's catalog (public); audited like every request."""
-        self.audit.write("catalog.requested", researcher=researcher)
+        self.audit.write(Event.CATALOG_REQUESTED, researcher=researcher)
         return self.config.catalog
 
     def budget(self, researcher: str, project_id: str) -> tuple[Project, list[TrustOutcome]]:
-        self.audit.write("budget.requested", project=project_id[:64], researcher=researcher)
+        self.audit.write(Event.BUDGET_REQUESTED, project=project_id[:64], researcher=researcher)
         try:
             project = self.project_for(researcher, project_id)
         except UserError as exc:
             self.audit.write(
-                "budget.refused",
+                Event.BUDGET_REFUSED,
                 project=project_id[:64],
                 researcher=researcher,
                 refusal=exc.refusal.value,
@@ -303,6 +343,11 @@ class CoordinatorEngine:
             project.trusts, project.project_id, self.config.deadline_seconds
         )
         return project, [_trust(o) for o in replies]
+
+
+def _approval_digest(approval: bytes) -> str:
+    """The signed application's digest, as every trust records it ("" when hand-kept)."""
+    return Bundle.from_bytes(approval).digest if approval else ""
 
 
 _STATES = {

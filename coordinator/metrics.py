@@ -27,9 +27,10 @@ class CoordinatorMetrics:
             buckets=_BUCKETS,
             registry=self.registry,
         )
-        self.audit_fsync = Histogram(
-            "fedtre_coordinator_audit_fsync_seconds",
-            "Audit log fsyncs (one may cover several records: group commit)",
+        self.audit_write = Histogram(
+            "fedtre_coordinator_audit_write_seconds",
+            "Audit log writes (sync=full: durable before acting or replying)",
+            ["sync"],
             buckets=WRITE_BUCKETS,
             registry=self.registry,
         )

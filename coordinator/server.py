@@ -27,6 +27,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.projects import ProjectBook
 from coordinator.service import ResearcherServicer
 from fedtre import logs
+from fedtre.audit.events import Event
 from fedtre.errors import ConfigError, InternalError
 from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
@@ -87,7 +88,7 @@ def create_server(
 
         def audit_refusal(method: str, who: str, why: str) -> None:
             with contextlib.suppress(InternalError):  # refused either way
-                engine.audit.write("call.refused", method=method, caller=who, reason=why)
+                engine.audit.write(Event.CALL_REFUSED, method=method, caller=who, reason=why)
 
         refused.append(audit_refusal)
 
@@ -119,14 +120,16 @@ def create_server(
         engine.close()
         raise
     address = bound_address(config.listen, port)
-    engine.audit.write("coordinator.serving", address=address, tls=not insecure)
+    engine.audit.write(Event.COORDINATOR_SERVING, address=address, tls=not insecure)
     monitor = TrustMonitor(config, engine.trusts, links, health, engine.book)
     monitors.append(monitor)
     running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
     if config.metrics_listen:
         metrics = CoordinatorMetrics(monitor.state)
         engine.on_query = metrics.observe
-        engine.audit.on_fsync = metrics.audit_fsync.observe
+        engine.audit.on_write = lambda durable, seconds: metrics.audit_write.labels(
+            "full" if durable else "normal"
+        ).observe(seconds)
         endpoint, metrics_port = serve_metrics(
             config.metrics_listen,
             metrics.registry,

@@ -24,6 +24,8 @@ ROLE_MODULES = (
     "coordinator.cli",
     "fedtre.pki_cli",
     "fedtre.governance_cli",
+    "fedtre.audit_cli",
+    "fedtre.register_cli",
     "fedtre.query_cli",
     "fedtre.demo",
 )

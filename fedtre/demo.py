@@ -250,8 +250,9 @@ class Demo:
             for row in client.budget(PROJECT):
                 _say(f"   {row['trust']}: ε left {row['epsilon_left']:g}")
         _say(
-            f"\nEvery request above, refusals included, is in the audit logs "
-            f"({self.work}/*/state/audit.jsonl)."
+            "\nEvery request above, refusals included, is in the tamper-evident audit logs "
+            f"(each trust's {self.work}/<trust>/state/ledger.sqlite, the coordinator's "
+            "state/audit.sqlite; check one with `fedtre audit verify LOG`)."
         )
         return 0
 

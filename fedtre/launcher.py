@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from fedtre.client import Client, Profile
 from fedtre.governance.local import LocalGovernance, application, caps
 from fedtre.pki import Role
@@ -214,7 +214,8 @@ class LocalFederation:
         )
 
     def audit(self, name: str) -> list[dict[str, Any]]:
-        path = self._proc(name).home / "state" / "audit.jsonl"
+        state = self._proc(name).home / "state"
+        path = state / ("ledger.sqlite" if name in self.nodes else "audit.sqlite")
         return read_audit(path) if path.exists() else []
 
     def spent_units(self, name: str, scope: str) -> int:

@@ -149,3 +149,12 @@ def cohort_views(pred: Predicate | None) -> set[str]:
         case Not(item):
             return cohort_views(item)
     return set()
+
+
+def fingerprint(project_id: str, plan: QueryPlan, units: int) -> str:
+    """The query plan's hash (with its project and cost): what a retry of a query id must
+    match at a trust, and what release records and audit reconciliation name a query by."""
+    text = json.dumps(
+        {"project": project_id, "plan": plan.canonical(), "units": units}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()

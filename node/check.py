@@ -103,7 +103,10 @@ def _state(config: NodeConfig, report: CheckReport[NodeConfig]) -> None:
         else:
             report.warnings.append(f"state directory {state} will be created (0700) at start")
         return
-    for file, what in ((config.ledger_path, "the budget ledger"), (config.audit_path, "audit log")):
+    for file, what in (
+        (config.ledger_path, "the budget ledger and audit log"),
+        (config.state_dir / "audit.key", "the audit checkpoint key"),
+    ):
         if file.exists():
             problems += private_file_problems(file, what)
     if not problems and config.ledger_path.exists():

@@ -115,7 +115,9 @@ class NodeConfig:
 
     @property
     def audit_path(self) -> Path:
-        return self.state_dir / "audit.jsonl"
+        """The audit log: in the ledger's database, so a release's entry commits with its
+        debit."""
+        return self.ledger_path
 
 
 def load_node_config(path: Path | str) -> NodeConfig:

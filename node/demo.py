@@ -115,8 +115,9 @@ def _demo(work: Path, persons: int) -> int:
             f"{status.total_units / 1e6:g}; left {status.remaining:g}"
         )
         _say(
-            "   Every request above, refusals included, is in the node's audit log "
-            f"({engine.config.audit_path.relative_to(work)}; use --dir DIR to keep the files)."
+            "   Every request above, refusals included, is in the node's audit log, kept with "
+            f"the ledger ({engine.config.audit_path.relative_to(work)}; `fedtre audit verify` "
+            "checks it; use --dir DIR to keep the files)."
         )
     finally:
         engine.close()

@@ -2,15 +2,15 @@
 
 Phase 1, ``prepare`` (each step refuses with a data-free reason before the next can run):
 
-1. write the request to the audit log: nothing is acted on before it is logged (its fsync
-   starts at once, runs while steps 2-5 do, and has finished before anything is returned);
+1. write the request to the audit log: nothing is acted on before it is logged;
 2. decide everything that can refuse without touching the data (``node.prepare``): ids,
    project, ε (the node's minimum and the project's per-query cap), plan, views, tier, and the
    split of ε over the statistics, with every OpenDP measurement built;
 3. a query id already prepared or committed reserves nothing new (a different request under
    that id is refused); a caller whose deadline cannot fit the answer slot, or who has gone, is
    refused;
-4. reserve the budget (project and node ceiling) in the ledger, with a lease, and audit it;
+4. reserve the budget (project and node ceiling) in the ledger, with a lease, its audit entry
+   in the same transaction;
 5. only now read the data: run the compiled plan in the locked-down database, add the planned
    OpenDP noise, and store the noisy answer under the query id. Reply "prepared" on the answer
    slot (every reply leaves a multiple of ``answer_slot_ms`` after receipt), and nothing else.
@@ -21,16 +21,19 @@ answer; a lease that ends first does the same (``expire``). A committed id is ne
 and a retry returns its stored answer verbatim. ``answer_detail`` runs both phases at once for
 a trust's own local queries.
 
-The request lines are fsynced alongside the work (shared by concurrent requests); the
-``query.reserved`` / ``query.prepared`` / ``query.released`` lines reach the disk with the next
-fsync or flush: their authoritative records are the ledger's. A refusal's line is durable
-before the refusal is returned.
+The audit log lives in the ledger's database: every change of a query id's state
+(``query.reserved``, ``query.prepared``, ``query.released`` with its release record,
+``query.aborted``, ``query.expired``) is an audit entry committed in the same transaction as the
+change itself, so a release is one durable write. Request entries are committed before they
+are acted on and become durable with the release's fsync; a refusal's entry is durable before
+the refusal is returned.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -42,7 +45,10 @@ import duckdb
 import pyarrow as pa
 
 from fedtre import logs
-from fedtre.audit import AuditLog
+from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex, sign_checkpoint
+from fedtre.audit.events import Event
+from fedtre.audit.log import AuditLog
+from fedtre.audit.records import trust_release
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import AuditUnavailable, InternalError, QueryRefused, Refusal, UserError
 from fedtre.request import QueryRequest, check_ids
@@ -53,7 +59,7 @@ from node.config import NodeConfig, ProjectPolicy
 from node.database import ResearchDatabase
 from node.errors import CallerGone, DatabaseError
 from node.generation import Generation
-from node.ledger import NODE_SCOPE, Entry, Ledger, State, project_scope
+from node.ledger import NODE_SCOPE, Entry, Hook, Ledger, State, project_scope
 from node.optouts import OptOuts
 from node.prepare import Planner, PreparedQuery
 from node.release import release
@@ -112,11 +118,29 @@ class _Unslotted(Exception):
         self.error = error
 
 
+_CHANGES = {
+    State.RESERVED: Event.QUERY_RESERVED,
+    State.PREPARED: Event.QUERY_PREPARED,
+    State.COMMITTED: Event.QUERY_RELEASED,
+    State.ABORTED: Event.QUERY_ABORTED,
+    State.EXPIRED: Event.QUERY_EXPIRED,
+}
+
+
 class NodeEngine:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, serving: bool = False) -> None:
+        """``serving``: this engine is the node's server (it alone logs start and stop and
+        signs checkpoints); command-line tools share the same logs without claiming either."""
         self.config = config
         self.catalog = config.catalog
-        self.audit = AuditLog(config.audit_path, config.node_id)
+        self.serving = serving
+        self.audit_key = load_or_create_key(config.state_dir / KEY_FILE)
+        self.audit = AuditLog(
+            config.audit_path,
+            config.node_id,
+            public_key=public_hex(self.audit_key),
+            follows=config.state_dir / "audit.jsonl",
+        )
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
@@ -135,7 +159,9 @@ class NodeEngine:
             raise
         self._closing = threading.Event()
         self._sweeper: threading.Thread | None = None
-        self.audit.write("node.started", catalog_version=self.catalog.version)
+        if serving:
+            self.audit.write(Event.NODE_STARTED, catalog_version=self.catalog.version)
+            self.checkpoint()
         if config.answer_slot_ms == 0:
             log.warning(
                 "answer slot off: answer times can reveal the data (answer_slot_ms = 0)",
@@ -165,13 +191,19 @@ class NodeEngine:
         self._closing.set()
         if self._sweeper is not None:
             self._sweeper.join(timeout=10)
-        try:
-            self.audit.write("node.stopped")
-        except AuditUnavailable:
-            log.error("could not audit the stop: the audit log is unwritable")
+        if self.serving:
+            try:
+                self.audit.write(Event.NODE_STOPPED)
+                self.checkpoint()
+            except AuditUnavailable:
+                log.error("could not audit the stop: the audit log is unwritable")
         self.generation.close()
         self.database.close()
         self.audit.close()
+
+    def checkpoint(self) -> str:
+        """Sign the audit log's head now; returns the checkpoint (JSON) to publish."""
+        return sign_checkpoint(self.audit, self.audit_key).to_json()
 
     def budget(self, project_id: str) -> BudgetStatus:
         project = self.projects.known(project_id).policy
@@ -208,8 +240,8 @@ class NodeEngine:
         """Phase 2: release a prepared answer (durably committed before it is returned). A
         committed id returns its stored answer again; anything else is refused, spending
         nothing."""
-        received = self.audit.begin(
-            "query.commit",
+        self.audit.note(
+            Event.QUERY_COMMIT,
             query_id=str(query_id)[:128],
             project=str(project_id)[:64],
             caller=caller,
@@ -227,11 +259,9 @@ class NodeEngine:
                 # the approval it was prepared under must hold still: one revoked since then
                 # releases nothing (the reservation expires and is refunded)
                 self.projects.for_commit(project_id, held.approval)
-            entry, committed = self.ledger.commit(project_id, query_id)
+            entry, committed = self.ledger.commit(project_id, query_id, self._recorder(caller))
             if committed:
                 self.generation.released()
-            if entry is not None and entry.state is State.EXPIRED and not committed:
-                self._audit_expired([entry])
             if entry is None or entry.state is not State.COMMITTED or entry.result is None:
                 raise QueryRefused(
                     Refusal.NOT_PREPARED,
@@ -243,48 +273,47 @@ class NodeEngine:
             self._audit_outcome(query_id, project_id, caller, exc)
             raise
         result = NodeResult.from_json(entry.result)
-        self.audit.note(
-            "query.released" if committed else "query.replayed",
-            query_id=query_id,
-            project=project_id,
-            caller=caller,
-            epsilon_units=entry.units if committed else 0,
-            charged_epsilon_units=result.epsilon_units,
-            released_at=result.released_at,
-        )
-        self.audit.wait(received)
+        if not committed:  # released before: nothing new is spent
+            self.audit.write(
+                Event.QUERY_REPLAYED,
+                query_id=query_id,
+                project=project_id,
+                caller=caller,
+                epsilon_units=0,
+                released_at=result.released_at,
+            )
         return Answer(result, replayed=not committed)
 
     def abort(self, project_id: str, query_id: str, caller: str) -> Aborted:
         """Phase 2, the other way: refund a reserved or prepared id and destroy its answer. A
         committed id is never refunded; an unknown id has nothing to refund."""
-        received = self.audit.begin(
-            "query.abort", query_id=str(query_id)[:128], project=str(project_id)[:64], caller=caller
+        self.audit.note(
+            Event.QUERY_ABORT,
+            query_id=str(query_id)[:128],
+            project=str(project_id)[:64],
+            caller=caller,
         )
         try:
             check_ids(query_id, project_id)  # a refund is never refused for the project's sake
-            entry, aborted = self.ledger.abort(project_id, query_id)
+            entry, aborted = self.ledger.abort(project_id, query_id, self._recorder(caller))
         except Exception as exc:
             self._audit_outcome(query_id, project_id, caller, exc)
             raise
         committed = entry is not None and entry.state is State.COMMITTED
         refunded = entry.units if aborted and entry is not None else 0
-        self.audit.note(
-            "query.aborted" if aborted else "query.abort_ignored",
-            query_id=query_id,
-            project=project_id,
-            caller=caller,
-            refunded_epsilon_units=refunded,
-            state=None if entry is None else entry.state.value,
-        )
-        self.audit.wait(received)
+        if not aborted:
+            self.audit.note(
+                Event.QUERY_ABORT_IGNORED,
+                query_id=query_id,
+                project=project_id,
+                caller=caller,
+                state=None if entry is None else entry.state.value,
+            )
         return Aborted(refunded_units=refunded, committed=committed)
 
     def expire(self) -> int:
         """Refund every reservation whose lease has ended (audited); returns how many."""
-        expired = self.ledger.expire_due()
-        self._audit_expired(expired)
-        return len(expired)
+        return len(self.ledger.expire_due(self._recorder("lease")))
 
     def answer_detail(
         self,
@@ -324,10 +353,9 @@ class NodeEngine:
         cancelled: Callable[[], bool] | None,
         time_left: float | None,
     ) -> Prepared:
-        # Logged before anything is acted on; its fsync runs on the audit log's flusher while
-        # the request is checked and the data read, and it is durable before anything leaves.
-        received = self.audit.begin(
-            "query.received",
+        # Logged before anything is acted on; durable with the release's (or refusal's) fsync.
+        self.audit.note(
+            Event.QUERY_RECEIVED,
             query_id=str(request.query_id)[:128],
             project=str(request.project_id)[:64],
             caller=request.caller,
@@ -344,15 +372,6 @@ class NodeEngine:
         except Exception as exc:
             self._audit_outcome(request.query_id, request.project_id, request.caller, exc)
             raise
-        self.audit.note(
-            "query.prepared",
-            query_id=request.query_id,
-            project=request.project_id,
-            caller=request.caller,
-            epsilon_units=prepared.units,
-            replayed=prepared.replayed,
-        )
-        self.audit.wait(received)
         return prepared
 
     def _audit_outcome(
@@ -360,7 +379,7 @@ class NodeEngine:
     ) -> None:
         if isinstance(exc, UserError):
             self.audit.write(
-                "query.refused",
+                Event.QUERY_REFUSED,
                 query_id=str(query_id)[:128],
                 project=str(project_id)[:64],
                 caller=caller,
@@ -370,21 +389,37 @@ class NodeEngine:
         else:  # internal errors and bugs: audited, nothing released
             with contextlib.suppress(InternalError):  # the audit log itself may have failed
                 self.audit.write(
-                    "query.failed",
+                    Event.QUERY_FAILED,
                     query_id=str(query_id)[:128],
                     project=str(project_id)[:64],
                     caller=caller,
                     error=type(exc).__name__,
                 )
 
-    def _audit_expired(self, entries: list[Entry]) -> None:
-        for e in entries:
-            self.audit.write(
-                "query.expired",
-                query_id=e.query_id,
-                project=e.project_id,
-                refunded_epsilon_units=e.units,
-            )
+    def _recorder(self, caller: str) -> Hook:
+        """The audit entry for each change of a query id's state, in the ledger's own
+        transaction; a release's entry carries its release record."""
+
+        def record(con: sqlite3.Connection, e: Entry) -> None:
+            fields: dict[str, object] = {
+                "query_id": e.query_id,
+                "project": e.project_id,
+                "caller": caller,
+            }
+            if e.state in (State.ABORTED, State.EXPIRED):
+                fields["refunded_epsilon_units"] = e.units
+            else:
+                fields["epsilon_units"] = e.units
+            if e.state is State.COMMITTED and e.result is not None:
+                fields["release"] = trust_release(
+                    NodeResult.from_json(e.result), e.fingerprint, e.approval
+                )
+            try:
+                self.audit.append(con, _CHANGES[e.state], **fields)
+            except sqlite3.Error as exc:
+                self.audit.failed(exc)
+
+        return record
 
     def _hold(self, received: float, request: QueryRequest) -> None:
         """Wait for the end of the answer slot: the first multiple of the slot after receipt
@@ -409,18 +444,18 @@ class NodeEngine:
 
     def describe(self, caller: str) -> Mapping[str, ProjectPolicy]:
         """Audited: the projects this trust serves, by id."""
-        self.audit.write("node.described", caller=caller)
+        self.audit.write(Event.NODE_DESCRIBED, caller=caller)
         return self.projects.held()
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
         """A remote budget request: audited before it is answered, refusals included."""
-        self.audit.write("budget.requested", project=str(project_id)[:64], caller=caller)
+        self.audit.write(Event.BUDGET_REQUESTED, project=str(project_id)[:64], caller=caller)
         try:
             self.expire()
             return self.budget(project_id)
         except UserError as exc:
             self.audit.write(
-                "budget.refused",
+                Event.BUDGET_REFUSED,
                 project=str(project_id)[:64],
                 caller=caller,
                 refusal=exc.refusal.value,
@@ -465,23 +500,16 @@ class NodeEngine:
             },
             self.config.prepare_lease_seconds,
             prepared.approval,
+            self._recorder(request.caller),
         )
         entry = reservation.entry
         if entry.fingerprint != prepared.fingerprint:
             raise _conflict()
         if entry.state in (State.PREPARED, State.COMMITTED):  # a concurrent request won
             return Prepared(entry.units, replayed=True)
-        if reservation.created:  # the debit is in the audit log before any data is read
-            self.audit.note(  # the ledger's reservation is the authoritative record
-                "query.reserved",
-                query_id=query_id,
-                project=project_id,
-                caller=request.caller,
-                epsilon_units=reservation.units,
-            )
         # The cost is fixed and debited; only now is the data read.
         result = self._compute(request, prepared, entry.reserved_at)
-        stored = self.ledger.prepare(entry, result.to_json())
+        stored = self.ledger.prepare(entry, result.to_json(), self._recorder(request.caller))
         if stored.state not in (State.PREPARED, State.COMMITTED):
             # aborted or expired while the data was read: the answer is destroyed
             raise QueryRefused(
@@ -517,10 +545,10 @@ class NodeEngine:
     def _reloaded(self, ok: bool, detail: str) -> None:
         """A newly loaded database was switched to between queries, or refused (audited)."""
         if ok:
-            self.audit.write("database.reloaded", loaded_at=detail or None)
+            self.audit.write(Event.DATABASE_RELOADED, loaded_at=detail or None)
             log.info("database reloaded", extra={"node": self.config.node_id, "loaded_at": detail})
         else:
-            self.audit.write("database.reload_refused", reason=detail[:300])
+            self.audit.write(Event.DATABASE_RELOAD_REFUSED, reason=detail[:300])
             log.error(
                 "newly loaded database refused; still serving the previous one",
                 extra={"node": self.config.node_id, "reason": detail[:300]},

@@ -28,6 +28,7 @@ from fedtre.protocol import (
 )
 from fedtre.request import QueryRequest
 from node.engine import BudgetStatus, NodeEngine
+from node.errors import LedgerUnavailable
 
 log = logs.get("node")
 
@@ -193,7 +194,7 @@ class NodeHandler:
                 refusal=exc.refusal,
                 reason=exc.message,
             )
-        if isinstance(exc, AuditUnavailable):
+        if isinstance(exc, AuditUnavailable | LedgerUnavailable):  # one database holds both
             log.error("audit log unwritable: reporting NOT_SERVING", extra={"node": self.node_id})
             self._on_audit_failure()
             return NodeOutcome(

@@ -49,6 +49,9 @@ from node.errors import LedgerUnavailable
 
 NODE_SCOPE = "node"
 T = TypeVar("T")
+# Told every change of a query id's state inside the transaction that makes it (the audit log
+# lives in the same database: a release's entry commits with its final debit).
+Hook = Callable[[sqlite3.Connection, "Entry"], None]
 SCHEMA_VERSION = 3  # 3: the approval each query was prepared under
 
 _SCHEMA = """
@@ -300,6 +303,7 @@ class Ledger:
         limits: Mapping[str, int],
         lease_seconds: float,
         approval: str = "",
+        record: Hook | None = None,
     ) -> Reservation:
         """Debit every scope in ``limits`` (scope -> total units allowed) for this query id.
 
@@ -350,16 +354,18 @@ class Ledger:
                 None,
                 approval,
             )
+            if record is not None:
+                record(con, entry)
             return Reservation(entry, created=True)
 
         return self._transaction(work, durable=False)
 
-    def prepare(self, entry: Entry, result: str) -> Entry:
+    def prepare(self, entry: Entry, result: str, record: Hook | None = None) -> Entry:
         """Keep the noisy answer of a reserved id (the first answer stored wins) and return the
         id's entry as it now stands."""
 
         def work(con: sqlite3.Connection) -> Entry:
-            con.execute(
+            cur = con.execute(
                 "UPDATE queries SET state = 'prepared', result = ? WHERE project_id = ? AND "
                 "query_id = ? AND state = 'reserved' AND fingerprint = ?",
                 (result, entry.project_id, entry.query_id, entry.fingerprint),
@@ -367,13 +373,17 @@ class Ledger:
             now = self._get(con, entry.project_id, entry.query_id)
             if now is None:
                 raise LedgerUnavailable("budget ledger lost a reservation")
+            if cur.rowcount == 1 and record is not None:
+                record(con, now)
             return now
 
         return self._transaction(work, durable=False)
 
     # -- phase 2 ---------------------------------------------------------------------------
 
-    def commit(self, project_id: str, query_id: str) -> tuple[Entry | None, bool]:
+    def commit(
+        self, project_id: str, query_id: str, record: Hook | None = None
+    ) -> tuple[Entry | None, bool]:
         """Release a prepared answer: (entry as it now stands, committed by this call).
 
         Only a prepared id whose lease has not ended is committed (durably, before this
@@ -385,18 +395,19 @@ class Ledger:
             if e is None or e.state is not State.PREPARED:
                 return e, False
             if e.expires_at is not None and e.expires_at < self._now():
-                self._refund(con, e, State.EXPIRED)
-                return self._get(con, project_id, query_id), False
+                return self._refund(con, e, State.EXPIRED, record), False
             con.execute(
                 "UPDATE queries SET state = 'committed', expires_at = NULL, decided_at = ? "
                 "WHERE project_id = ? AND query_id = ?",
                 (_iso_now(), project_id, query_id),
             )
-            return self._get(con, project_id, query_id), True
+            return self._changed(con, project_id, query_id, record), True
 
         return self._transaction(work, durable=True)
 
-    def abort(self, project_id: str, query_id: str) -> tuple[Entry | None, bool]:
+    def abort(
+        self, project_id: str, query_id: str, record: Hook | None = None
+    ) -> tuple[Entry | None, bool]:
         """Refund a reserved or prepared id and destroy its answer: (entry, aborted by this
         call). A committed id is never refunded."""
 
@@ -404,12 +415,11 @@ class Ledger:
             e = self._get(con, project_id, query_id)
             if e is None or e.state not in (State.RESERVED, State.PREPARED):
                 return e, False
-            self._refund(con, e, State.ABORTED)
-            return self._get(con, project_id, query_id), True
+            return self._refund(con, e, State.ABORTED, record), True
 
         return self._transaction(work, durable=False)
 
-    def expire_due(self) -> list[Entry]:
+    def expire_due(self, record: Hook | None = None) -> list[Entry]:
         """Refund every reserved or prepared id whose lease has ended; returns them."""
         now = self._now()
         try:
@@ -431,14 +441,16 @@ class Ledger:
             ).fetchall()
             expired = [_entry(r) for r in rows]
             for e in expired:
-                self._refund(con, e, State.EXPIRED)
+                self._refund(con, e, State.EXPIRED, record)
             return expired
 
         return self._transaction(work, durable=False)
 
     # -- internals -------------------------------------------------------------------------
 
-    def _refund(self, con: sqlite3.Connection, e: Entry, state: State) -> None:
+    def _refund(
+        self, con: sqlite3.Connection, e: Entry, state: State, record: Hook | None
+    ) -> Entry:
         row = con.execute(
             "SELECT scopes FROM queries WHERE project_id = ? AND query_id = ?",
             (e.project_id, e.query_id),
@@ -450,6 +462,17 @@ class Ledger:
             "WHERE project_id = ? AND query_id = ?",
             (state.value, _iso_now(), e.project_id, e.query_id),
         )
+        return self._changed(con, e.project_id, e.query_id, record)
+
+    def _changed(
+        self, con: sqlite3.Connection, project_id: str, query_id: str, record: Hook | None
+    ) -> Entry:
+        now = self._get(con, project_id, query_id)
+        if now is None:
+            raise LedgerUnavailable("budget ledger lost a query id")
+        if record is not None:
+            record(con, now)
+        return now
 
     def _get(self, con: sqlite3.Connection, project_id: str, query_id: str) -> Entry | None:
         row = con.execute(

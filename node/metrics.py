@@ -42,9 +42,11 @@ class NodeMetrics:
             buckets=WRITE_BUCKETS,
             registry=self.registry,
         )
-        self.audit_fsync = Histogram(
-            "fedtre_node_audit_fsync_seconds",
-            "Audit log fsyncs (one may cover several records: group commit)",
+        self.audit_write = Histogram(
+            "fedtre_node_audit_write_seconds",
+            "Audit entries written on their own (sync=full: durable before the reply, such as "
+            "refusals); entries of a ledger change are in the ledger's transaction",
+            ["sync"],
             buckets=WRITE_BUCKETS,
             registry=self.registry,
         )
@@ -52,7 +54,9 @@ class NodeMetrics:
         engine.ledger.on_write = lambda durable, seconds: self.ledger_write.labels(
             "full" if durable else "normal"
         ).observe(seconds)
-        engine.audit.on_fsync = self.audit_fsync.observe
+        engine.audit.on_write = lambda durable, seconds: self.audit_write.labels(
+            "full" if durable else "normal"
+        ).observe(seconds)
 
     def observe(self, call: str, outcome: str, seconds: float) -> None:
         self.requests.labels(call, outcome).inc()

@@ -11,8 +11,6 @@ reserved by the engine, from the ledger, also before the data is read.)
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 from dataclasses import dataclass, replace
 
 from fedtre.catalog import Catalog, Tier
@@ -20,6 +18,7 @@ from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal
 from fedtre.parse import parse_query, query_tier
 from fedtre.plan import QueryPlan, cohort_views
+from fedtre.plan import fingerprint as plan_fingerprint
 from fedtre.request import QueryRequest
 from node.approvals import Projects
 from node.compiler import CompiledQuery, compile_plan
@@ -91,7 +90,7 @@ def plan_query(
     check_scope(plan, catalog, project)
     compiled = compile_plan(plan, catalog, project.max_tier)
     release = plan_release(plan, compiled.view, len(compiled.cells), units)
-    fingerprint = _fingerprint(project.project_id, plan, units)
+    fingerprint = plan_fingerprint(project.project_id, plan, units)
     kinds = optouts_for(plan, catalog, project)
     views = frozenset({plan.view} | cohort_views(plan.where))
     return PreparedQuery(
@@ -132,10 +131,3 @@ def check_scope(plan: QueryPlan, catalog: Catalog, project: ProjectPolicy) -> No
             f"This query names {tier.value.replace('_', ' ')} data; the project is approved "
             f"up to {project.max_tier.value.replace('_', ' ')}.",
         )
-
-
-def _fingerprint(project_id: str, plan: QueryPlan, units: int) -> str:
-    text = json.dumps(
-        {"project": project_id, "plan": plan.canonical(), "units": units}, sort_keys=True
-    )
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -10,11 +10,13 @@ holds a stream (``node.dial_out``). Both hand every call to the same ``NodeHandl
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
 
 import grpc
 
 from fedtre import logs
+from fedtre.audit.events import Event
 from fedtre.errors import ConfigError, InternalError
 from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
@@ -45,7 +47,7 @@ def create_server(
     port 0). Dial-out: starts the links and returns at once; ``on_connected`` is told each
     coordinator address when its link comes up."""
     settings = _settings(config, insecure)
-    engine = NodeEngine(config)
+    engine = NodeEngine(config, serving=True)
     try:
         metrics = NodeMetrics(engine) if config.metrics_listen else None
         if settings.mode is ServerMode.DIAL_OUT:
@@ -64,7 +66,10 @@ def create_server(
     running.audit_refusal = _audit_refusal(engine)
     engine.start_expiry()
     engine.audit.write(
-        "node.serving", mode=settings.mode.value, address=running.address or None, tls=not insecure
+        Event.NODE_SERVING,
+        mode=settings.mode.value,
+        address=running.address or None,
+        tls=not insecure,
     )
     log.info(
         "serving",
@@ -106,9 +111,8 @@ def _dial_in(
             return "unknown"
         return f"{peer.role.value}:{peer.name}"
 
-    def on_audit_failure() -> None:
-        for h in holder:
-            h.set(False)
+    recovery = AuditRecovery(engine, holder)
+    on_audit_failure = recovery.failed
 
     observe = metrics.observe if metrics is not None else _ignore
     servicer = NodeServicer(NodeHandler(engine, on_audit_failure, observe), caller)
@@ -124,7 +128,14 @@ def _dial_in(
         add_services=lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s),
     )
     holder.append(health)
-    return Running(server, port, bound_address(settings.listen, port), health, engine)
+    return Running(
+        server,
+        port,
+        bound_address(settings.listen, port),
+        health,
+        engine,
+        stoppers=[recovery.stop],
+    )
 
 
 def _dial_out(
@@ -137,8 +148,9 @@ def _dial_out(
 ) -> Running[NodeEngine]:
     health = Health((SERVICE_NAME,))  # not served over gRPC: a dial-out node listens on nothing
     observe = metrics.observe if metrics is not None else _ignore
+    recovery = AuditRecovery(engine, [health])
     links = DialOut(
-        NodeHandler(engine, lambda: health.set(False), observe),
+        NodeHandler(engine, recovery.failed, observe),
         settings.connect,
         settings.coordinator,
         None if insecure else _tls(settings),
@@ -148,7 +160,50 @@ def _dial_out(
     )
     links.start()
     health.set(True)
-    return Running(None, 0, "", health, engine, stoppers=[links.stop])
+    return Running(None, 0, "", health, engine, stoppers=[links.stop, recovery.stop])
+
+
+class AuditRecovery:
+    """After the audit log (or the ledger's database, where it lives) could not be written:
+    report NOT_SERVING, and try every second to write ``audit.resumed``; once that entry is
+    written (the disk has room again) the node serves again. An I/O error is final: the log
+    refuses until the node is restarted."""
+
+    def __init__(self, engine: NodeEngine, healths: list[Health], every: float = 1.0) -> None:
+        self.engine = engine
+        self.healths = healths
+        self.every = every
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def failed(self) -> None:
+        for h in self.healths:
+            h.set(False)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._retry, name="audit-recovery", daemon=True
+                )
+                self._thread.start()
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.every):
+            since = self.engine.audit.failed_since or ""
+            try:
+                self.engine.audit.write(Event.AUDIT_RESUMED, failed_since=since)
+            except InternalError:
+                continue
+            log.info("audit log writable again: serving", extra={"failed_since": since})
+            for h in self.healths:
+                h.set(True)
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
 
 
 def _ignore(call: str, outcome: str, seconds: float) -> None:
@@ -158,7 +213,7 @@ def _ignore(call: str, outcome: str, seconds: float) -> None:
 def _audit_refusal(engine: NodeEngine) -> Callable[[str, str, str], None]:
     def audit(method: str, who: str, why: str) -> None:
         with contextlib.suppress(InternalError):  # refused either way
-            engine.audit.write("call.refused", method=method, caller=who, reason=why)
+            engine.audit.write(Event.CALL_REFUSED, method=method, caller=who, reason=why)
 
     return audit
 

@@ -10,7 +10,7 @@ import contextlib
 import json
 import math
 import multiprocessing
-import os
+import sqlite3
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
@@ -19,8 +19,10 @@ from typing import Any
 
 import pytest
 
-from fedtre.audit import read_audit
-from fedtre.errors import UserError
+from fedtre.audit.events import Event
+from fedtre.audit.log import read_audit
+from fedtre.audit.verify import verify
+from fedtre.errors import InternalError, UserError
 from fedtre.request import QueryRequest
 from fedtre.result import NodeResult
 from node.config import load_node_config
@@ -29,6 +31,7 @@ from node.errors import AuditUnavailable
 from node.ledger import NODE_SCOPE, Ledger, project_scope
 from tests.conftest import private_database, request, write_node_config
 from tests.integration._node_workers import budget_worker
+from tests.integration.full_disk import fill, settle, small_filesystem
 
 GOOD = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
 OTHER = "SELECT age_band, COUNT(*) AS n FROM patients GROUP BY age_band"
@@ -273,7 +276,7 @@ def test_retry_returns_identical_result_and_debits_once(node_config_factory):
         ]
         first_time = ["query.received", "query.reserved", "query.prepared"]
         first_time += ["query.commit", "query.released"]
-        again = ["query.received", "query.prepared", "query.commit", "query.replayed"]
+        again = ["query.received", "query.commit", "query.replayed"]
         assert events == first_time + again * 2
     finally:
         eng.close()
@@ -472,18 +475,38 @@ def test_budget_refusal_spends_nothing(node_config_factory):
 
 # --- the audit log -----------------------------------------------------------------------------
 
-RELEASED_KEYS = {
-    "ts",
-    "node",
-    "event",
-    "query_id",
-    "project",
-    "caller",
+ENTRY_KEYS = {"seq", "ts", "node", "event", "query_id", "project", "caller", "epsilon_units"}
+RELEASED_KEYS = ENTRY_KEYS | {"release"}
+REPLAYED_KEYS = ENTRY_KEYS | {"released_at"}
+# Numbers an entry may hold: none of them is a value of the data. ``cells`` is the number of
+# groups, fixed by the catalog's domains before the data is read; bounds are public.
+NUMERIC_KEYS = {
+    "seq",
+    "epsilon",
     "epsilon_units",
-    "charged_epsilon_units",
-    "released_at",
+    "record",
+    "cells",
+    "lower",
+    "upper",
+    "sensitivity",
+    "noise_scale",
+    "size",
 }
-NUMERIC_KEYS = {"epsilon", "epsilon_units", "charged_epsilon_units"}
+RELEASE_RECORD_KEYS = {
+    "record",
+    "software",
+    "catalog_version",
+    "reference_date",
+    "data_as_of",
+    "approval",
+    "plan",
+    "view",
+    "group_by",
+    "cells",
+    "epsilon_units",
+    "released_at",
+    "aggregates",
+}
 
 
 def _numbers(record: Any, key: str = "") -> list[tuple[str, Any]]:
@@ -497,6 +520,15 @@ def _numbers(record: Any, key: str = "") -> list[tuple[str, Any]]:
     if isinstance(record, list):
         return [n for v in record for n in _numbers(v, key)]
     return []
+
+
+def _keys(record: Any) -> set[str]:
+    """Every key anywhere in a record."""
+    if isinstance(record, dict):
+        return set(record) | {k for v in record.values() for k in _keys(v)}
+    if isinstance(record, list):
+        return {k for v in record for k in _keys(v)}
+    return set()
 
 
 def _check_audit_order(log: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -570,11 +602,14 @@ def test_audit_log_records_before_acting_and_holds_no_values(node_config_factory
         assert r["refusal"] and r["reason"]
 
     for record in log:
-        assert "values" not in record and "result" not in record and "aggregates" not in record
+        assert not {"values", "result", "noise_std"} & _keys(record), record
         for key, _ in _numbers(record):
             assert key in NUMERIC_KEYS, f"number under {key!r} in {record}"
-        if record["event"] in {"query.released", "query.replayed"}:
+        if record["event"] == "query.released":
             assert set(record) == RELEASED_KEYS, record
+            assert set(record["release"]) == RELEASE_RECORD_KEYS, record
+        if record["event"] == "query.replayed":
+            assert set(record) == REPLAYED_KEYS, record
     released_units = [r["epsilon_units"] for r in log if r["event"] == "query.released"]
     assert all(u == TENTH for u in released_units)
     assert all(r["epsilon_units"] == 0 for r in log if r["event"] == "query.replayed")
@@ -592,121 +627,86 @@ def test_every_release_appears_in_the_audit_log_with_its_cost(engine):
 # --- failing closed when the audit log cannot be written ---------------------------------------
 
 
-def _swap_audit_fd(eng: NodeEngine, fd: int) -> int:
-    old = eng.audit._fd
-    eng.audit._fd = fd
-    return old
+def test_a_full_disk_fails_closed_and_the_node_resumes_when_space_returns(tmp_path, node_db):
+    """A real full disk (a small tmpfs under the state directory): nothing is released or
+    debited while the log cannot be written, and once space returns the node serves again and
+    its log verifies."""
+    directory = tmp_path / "full"
+    path = write_node_config(directory, node_db)
+    with small_filesystem(directory / "state"):
+        eng = NodeEngine(load_node_config(path))
+        try:
+            eng.answer(request(GOOD, 0.1, query_id="before"))
+            before = _spent(eng)
+            settle(eng.config.ledger_path)
+            filler = fill(directory / "state")
+            with pytest.raises(InternalError):
+                eng.answer(request(GOOD, 0.1, query_id="unaudited"))
+            with pytest.raises(InternalError):  # a retry of a stored id is not served either
+                eng.answer(request(GOOD, 0.1, query_id="before"))
+            assert _spent(eng) == before
+            assert eng.ledger.lookup("study", "unaudited") is None
+            assert len(eng.ledger.releases()) == 1
+            filler.unlink()  # space returns
+            assert verify(eng.config.audit_path).ok
+            assert eng.answer(request(GOOD, 0.1, query_id="unaudited")).query_id == "unaudited"
+            assert _spent(eng) == (before[0] + TENTH, before[1] + TENTH)
+        finally:
+            eng.close()
+        log = read_audit(eng.config.audit_path)
+        released = [r["query_id"] for r in log if r["event"] == "query.released"]
+        assert released == ["before", "unaudited"]
+        assert verify(eng.config.audit_path).ok
 
 
-@pytest.mark.parametrize("target", ["dev-full", "read-only-fd"])
-def test_unwritable_audit_log_fails_closed(engine, target):
-    engine.answer(request(GOOD, 0.1, query_id="before"))
-    before = _spent(engine)
-    if target == "dev-full":
-        bad = os.open("/dev/full", os.O_WRONLY)
-    else:
-        bad = os.open(engine.config.audit_path, os.O_RDONLY)
-    old = _swap_audit_fd(engine, bad)
-    try:
-        with pytest.raises(AuditUnavailable):
-            engine.answer(request(GOOD, 0.1, query_id="unaudited"))
-        with pytest.raises(AuditUnavailable):  # a retry of a stored id is not served either
-            engine.answer(request(GOOD, 0.1, query_id="before"))
-    finally:
-        _swap_audit_fd(engine, old)
-        os.close(bad)
-    assert _spent(engine) == before
-    assert engine.ledger.lookup("study", "unaudited") is None
-    assert len(engine.ledger.releases()) == 1
-    ids = {r.get("query_id") for r in read_audit(engine.config.audit_path)}
-    assert "unaudited" not in ids
-    # once the log is writable again the node serves, and the id was never used
-    assert engine.answer(request(GOOD, 0.1, query_id="unaudited")).query_id == "unaudited"
-
-
-def test_audit_log_on_a_full_device_stops_the_node_at_start(tmp_path, node_db):
-    config = load_node_config(write_node_config(tmp_path / "full", node_db))
-    config.state_dir.mkdir(parents=True)
-    config.audit_path.symlink_to("/dev/full")
-    with pytest.raises(AuditUnavailable):
-        NodeEngine(config)
-    ledger = Ledger(config.ledger_path)
-    assert ledger.spent(NODE_SCOPE) == 0
-    assert ledger.releases() == []
+def test_a_full_disk_at_start_stops_the_node(tmp_path, node_db):
+    directory = tmp_path / "full"
+    path = write_node_config(directory, node_db)
+    with small_filesystem(directory / "state"):
+        fill(directory / "state")
+        with pytest.raises(InternalError):
+            NodeEngine(load_node_config(path))
 
 
 @contextlib.contextmanager
-def _audit_fails_after_commit(eng: NodeEngine) -> Iterator[None]:
-    """Make the audit log unwritable right after the answer is stored (before query.released),
-    then restore it."""
-    bad = os.open("/dev/full", os.O_WRONLY)
-    original_commit = eng.ledger.commit
-    swapped: list[int] = []
+def _release_entry_fails(eng: NodeEngine) -> Iterator[None]:
+    """The audit entry of a release cannot be written (SQLite's own full-disk error, raised
+    where the entry is appended inside the ledger's commit)."""
+    original = eng.audit._append
 
-    def commit(*args: Any, **kwargs: Any):
-        out = original_commit(*args, **kwargs)
-        swapped.append(_swap_audit_fd(eng, bad))
-        return out
+    def append(con: Any, event: Event, fields: dict[str, Any]) -> int:
+        if event is Event.QUERY_RELEASED:
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(con, event, fields)
 
-    eng.ledger.commit = commit  # type: ignore[method-assign]
+    eng.audit._append = append  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del eng.ledger.commit
-        if swapped:
-            _swap_audit_fd(eng, swapped[0])
-        os.close(bad)
+        del eng.audit._append
 
 
-def _restarted(engine: NodeEngine) -> NodeEngine:
-    """What the node asks for after a lost audit write ("restart the node")."""
-    engine.close()
-    return NodeEngine(engine.config)
-
-
-def test_audit_failure_after_the_debit_releases_nothing(engine):
-    with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
+def test_a_release_whose_audit_entry_fails_is_not_committed(engine):
+    """The release's audit entry and the ledger's final debit are one transaction: if the
+    entry cannot be written, nothing is released and the debit is not final (the reservation
+    stays prepared until a retry commits it, or its lease refunds it)."""
+    with _release_entry_fails(engine), pytest.raises(AuditUnavailable):
         engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    # the caller got nothing; the ledger holds the debit and the answer together
-    (stored,) = engine.ledger.releases()
-    assert stored.query_id == "late-fail"
-    assert _spent(engine) == (stored.units, stored.units) == (TENTH, TENTH)
-    # after the restart a retry returns the stored answer and spends nothing more
-    engine = _restarted(engine)
-    try:
-        replay = engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-        assert replay == NodeResult.from_json(stored.result)
-        assert _spent(engine) == (TENTH, TENTH)
-    finally:
-        engine.close()
-
-
-def test_audit_log_accounts_for_a_debit_whose_release_line_failed(engine):
-    """After an audit outage just before ``query.released`` and a retry, the audit log still
-    shows the ε the ledger debited (the ``query.reserved`` line, written when the budget was
-    reserved); the retry is logged as a replay costing 0, and no ``query.released`` line ever
-    carries the query's cost."""
-    with _audit_fails_after_commit(engine), pytest.raises(AuditUnavailable):
-        engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    engine = _restarted(engine)
-    try:
-        engine.answer(request(GOOD, 0.1, query_id="late-fail"))
-    finally:
-        engine.close()
+    assert engine.ledger.releases() == []
+    held = engine.ledger.entry("study", "late-fail")
+    assert held is not None and held.state.value == "prepared"
+    assert not [r for r in read_audit(engine.config.audit_path) if r["event"] == "query.released"]
+    # the retry commits the prepared answer once; the log then holds exactly one release
+    first = engine.answer(request(GOOD, 0.1, query_id="late-fail"))
+    again = engine.answer(request(GOOD, 0.1, query_id="late-fail"))
+    assert first == again
+    assert _spent(engine) == (TENTH, TENTH)
     log = read_audit(engine.config.audit_path)
-    # Reconciliation rule: per query id, the units charged are named on every released or
-    # replayed line (charged_epsilon_units); a replay itself spends nothing (epsilon_units 0).
-    outcome = [
-        r
-        for r in log
-        if r["event"] in {"query.released", "query.replayed"} and r["query_id"] == "late-fail"
-    ]
-    assert outcome and all(r["event"] == "query.replayed" for r in outcome)
-    assert all(r["epsilon_units"] == 0 for r in outcome)
-    audited = max(r["charged_epsilon_units"] for r in outcome)
-    assert audited == engine.ledger.spent(project_scope("study")) == TENTH
-    reserved = [r for r in log if r["event"] == "query.reserved" and r["query_id"] == "late-fail"]
-    assert [r["epsilon_units"] for r in reserved] == [TENTH]
+    released = [r for r in log if r["event"] == "query.released"]
+    assert [(r["query_id"], r["epsilon_units"]) for r in released] == [("late-fail", TENTH)]
+    replayed = [r for r in log if r["event"] == "query.replayed"]
+    assert [r["epsilon_units"] for r in replayed] == [0]
+    assert verify(engine.config.audit_path).ok
 
 
 def _strict_json(line: str) -> Any:
@@ -717,12 +717,14 @@ def _strict_json(line: str) -> Any:
 
 
 def test_audit_log_lines_are_strict_json_even_for_nan_or_infinite_epsilon(engine):
-    """The audit log is JSONL for other tools to read: a request with ε = NaN or ±inf must
-    not write the non-JSON tokens ``NaN`` / ``Infinity`` into it."""
+    """Audit entries are strict JSON for other tools to read: a request with ε = NaN or ±inf
+    must not write the non-JSON tokens ``NaN`` / ``Infinity`` into one."""
     for i, epsilon in enumerate([math.nan, math.inf, -math.inf]):
         with pytest.raises(UserError):
             engine.answer(request(GOOD, epsilon, query_id=f"strict-{i}"))
-    lines = engine.config.audit_path.read_text(encoding="utf-8").splitlines()
+    con = sqlite3.connect(engine.config.audit_path)
+    lines = [row[0] for row in con.execute("SELECT entry FROM audit_log")]
+    con.close()
     bad = []
     for line in lines:
         try:

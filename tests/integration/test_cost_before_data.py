@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from fedtre.errors import QueryRefused, UserError
 from fedtre.request import QueryRequest
 from node.engine import NodeEngine

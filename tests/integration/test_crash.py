@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from fedtre.result import NodeResult
 from node.config import load_node_config
 from node.engine import NodeEngine

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from fedtre.errors import Refusal
 from fedtre.pki import Role, issue
 from fedtre.protocol import (

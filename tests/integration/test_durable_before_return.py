@@ -1,90 +1,33 @@
-"""What must be on disk before a node answers, with the fsyncs now shared or overlapped.
+"""What must be on disk before a node answers: one durable commit per release.
 
-* the request's audit line: fsynced (by the audit log's flusher, while the data is read)
-  before ``answer`` returns, for answers and refusals alike;
-* the stored answer: committed with ``synchronous=FULL`` (its write-ahead-log fsync also makes
-  the reservation durable), while the reservation itself does not wait for the disk;
+* the audit log lives in the ledger's database: each change of a query id's state commits
+  together with its audit entry; a release's entry is in the ledger's commit, the one
+  ``synchronous=FULL`` transaction (its write-ahead-log fsync also makes every earlier entry
+  and the reservation durable);
+* request entries are committed (in the write-ahead log, surviving a crash of the process)
+  before anything is acted on, without waiting for the disk; a refusal's entry is durable
+  (FULL) before the refusal is returned;
 * the planner's caches never serve one project's plan to another.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-import fedtre.audit as audit_module
 from fedtre.errors import QueryRefused
 from node.config import load_node_config
 from node.engine import NodeEngine
 from tests.conftest import private_database, request
 
 GOOD = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
-_real_fsync = os.fsync
-
-
-class SlowDisk:
-    """os.fsync that takes 300 ms (longer than answering) and records, per file, the size it
-    covered."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.covered: dict[tuple[int, int], int] = {}  # (device, inode) -> bytes durable
-
-    def __call__(self, fd: int) -> None:
-        st = os.fstat(fd)
-        time.sleep(0.3)
-        _real_fsync(fd)
-        with self.lock:
-            key = (st.st_dev, st.st_ino)
-            self.covered[key] = max(self.covered.get(key, 0), st.st_size)
-
-    def durable_bytes(self, path: Path) -> int:
-        st = os.stat(path)
-        return self.covered.get((st.st_dev, st.st_ino), 0)
-
-
-def _line_end(path: Path, query_id: str, event: str) -> int:
-    """Byte offset just after the audit line of ``event`` for ``query_id``."""
-    data = path.read_bytes()
-    offset = 0
-    for line in data.splitlines(keepends=True):
-        offset += len(line)
-        if f'"query_id": "{query_id}"'.encode() in line and f'"{event}"'.encode() in line:
-            return offset
-    raise AssertionError(f"no {event} line for {query_id}")
-
-
-@pytest.mark.parametrize(
-    ("sql", "epsilon", "outcome"),
-    [(GOOD, 0.1, "released"), ("SELECT * FROM patients", 0.1, "refused")],
-)
-def test_the_request_line_is_durable_before_the_node_answers(
-    node_config_factory, monkeypatch, sql, epsilon, outcome
-):
-    disk = SlowDisk()
-    monkeypatch.setattr(audit_module.os, "fsync", disk)
-    engine = NodeEngine(node_config_factory())
-    try:
-        audit = engine.config.audit_path
-        try:
-            engine.answer(request(sql, epsilon, query_id="q-durable"))
-        except QueryRefused:
-            assert outcome == "refused"
-        # checked the moment answer() came back, before close() flushes anything
-        assert disk.durable_bytes(audit) >= _line_end(audit, "q-durable", "query.received")
-        if outcome == "refused":
-            assert disk.durable_bytes(audit) >= _line_end(audit, "q-durable", "query.refused")
-    finally:
-        engine.close()
 
 
 class _SyncSpy:
-    """Wraps the ledger's SQLite connection: notes the synchronous mode each write ran under."""
+    """Wraps a SQLite connection: notes the synchronous mode each write ran under."""
 
     def __init__(self, con) -> None:  # type: ignore[no-untyped-def]
         self.con = con
@@ -97,21 +40,43 @@ class _SyncSpy:
             self.mode = text.split("=", 1)[1]
         elif text.startswith(("INSERT OR REPLACE INTO QUERIES", "UPDATE QUERIES SET STATE")):
             self.writes.append((text.split(" (")[0].split(",")[0].split(" WHERE")[0], self.mode))
+        elif text.startswith("INSERT INTO AUDIT_LOG"):
+            self.writes.append((json.loads(args[0][1])["event"], self.mode))
         return self.con.execute(sql, *args)
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.con, name)
 
 
-def test_the_commit_waits_for_the_disk_and_the_reservation_does_not(engine):
-    spy = _SyncSpy(engine.ledger._con())
-    engine.ledger._local.con = spy
+def _spies(engine: NodeEngine) -> tuple[_SyncSpy, _SyncSpy]:
+    ledger = _SyncSpy(engine.ledger._con())
+    engine.ledger._local.con = ledger
+    audit = _SyncSpy(engine.audit._con())
+    engine.audit._local.con = audit
+    return ledger, audit
+
+
+def test_a_release_is_one_durable_commit_with_its_audit_entry(engine):
+    ledger, audit = _spies(engine)
     engine.answer(request(GOOD, 0.1, query_id="q-sync"))
-    assert spy.writes == [
+    assert ledger.writes == [
         ("INSERT OR REPLACE INTO QUERIES", "NORMAL"),  # reserve
+        ("query.reserved", "NORMAL"),
         ("UPDATE QUERIES SET STATE = 'PREPARED'", "NORMAL"),  # the answer, kept unreleased
+        ("query.prepared", "NORMAL"),
         ("UPDATE QUERIES SET STATE = 'COMMITTED'", "FULL"),  # release: the one fsync
+        ("query.released", "FULL"),  # ... in the same transaction
     ]
+    # the request entries are committed before acting, and made durable by the release
+    assert audit.writes == [("query.received", "NORMAL"), ("query.commit", "NORMAL")]
+
+
+def test_a_refusal_is_durable_before_it_is_returned(engine):
+    ledger, audit = _spies(engine)
+    with pytest.raises(QueryRefused):
+        engine.answer(request("SELECT * FROM patients", 0.1, query_id="q-refused"))
+    assert ledger.writes == []  # nothing reserved
+    assert audit.writes == [("query.received", "NORMAL"), ("query.refused", "FULL")]
 
 
 def _projects_config(directory: Path, database: Path) -> Path:

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from node.errors import LedgerUnavailable
 from node.ledger import NODE_SCOPE, project_scope
 from tests.conftest import request

@@ -178,7 +178,7 @@ def test_state_files_are_private(node_home: Callable[..., Path], tmp_path: Path)
     state = tmp_path / "state"
     assert _mode(state) == 0o700
     assert _mode(state / "ledger.sqlite") == 0o600
-    assert _mode(state / "audit.jsonl") == 0o600
+    assert _mode(state / "audit.key") == 0o600  # the audit log is in ledger.sqlite
 
 
 def test_the_loader_writes_a_private_database_and_cleans_up_interrupted_loads(

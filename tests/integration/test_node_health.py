@@ -1,8 +1,9 @@
-"""A node whose audit log cannot be written releases nothing and reports NOT_SERVING."""
+"""A node whose audit log cannot be written releases nothing and reports NOT_SERVING, and
+serves again once it can write."""
 
 from __future__ import annotations
 
-import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedtre.audit.log import read_audit
+from fedtre.audit.verify import verify
 from fedtre.pki import Role, init_ca, issue
 from fedtre.tls import TlsFiles, channel_credentials, channel_options
 from fedtre.v2 import node_pb2 as npb
@@ -17,6 +20,7 @@ from fedtre.v2 import node_pb2_grpc
 from node.config import NodeConfig, parse_node_config
 from node.ledger import project_scope
 from node.server import create_server
+from tests.integration.full_disk import fill, settle, small_filesystem
 
 SQL = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
 
@@ -53,39 +57,54 @@ def secured(tmp_path: Path, node_config_factory: Callable[..., NodeConfig]) -> N
     return parse_node_config(data, base_dir=tmp_path, source="test")
 
 
-def test_audit_failure_fails_closed_and_reports_not_serving(secured: NodeConfig) -> None:
-    running = create_server(secured)
-    pki = Path(str(secured.server.ca)).parent  # type: ignore[union-attr]
-    files = TlsFiles.in_pki_dir(pki, Role.COORDINATOR, "hub")
-    try:
-        with grpc.secure_channel(
-            running.address, channel_credentials(files), options=channel_options("trust-test")
-        ) as channel:
-            stub = node_pb2_grpc.NodeServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
-            prepared = stub.Prepare(
-                npb.PrepareRequest(
-                    query_id="h-1", project_id="study", sql=SQL, epsilon_units=100_000
-                ),
-                timeout=10,
-            )
-            assert prepared.outcome == npb.OUTCOME_PREPARED, prepared.reason
-            ok = stub.Commit(npb.DecisionRequest(query_id="h-1", project_id="study"), timeout=10)
-            assert ok.outcome == npb.OUTCOME_COMMITTED
-            assert ok.budget.spent_units == 100_000
-            os.close(running.engine.audit._fd)  # the audit disk goes away
-            running.engine.audit._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail
-            failed = stub.Prepare(
-                npb.PrepareRequest(
-                    query_id="h-2", project_id="study", sql=SQL, epsilon_units=100_000
-                ),
-                timeout=10,
-            )
-            assert failed.outcome == npb.OUTCOME_FAILED
-            assert "audit" in failed.reason
-            assert not failed.HasField("result")
-            assert running.engine.ledger.spent(project_scope("study")) == 100_000
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-    finally:
-        running.server.stop(0).wait()  # the engine cannot audit its own close any more
+def test_a_full_disk_fails_closed_reports_not_serving_and_recovers(
+    secured: NodeConfig,
+) -> None:
+    """The state directory on a real, small filesystem that fills up: the node releases
+    nothing and reports NOT_SERVING; once space returns it serves again, says so in its log
+    (``audit.resumed``), and the log verifies."""
+    with small_filesystem(secured.state_dir):
+        running = create_server(secured)
+        pki = Path(str(secured.server.ca)).parent  # type: ignore[union-attr]
+        files = TlsFiles.in_pki_dir(pki, Role.COORDINATOR, "hub")
+        try:
+            with grpc.secure_channel(
+                running.address, channel_credentials(files), options=channel_options("trust-test")
+            ) as channel:
+                stub = node_pb2_grpc.NodeServiceStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+
+                def status() -> int:
+                    return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+                prepared = stub.Prepare(_prepare("h-1"), timeout=10)
+                assert prepared.outcome == npb.OUTCOME_PREPARED, prepared.reason
+                ok = stub.Commit(
+                    npb.DecisionRequest(query_id="h-1", project_id="study"), timeout=10
+                )
+                assert ok.outcome == npb.OUTCOME_COMMITTED
+                assert ok.budget.spent_units == 100_000
+                settle(secured.ledger_path)
+                filler = fill(secured.state_dir)  # the disk fills up
+                failed = stub.Prepare(_prepare("h-2"), timeout=10)
+                assert failed.outcome == npb.OUTCOME_FAILED
+                assert "audit" in failed.reason
+                assert not failed.HasField("result")
+                assert running.engine.ledger.spent(project_scope("study")) == 100_000
+                assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+                filler.unlink()  # space returns
+                deadline = time.monotonic() + 15
+                while status() != health_pb2.HealthCheckResponse.SERVING:
+                    assert time.monotonic() < deadline, "the node did not resume"
+                    time.sleep(0.1)
+                again = stub.Prepare(_prepare("h-2"), timeout=10)
+                assert again.outcome == npb.OUTCOME_PREPARED, again.reason
+        finally:
+            running.stop(grace=0)
+        events = [e["event"] for e in read_audit(secured.ledger_path)]
+        assert "audit.resumed" in events
+        assert verify(secured.ledger_path).ok
+
+
+def _prepare(query_id: str) -> npb.PrepareRequest:
+    return npb.PrepareRequest(query_id=query_id, project_id="study", sql=SQL, epsilon_units=100_000)

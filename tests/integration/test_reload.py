@@ -10,7 +10,7 @@ from pathlib import Path
 
 import duckdb
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from node.config import load_node_config
 from node.engine import NodeEngine
 from node.loader import load_omop

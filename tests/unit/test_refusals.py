@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from fedtre.audit import read_audit
+from fedtre.audit.log import read_audit
 from fedtre.errors import UserError
 from fedtre.request import QueryRequest
 from node.ledger import NODE_SCOPE, project_scope

@@ -1,0 +1,2 @@
+"""Tamper-evident audit logs: events, the hash-chained log, checkpoints, verification, export,
+reconciliation and release records."""
