@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,7 @@ LINK_SERVICE = "fedtre.v2.TrustLinkService"
 INSECURE_RESEARCHER = "dev"
 MONITOR_SECONDS = 2.0
 DESCRIBE_SECONDS = 3.0
+WITNESS_SECONDS = 60.0  # each trust is described (and its audit checkpoint kept) this often
 AUDITED_REQUEST_BYTES = 1024 * 1024
 
 
@@ -121,7 +123,9 @@ def create_server(
         raise
     address = bound_address(config.listen, port)
     engine.audit.write(Event.COORDINATOR_SERVING, address=address, tls=not insecure)
-    monitor = TrustMonitor(config, engine.trusts, links, health, engine.book)
+    monitor = TrustMonitor(
+        config, engine.trusts, links, health, engine.book, witness=engine.witness
+    )
     monitors.append(monitor)
     running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
     if config.metrics_listen:
@@ -161,8 +165,11 @@ class TrustMonitor:
         links: Mapping[str, TrustLink],
         health: Health,
         book: ProjectBook | None = None,
+        witness: Callable[[str, str], object] = lambda trust, checkpoint: None,
     ) -> None:
         self.config = config
+        self.witness = witness  # keeps each trust's signed audit checkpoint
+        self._described_at: dict[str, float] = {}
         self.book = book or ProjectBook(config)
         self.trusts = trusts
         self.links = links
@@ -196,10 +203,15 @@ class TrustMonitor:
         for nid, link in self.links.items():
             reachable = link.reachable()
             why = "" if reachable else "unreachable"
-            if reachable and not self.up.get(nid):  # (re)appeared: who is it?
+            last = self._described_at.get(nid)
+            due = last is None or time.monotonic() - last >= WITNESS_SECONDS
+            if reachable and (not self.up.get(nid) or due):  # (re)appeared, or time to look
                 try:
                     description = link.describe(DESCRIBE_SECONDS)
+                    self._described_at[nid] = time.monotonic()
                     self.trusts.described[nid] = description
+                    if description.audit_checkpoint:
+                        self.witness(nid, description.audit_checkpoint)
                     if description.catalog_version != self.config.catalog.version:
                         why = f"serves catalog {description.catalog_version[:32]}"
                         self.trusts.mismatched.add(nid)

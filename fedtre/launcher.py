@@ -213,9 +213,13 @@ class LocalFederation:
             f'ca = "{files.ca}"\ncert = "{files.cert}"\nkey = "{files.key}"\n'
         )
 
-    def audit(self, name: str) -> list[dict[str, Any]]:
+    def audit_path(self, name: str) -> Path:
+        """A trust's or coordinator's audit log (a trust's is in its ledger's database)."""
         state = self._proc(name).home / "state"
-        path = state / ("ledger.sqlite" if name in self.nodes else "audit.sqlite")
+        return state / ("ledger.sqlite" if name in self.nodes else "audit.sqlite")
+
+    def audit(self, name: str) -> list[dict[str, Any]]:
+        path = self.audit_path(name)
         return read_audit(path) if path.exists() else []
 
     def spent_units(self, name: str, scope: str) -> int:

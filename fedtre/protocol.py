@@ -101,6 +101,7 @@ class NodeDescription:
     catalog_digest: str
     project_ids: tuple[str, ...]
     scopes: tuple[ProjectScope, ...] = ()
+    audit_checkpoint: str = ""  # the trust's audit log, signed at this call (JSON)
 
 
 # -- the outbound link: the same calls, carried on one stream the node opened ---------------

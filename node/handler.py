@@ -172,7 +172,14 @@ class NodeHandler:
             for p in projects.values()
         )
         ids = tuple(projects)
-        return NodeDescription(self.node_id, catalog.version, catalog.digest, ids, scopes)
+        return NodeDescription(
+            self.node_id,
+            catalog.version,
+            catalog.digest,
+            ids,
+            scopes,
+            audit_checkpoint=self.engine.checkpoint(),  # published with every description
+        )
 
     def _budget(self, status: BudgetStatus) -> BudgetReport:
         return BudgetReport(

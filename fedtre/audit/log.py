@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -287,6 +287,22 @@ def latest_checkpoint(con: sqlite3.Connection) -> str | None:
 
 def _rows(con: sqlite3.Connection, after: int) -> Iterator[tuple[int, str]]:
     yield from con.execute("SELECT seq, entry FROM audit_log WHERE seq > ? ORDER BY seq", (after,))
+
+
+def entries(path: Path, kinds: Sequence[Event]) -> Iterator[dict[str, Any]]:
+    """The entries of the given kinds from the log at ``path`` (read-only), oldest first."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
+    try:
+        marks = ",".join("?" * len(kinds))
+        rows = con.execute(
+            f"SELECT entry FROM audit_log WHERE json_extract(entry, '$.event') IN ({marks}) "
+            "ORDER BY seq",
+            [k.value for k in kinds],
+        )
+        for (text,) in rows:
+            yield json.loads(text)
+    finally:
+        con.close()
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

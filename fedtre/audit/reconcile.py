@@ -19,15 +19,15 @@ Releases a trust made for its own operators (``fedtre node query``) are listed, 
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtre.audit.events import Event
+from fedtre.audit.log import entries
 from fedtre.audit.verify import verify
 
 Key = tuple[str, str]  # (project, query id)
@@ -88,22 +88,6 @@ _WANTED = (
 )
 
 
-def entries(path: Path, kinds: Sequence[Event] = _WANTED) -> Iterator[dict[str, Any]]:
-    """The entries of the given kinds from the log at ``path`` (read-only), oldest first."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
-    try:
-        marks = ",".join("?" * len(kinds))
-        rows = con.execute(
-            f"SELECT entry FROM audit_log WHERE json_extract(entry, '$.event') IN ({marks}) "
-            "ORDER BY seq",
-            [k.value for k in kinds],
-        )
-        for (text,) in rows:
-            yield json.loads(text)
-    finally:
-        con.close()
-
-
 def ledger_committed(path: Path) -> dict[str, int]:
     """Units committed per project in a trust's ledger."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
@@ -133,7 +117,7 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
     said_refused: set[tuple[str, str, str]] = set()
     received: set[Key] = set()
     for path in coordinators:
-        for e in entries(path):
+        for e in entries(path, _WANTED):
             key = (str(e.get("project", "")), str(e.get("query_id", "")))
             event = e.get("event")
             if event == Event.QUERY_RECEIVED.value:
@@ -157,7 +141,7 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
         released: dict[Key, int] = {}
         released_per_project: dict[str, int] = defaultdict(int)
         refused: set[Key] = set()
-        for e in entries(path):
+        for e in entries(path, _WANTED):
             event = e.get("event")
             if event == Event.LOG_CREATED.value:
                 actor = str(e.get("node", ""))

@@ -166,6 +166,9 @@ def node_outcome_from_proto(msg: npb.NodeReply) -> NodeOutcome:
     )
 
 
+MAX_CHECKPOINT = 4096  # a signed audit checkpoint is about 600 characters
+
+
 def description_to_proto(description: NodeDescription) -> npb.NodeDescription:
     return npb.NodeDescription(
         node_id=description.node_id,
@@ -182,6 +185,7 @@ def description_to_proto(description: NodeDescription) -> npb.NodeDescription:
             )
             for p in description.scopes
         ],
+        audit_checkpoint=description.audit_checkpoint,
     )
 
 
@@ -203,6 +207,7 @@ def description_from_proto(msg: npb.NodeDescription) -> NodeDescription:
             )
             for p in msg.scopes
         ),
+        audit_checkpoint=msg.audit_checkpoint[:MAX_CHECKPOINT],
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtre.audit.events import Event
-from fedtre.audit.reconcile import entries
+from fedtre.audit.log import entries
 from fedtre.governance.documents import (
     Application,
     DocumentError,

@@ -103,18 +103,20 @@ class NodeReply(_message.Message):
     def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., node_id: _Optional[str] = ..., project_id: _Optional[str] = ..., query_id: _Optional[str] = ..., epsilon_units: _Optional[int] = ..., replayed: _Optional[bool] = ..., result: _Optional[_Union[_common_pb2.NodeResult, _Mapping]] = ..., refusal: _Optional[_Union[_common_pb2.Refusal, str]] = ..., reason: _Optional[str] = ..., budget: _Optional[_Union[NodeBudget, _Mapping]] = ..., handling_ms: _Optional[float] = ...) -> None: ...
 
 class NodeDescription(_message.Message):
-    __slots__ = ("node_id", "catalog_version", "catalog_digest", "project_ids", "scopes")
+    __slots__ = ("node_id", "catalog_version", "catalog_digest", "project_ids", "scopes", "audit_checkpoint")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     CATALOG_DIGEST_FIELD_NUMBER: _ClassVar[int]
     PROJECT_IDS_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     catalog_version: str
     catalog_digest: str
     project_ids: _containers.RepeatedScalarFieldContainer[str]
     scopes: _containers.RepeatedCompositeFieldContainer[ProjectScope]
-    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., catalog_digest: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[_Union[ProjectScope, _Mapping]]] = ...) -> None: ...
+    audit_checkpoint: str
+    def __init__(self, node_id: _Optional[str] = ..., catalog_version: _Optional[str] = ..., catalog_digest: _Optional[str] = ..., project_ids: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[_Union[ProjectScope, _Mapping]]] = ..., audit_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ProjectScope(_message.Message):
     __slots__ = ("project_id", "views", "max_tier", "total_units", "max_units_per_query")

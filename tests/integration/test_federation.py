@@ -6,6 +6,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,11 @@ import grpc
 import pytest
 
 from fedtre.answer import NotReleased
+from fedtre.audit.checkpoint import Checkpoint
+from fedtre.audit.events import Event
+from fedtre.audit.log import entries
+from fedtre.audit.reconcile import reconcile
+from fedtre.audit.verify import verify
 from fedtre.catalog import Catalog, load_catalog
 from fedtre.client import Client, ConnectionTrust, CoordinatorUnavailable, Profile
 from fedtre.errors import Refusal, UserError
@@ -98,6 +105,39 @@ def _dial_in_only(fed: Federation) -> None:
 
 
 # -- a full query ---------------------------------------------------------------------------
+
+
+def test_the_audit_logs_reconcile_verify_and_witness_each_other(fed: Federation) -> None:
+    """First in this module, on a fresh federation: releases, a replay and refusals appear on
+    both sides and reconcile; each trust's log verifies against the checkpoints the
+    coordinator kept of it; the command-line tools say the same."""
+    with fed.client() as client:
+        client.query(PROJECT, BY_SEX, epsilon=0.1, query_id="audit-1")
+        client.query(PROJECT, BY_SEX, epsilon=0.1, query_id="audit-1")  # a replay
+        client.query(PARTIAL, BY_SEX, epsilon=0.1, query_id="audit-2")
+        with pytest.raises(UserError):
+            client.query(PROJECT, "SELECT * FROM patients", epsilon=0.1, query_id="audit-3")
+    hub = fed.audit_path("coordinator")
+    trusts = [fed.audit_path(n) for n in fed.nodes]
+    found = reconcile([hub], trusts)
+    assert found.ok, found.discrepancies
+    assert found.trust_releases == 2 * len(fed.nodes)
+    assert found.replays == len(fed.nodes)
+    witnessed = list(entries(hub, (Event.CHECKPOINT_WITNESSED,)))
+    for name, path in zip(fed.nodes, trusts, strict=True):
+        kept = [Checkpoint.from_json(e["checkpoint"]) for e in witnessed if e["trust"] == name]
+        assert kept and not any(e.get("problem") for e in witnessed)
+        assert verify(path, kept).ok
+    cli = [sys.executable, "-m", "fedtre.cli", "audit"]
+    rec = subprocess.run(
+        [*cli, "reconcile", "--coordinator", str(hub), *[f"--trust={t}" for t in trusts]],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert rec.returncode == 0 and "OK: every release" in rec.stdout, rec.stdout + rec.stderr
+    ver = subprocess.run([*cli, "verify", str(hub)], capture_output=True, text=True, check=False)
+    assert ver.returncode == 0 and ver.stdout.startswith("OK"), ver.stdout + ver.stderr
 
 
 def test_full_query_covers_every_trust(fed: Federation) -> None:
