@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 from fedtre.answer import NotReleased
+from fedtre.audit.reconcile import reconcile
+from fedtre.audit.verify import verify
 from fedtre.client import Client, Profile
 from fedtre.errors import InternalError, UserError
 from fedtre.launcher import DIAL_IN, DIAL_OUT, LocalFederation, ProjectSpec, TrustSpec
@@ -65,6 +67,13 @@ REFUSED = (
         "Self-harm records, above the project's approved tier (refused by every trust itself)",
         "SELECT COUNT(*) AS n FROM conditions WHERE condition_group = 'self_harm'",
     ),
+)
+
+LAY_SUMMARY = (
+    "We want to understand how people use mental-health services across three NHS trusts: "
+    "how many people have each kind of diagnosis, how often they visit or are admitted, and "
+    "how this differs by age and sex, so that services can be planned where they are needed. "
+    "No one's records leave their trust; we only see totals with deliberate uncertainty added."
 )
 
 
@@ -111,6 +120,7 @@ class Demo:
                     PROJECT,
                     researchers=(RESEARCHER,),
                     title="Demo: mental-health service use",
+                    lay_summary=LAY_SUMMARY,
                     total_epsilon=10.0,
                     max_epsilon_per_query=1.0,
                     default_epsilon=0.25,
@@ -134,6 +144,8 @@ class Demo:
             status = self._queries(profile)
             if status == 0 and not keep_running:
                 status = self._revoke(profile)
+            if status == 0:
+                status = self._account()
             if keep_running and status == 0:
                 self._wait_for_interrupt(profile)
             return status
@@ -270,6 +282,29 @@ class Demo:
         _say("   NOT refused (this is a bug)")
         return 1
 
+    def _account(self) -> int:
+        """What auditors and the public see: every log verified, both sides reconciled, and
+        the transparency register built."""
+        hubs, trusts = self.fed.audit_logs()
+        checked = [verify(p) for p in [*hubs, *trusts]]
+        bad = [c.path for c in checked if not c.ok]
+        found = reconcile(hubs, trusts)
+        _say("10. An auditor checks the logs (fedtre audit verify, fedtre audit reconcile)")
+        _say(
+            f"   {len(checked) - len(bad)} of {len(checked)} audit logs verify "
+            f"({sum(c.size for c in checked)} entries); reconcile: "
+            + (
+                f"every release matches on both sides ({found.trust_releases} at the trusts)"
+                if found.ok
+                else f"{len(found.discrepancies)} discrepancies"
+            )
+        )
+        out = self.work / "register"
+        self.fed.build_register(out)
+        _say("11. The public transparency register (fedtre register build)")
+        _say(f"   open {out / 'index.html'} in a browser (HTML, no JavaScript; JSON beside it)")
+        return 0 if not bad and found.ok else 1
+
     def _wait_for_interrupt(self, profile: Profile) -> None:
         _say(
             textwrap.dedent(
@@ -302,5 +337,5 @@ class Demo:
             _say(f"10. Stopped; not cleanly: {', '.join(unclean)} (see {self.work}/*.log)")
         else:
             _say(
-                f"10. All processes stopped cleanly; total {time.monotonic() - self.started:.1f} s"
+                f"12. All processes stopped cleanly; total {time.monotonic() - self.started:.1f} s"
             )

@@ -30,9 +30,12 @@ from typing import Any
 from fedtre.audit.log import read_audit
 from fedtre.client import Client, Profile
 from fedtre.governance.local import LocalGovernance, application, caps
+from fedtre.governance.policy import load_committee
 from fedtre.pki import Role
 from fedtre.serving import wait_for_address
 from fedtre.tls import TlsFiles
+from fedtre.transparency.model import build as build_register
+from fedtre.transparency.render import write_site
 
 DIAL_IN, DIAL_OUT = "dial-in", "dial-out"
 START_TIMEOUT = 60.0
@@ -60,6 +63,7 @@ class ProjectSpec:
     round_to: int = 1
     views: tuple[str, ...] = ("patients", "conditions", "visits")
     max_tier: str = "mental_health"
+    lay_summary: str = ""  # plain English, for the public register
 
 
 @dataclass
@@ -218,6 +222,20 @@ class LocalFederation:
         state = self._proc(name).home / "state"
         return state / ("ledger.sqlite" if name in self.nodes else "audit.sqlite")
 
+    def audit_logs(self) -> tuple[list[Path], list[Path]]:
+        """(the coordinators' audit logs, the trusts' audit logs)."""
+        return [self.audit_path(h.name) for h in self.hubs], [
+            self.audit_path(n) for n in self.nodes
+        ]
+
+    def build_register(self, out: Path) -> list[Path]:
+        """The public transparency register of this federation (``fedtre register build``)."""
+        hubs, trusts = self.audit_logs()
+        site = build_register(
+            self.governance.registry, load_committee(self.governance.committee_path), hubs, trusts
+        )
+        return write_site(site, out)
+
     def audit(self, name: str) -> list[dict[str, Any]]:
         path = self.audit_path(name)
         return read_audit(path) if path.exists() else []
@@ -353,6 +371,7 @@ class LocalFederation:
                     suppress_below=p.suppress_below,
                     round_to=p.round_to,
                     title=p.title,
+                    lay_summary=p.lay_summary,
                 )
             )
 

@@ -123,12 +123,13 @@ def application(
     round_to: int,
     title: str = "",
     purpose: Purpose = Purpose.PUBLIC_BENEFIT_RESEARCH,
+    lay_summary: str = "",
 ) -> Application:
     now = dt.datetime.now(dt.UTC)
     return Application(
         project_id=project_id,
         title=title or project_id,
-        lay_summary=f"Local federation project {project_id}.",
+        lay_summary=lay_summary or f"Local federation project {project_id}.",
         purpose=purpose,
         organisation="fedtre local federation",
         organisation_type=OrganisationType.NHS,

@@ -197,28 +197,30 @@ class _Activity:
 
 
 def _activity(coordinator_logs: Sequence[Path], trust_logs: Sequence[Path]) -> _Activity:
+    """Releases and ε per trust and project (the trusts' own logs), results released (the
+    coordinators'), and refused requests by reason: each request once, whether the
+    coordinator refused it or one or more trusts did."""
     act = _Activity()
+    refused: dict[tuple[str, str], str] = {}  # (project, query id) -> reason
     for path in trust_logs:
         trust = ""
         for e in entries(path, (Event.LOG_CREATED, Event.QUERY_RELEASED, Event.QUERY_REFUSED)):
+            key = (str(e.get("project", "")), str(e.get("query_id", "")))
             if e["event"] == Event.LOG_CREATED.value:
                 trust = str(e.get("node", ""))
             elif e["event"] == Event.QUERY_RELEASED.value:
-                key = (trust, str(e.get("project", "")))
-                act.released[key] += 1
-                act.units[key] += int(e.get("epsilon_units", 0))
-            elif not coordinator_logs:  # else counted once, where the researcher asked
-                act.refusals[str(e.get("refusal", "other"))] += 1
-    for path in coordinator_logs:
-        for e in entries(path, (Event.QUERY_RELEASED, Event.QUERY_REFUSED, Event.QUERY_WITHHELD)):
-            if e["event"] == Event.QUERY_RELEASED.value:
-                act.results[str(e.get("project", ""))] += 1
-            elif e["event"] == Event.QUERY_REFUSED.value:
-                act.refusals[str(e.get("refusal", "other"))] += 1
+                act.released[(trust, key[0])] += 1
+                act.units[(trust, key[0])] += int(e.get("epsilon_units", 0))
             else:
-                for state in (e.get("trusts") or {}).values():
-                    if state == "refused":
-                        act.refusals["refused by a trust"] += 1
+                refused.setdefault(key, str(e.get("refusal", "other")))
+    for path in coordinator_logs:
+        for e in entries(path, (Event.QUERY_RELEASED, Event.QUERY_REFUSED)):
+            key = (str(e.get("project", "")), str(e.get("query_id", "")))
+            if e["event"] == Event.QUERY_RELEASED.value:
+                act.results[key[0]] += 1
+            else:
+                refused[key] = str(e.get("refusal", "other"))
+    act.refusals.update(refused.values())
     return act
 
 
@@ -290,7 +292,10 @@ def _project(
         TrustPart(
             trust=t,
             participation=participation.get(
-                t, "asked; accepts by its own published policy, or has not yet signed"
+                t,
+                "taking part (by the trust's own policy for this purpose)"
+                if act.released[(t, project_id)]
+                else "asked to take part",
             ),
             queries=act.released[(t, project_id)],
             epsilon_spent=act.units[(t, project_id)] / 1_000_000,

@@ -32,7 +32,8 @@ text-align:left;vertical-align:top}dt{font-weight:600;margin-top:.6rem}dd{margin
 .status{font-weight:700}a{color:#0645ad}nav{margin-bottom:1rem}
 .summary{border-left:4px solid #005eb8;padding-left:.8rem}
 @media (max-width:30rem){th,td{display:block;border:0;padding:.1rem .2rem}
-tr{display:block;border-bottom:1px solid #bbb;padding:.3rem 0}thead{display:none}}
+tr{display:block;border-bottom:1px solid #bbb;padding:.3rem 0}thead{display:none}
+td[data-label]::before{content:attr(data-label) ": ";font-weight:600}}
 """
 
 
@@ -82,9 +83,11 @@ def _epsilon(value: float) -> str:
 def _index(r: Register) -> str:
     rows = "".join(
         f'<tr><td><a href="projects/{_e(p.project_id)}.html">{_e(p.title)}</a></td>'
-        f"<td>{_e(p.purpose_label)}</td><td>{_e(p.organisation_type)}</td>"
-        f'<td class="status">{_e(p.status)}</td><td>{p.queries_run}</td>'
-        f"<td>{_epsilon(p.epsilon_spent)}</td></tr>"
+        f'<td data-label="Purpose">{_e(p.purpose_label)}</td>'
+        f'<td data-label="Organisation">{_e(p.organisation_type)}</td>'
+        f'<td data-label="Status" class="status">{_e(p.status)}</td>'
+        f'<td data-label="Results released">{p.queries_run}</td>'
+        f'<td data-label="ε spent">{_epsilon(p.epsilon_spent)}</td></tr>'
         for p in r.projects
     )
     trusts = "".join(
@@ -93,7 +96,7 @@ def _index(r: Register) -> str:
         for t in r.trusts
     )
     refusals = "".join(
-        f"<tr><td>{_e(REFUSALS.get(k, k))}</td><td>{n}</td></tr>"
+        f'<tr><td>{_e(REFUSALS.get(k, k))}</td><td data-label="Requests">{n}</td></tr>'
         for k, n in sorted(r.refusals.items(), key=lambda kv: (-kv[1], kv[0]))
     )
     body = f"""<h1>How patient data is used by fedtre</h1>
@@ -138,8 +141,10 @@ def _project(p: ProjectEntry, r: Register) -> str:
     )
     trusts = "".join(
         f'<tr><td><a href="../trusts/{_e(t.trust)}.html">{_e(t.trust)}</a></td>'
-        f"<td>{_e(t.participation)}</td><td>{t.queries}</td>"
-        f"<td>{_epsilon(t.epsilon_spent)} of {_epsilon(t.epsilon_budget)}</td></tr>"
+        f'<td data-label="Taking part">{_e(t.participation)}</td>'
+        f'<td data-label="Results released">{t.queries}</td>'
+        f'<td data-label="ε spent of budget">{_epsilon(t.epsilon_spent)} of '
+        f"{_epsilon(t.epsilon_budget)}</td></tr>"
         for t in p.trusts
     )
     dates = [("Applied", p.submitted_on), ("Approved", p.approved_on or "not approved")]
@@ -172,7 +177,9 @@ def _project(p: ProjectEntry, r: Register) -> str:
 def _trust(t: TrustEntry, r: Register) -> str:
     rows = "".join(
         f'<tr><td><a href="../projects/{_e(pid)}.html">{_e(title)}</a></td>'
-        f"<td>{_e(status)}</td><td>{queries}</td><td>{_epsilon(eps)}</td></tr>"
+        f'<td data-label="Status">{_e(status)}</td>'
+        f'<td data-label="Results released">{queries}</td>'
+        f'<td data-label="ε spent">{_epsilon(eps)}</td></tr>'
         for pid, title, status, queries, eps in t.projects
     )
     body = f"""<h1>How your data is used at {_e(t.trust)}</h1>
