@@ -481,7 +481,8 @@ def probe_transport_floor(
 
 
 def probe_fsync(directory: Path, repeats: int = 200) -> dict[str, float]:
-    """Append one audit-sized line and fsync it, as ``fedtre.audit.AuditLog.write`` does."""
+    """Append one audit-sized line and fsync it: the disk's floor under a durable audit write
+    (``fedtre.audit.log.AuditLog.write`` commits to SQLite with ``synchronous=FULL``)."""
     path = directory / "fsync-probe.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     times = []

@@ -12,6 +12,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from fedtre.audit.events import Event
 from fedtre.catalog import load_catalog
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError, UserError
@@ -21,6 +22,7 @@ from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
 from node.approvals import Projects
+from node.audit import file_digest, record
 from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -168,6 +170,13 @@ def _optout_change(args: argparse.Namespace) -> int:
     ids = read_person_ids(args.file)
     optouts = OptOuts(config.state_dir)
     kind = OptOut(args.kind)
+    record(  # before acting; kind and file digest only: the ids are person-level data
+        config,
+        Event.OPTOUTS_CHANGED,
+        kind=kind.value,
+        action="add" if args.add else "remove",
+        file_sha256=file_digest(args.file),
+    )
     change = optouts.add(kind, ids) if args.add else optouts.remove(kind, ids)
     verb = f"added {change.added:,}" if args.add else f"removed {change.removed:,}"
     print(
@@ -194,6 +203,13 @@ def _dispute_change(args: argparse.Namespace) -> int:
     if args.view not in config.catalog.views:
         raise ConfigError(f"no view {args.view!r} in the catalog")
     ids = read_person_ids(args.file)
+    record(
+        config,
+        Event.DISPUTES_CHANGED,
+        view=args.view,
+        action="add" if args.add else "remove",
+        file_sha256=file_digest(args.file),
+    )
     changed, total = OptOuts(config.state_dir).dispute(args.view, ids, add=args.add)
     policy = config.catalog.disputed_records
     effect = (
@@ -231,7 +247,9 @@ def _optout_list(args: argparse.Namespace) -> int:
 
 
 def _approvals_import(args: argparse.Namespace) -> int:
-    print(f"imported: {Projects(load_node_config(args.config)).import_file(args.file)}")
+    config = load_node_config(args.config)
+    record(config, Event.APPROVAL_IMPORTED, file_sha256=file_digest(args.file))
+    print(f"imported: {Projects(config).import_file(args.file)}")
     return 0
 
 

@@ -239,7 +239,7 @@ class ResearchDatabase:
         with self._reload_lock:
             if identity == self._identity:
                 return
-            self._identity = identity  # judged once, whatever the outcome
+            previous, self._identity = self._identity, identity  # judged once, if audited
             # DuckDB shares one instance per path within a process, so the new file is opened
             # under a name of its own (a hard link, removed once open: the inode stays).
             alias = self._path.with_name(f".{self._path.name}.open-{uuid.uuid4().hex}")
@@ -247,11 +247,21 @@ class ResearchDatabase:
                 os.link(self._path, alias)
                 new = open_research_db(alias, self._catalog, self._threads, self._memory_limit)
             except (FedtreError, OSError) as exc:
-                self._on_reload(False, str(exc).replace(alias.name, self._path.name))
+                try:
+                    self._on_reload(False, str(exc).replace(alias.name, self._path.name))
+                except BaseException:
+                    self._identity = previous  # not audited: judged again next time
+                    raise
                 return
             finally:
                 alias.unlink(missing_ok=True)
             loaded_at = _loaded_at(new)
+            try:  # audited before the switch: a switch that cannot be audited does not happen
+                self._on_reload(True, loaded_at)
+            except BaseException:
+                self._identity = previous
+                new.close()
+                raise
             with self._lock:
                 old = self._con
                 self._con = new
@@ -260,7 +270,6 @@ class ResearchDatabase:
                     old.close()
                 else:
                     self._retired[id(old)] = old
-            self._on_reload(True, loaded_at)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int]:

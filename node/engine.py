@@ -45,15 +45,15 @@ import duckdb
 import pyarrow as pa
 
 from fedtre import logs
-from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex, sign_checkpoint
+from fedtre.audit.checkpoint import sign_checkpoint
 from fedtre.audit.events import Event
-from fedtre.audit.log import AuditLog
 from fedtre.audit.records import trust_release
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import AuditUnavailable, InternalError, QueryRefused, Refusal, UserError
 from fedtre.request import QueryRequest, check_ids
 from fedtre.result import NodeResult
 from node.approvals import Projects
+from node.audit import open_audit
 from node.compiler import CompiledQuery, run_exact
 from node.config import NodeConfig, ProjectPolicy
 from node.database import ResearchDatabase
@@ -134,13 +134,7 @@ class NodeEngine:
         self.config = config
         self.catalog = config.catalog
         self.serving = serving
-        self.audit_key = load_or_create_key(config.state_dir / KEY_FILE)
-        self.audit = AuditLog(
-            config.audit_path,
-            config.node_id,
-            public_key=public_hex(self.audit_key),
-            follows=config.state_dir / "audit.jsonl",
-        )
+        self.audit, self.audit_key = open_audit(config)
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
@@ -200,6 +194,11 @@ class NodeEngine:
         self.generation.close()
         self.database.close()
         self.audit.close()
+
+    @property
+    def lost_writes(self) -> str | None:
+        """Why the node's database refuses writes until restart (an I/O error), or None."""
+        return self.audit.lost_writes or self.ledger.lost_writes
 
     def checkpoint(self) -> str:
         """Sign the audit log's head now; returns the checkpoint (JSON) to publish."""
@@ -543,7 +542,8 @@ class NodeEngine:
         )
 
     def _reloaded(self, ok: bool, detail: str) -> None:
-        """A newly loaded database was switched to between queries, or refused (audited)."""
+        """A newly loaded database is switched to between queries (audited first: a switch that
+        cannot be audited waits), or refused (audited)."""
         if ok:
             self.audit.write(Event.DATABASE_RELOADED, loaded_at=detail or None)
             log.info("database reloaded", extra={"node": self.config.node_id, "loaded_at": detail})

@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from fedtre.errors import QueryRefused, Refusal
+from fedtre.sqlite_wal import enable_wal
 from node.errors import LedgerUnavailable
 
 NODE_SCOPE = "node"
+_SQLITE_IOERR = 10
 T = TypeVar("T")
 # Told every change of a query id's state inside the transaction that makes it (the audit log
 # lives in the same database: a release's entry commits with its final debit).
@@ -179,13 +181,16 @@ class Ledger:
         self._now = clock  # unix seconds: leases end by it (tests pass a fake clock)
         # Told (durable, seconds) of every write transaction (metrics: ledger write times).
         self.on_write: Callable[[bool, float], None] = lambda durable, seconds: None
+        # An I/O error while writing: final until restart (the kernel reports a lost write to
+        # one fsync only; a later commit that succeeds proves nothing about earlier ones).
+        self.lost_writes: str | None = None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fresh = not path.exists()
             con = self._con()
             if fresh:  # the ledger holds every query id and answer: owner only
                 os.chmod(path, 0o600)
-            con.execute("PRAGMA journal_mode=WAL")
+            enable_wal(con)
             con.execute("BEGIN IMMEDIATE")
             try:
                 _migrate(con)
@@ -482,6 +487,10 @@ class Ledger:
         return _entry(row) if row else None
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T], durable: bool) -> T:
+        if self.lost_writes is not None:
+            raise LedgerUnavailable(
+                f"budget ledger lost writes ({self.lost_writes}): restart the node"
+            )
         con = self._con()
         started = time.perf_counter()
         try:
@@ -495,6 +504,9 @@ class Ledger:
                     con.execute("ROLLBACK")
                 raise
         except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if isinstance(code, int) and code & 0xFF == _SQLITE_IOERR:
+                self.lost_writes = str(exc)
             raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
         with contextlib.suppress(Exception):
             self.on_write(durable, time.perf_counter() - started)

@@ -10,6 +10,7 @@ holds a stream (``node.dial_out``). Both hand every call to the same ``NodeHandl
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import threading
 from collections.abc import Callable
 
@@ -176,10 +177,12 @@ class AuditRecovery:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._since = ""
 
     def failed(self) -> None:
         for h in self.healths:
             h.set(False)
+        self._since = self._since or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
@@ -189,12 +192,15 @@ class AuditRecovery:
 
     def _retry(self) -> None:
         while not self._stop.wait(self.every):
-            since = self.engine.audit.failed_since or ""
+            if self.engine.lost_writes is not None:
+                continue  # final: only a restart serves again
+            since = self._since
             try:
                 self.engine.audit.write(Event.AUDIT_RESUMED, failed_since=since)
             except InternalError:
                 continue
             log.info("audit log writable again: serving", extra={"failed_since": since})
+            self._since = ""
             for h in self.healths:
                 h.set(True)
             return

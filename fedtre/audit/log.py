@@ -42,6 +42,7 @@ from typing import Any
 
 from fedtre.audit.events import Event
 from fedtre.errors import AuditUnavailable
+from fedtre.sqlite_wal import enable_wal
 
 MAX_FIELD_CHARS = 10_000
 _SQLITE_IOERR = 10
@@ -59,7 +60,51 @@ CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_append_only BEFORE INSERT ON audit_log
+    WHEN NEW.seq IS NOT (SELECT coalesce(max(seq), 0) + 1 FROM audit_log)
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+_TRIGGERS = ("audit_log_no_update", "audit_log_no_delete", "audit_log_append_only")
+
+
+def _expected_schema() -> frozenset[tuple[str, str, str]]:
+    con = sqlite3.connect(":memory:")
+    try:
+        for statement in _SCHEMA.split(";\n"):
+            if statement.strip():
+                con.execute(statement)
+        return _schema(con)
+    finally:
+        con.close()
+
+
+def _schema(con: sqlite3.Connection) -> frozenset[tuple[str, str, str]]:
+    """Every object on the audit log's table, and every trigger that names it."""
+    rows = con.execute(
+        "SELECT type, name, coalesce(sql, '') FROM sqlite_master WHERE tbl_name = 'audit_log' "
+        "OR (type = 'trigger' AND lower(sql) LIKE '%audit_log%')"
+    ).fetchall()
+    return frozenset((t, n, " ".join(str(s).split())) for t, n, s in rows)
+
+
+def schema_problem(con: sqlite3.Connection) -> str:
+    """ "" if the audit log's table and triggers are exactly fedtre's; else what differs (a
+    trigger added to drop or rewrite entries, a guard removed)."""
+    found = _schema(con)
+    expected = _EXPECTED
+    extra = sorted(n for _, n, _ in found - expected)
+    missing = sorted(n for _, n, _ in expected - found)
+    if not extra and not missing:
+        return ""
+    parts = []
+    if extra:
+        parts.append(f"unexpected or altered: {', '.join(extra)}")
+    if missing:
+        parts.append(f"missing or altered: {', '.join(missing)}")
+    return "the audit log's schema was changed (" + "; ".join(parts) + ")"
+
+
+_EXPECTED = _expected_schema()
 
 
 def genesis(log_id: str) -> bytes:
@@ -107,12 +152,15 @@ class AuditLog:
             con = self._con()
             if fresh:  # the log holds query text and ids: owner only
                 os.chmod(path, 0o600)
-            con.execute("PRAGMA journal_mode=WAL")
+            enable_wal(con)
             con.execute("BEGIN IMMEDIATE")
             try:
                 for statement in _SCHEMA.split(";\n"):  # (executescript would commit)
                     if statement.strip():
                         con.execute(statement)
+                problem = schema_problem(con)
+                if problem:  # refuse to append to a log that could drop or rewrite entries
+                    raise AuditUnavailable(f"{path}: {problem}")
                 row = con.execute("SELECT value FROM audit_meta WHERE key = 'log_id'").fetchone()
                 if row is None:
                     self.log_id = uuid.uuid4().hex
@@ -153,15 +201,26 @@ class AuditLog:
 
     def append(self, con: sqlite3.Connection, event: Event, **fields: Any) -> int:
         """Append one entry inside ``con``'s open write transaction (same database)."""
+        self._usable()
+        if not con.in_transaction:
+            raise sqlite3.ProgrammingError("an audit entry is appended inside a transaction")
         return self._append(con, event, fields)
 
-    def _own(self, event: Event, fields: dict[str, Any], durable: bool) -> int:
+    def _usable(self) -> None:
         if self._closed:
             raise AuditUnavailable(f"audit log {self.path} is closed")
         if self._final is not None:
             raise AuditUnavailable(
                 f"audit log {self.path} lost writes ({self._final}): restart the service"
             )
+
+    @property
+    def lost_writes(self) -> str | None:
+        """Why the log refuses until restart (an I/O error), or None."""
+        return self._final
+
+    def _own(self, event: Event, fields: dict[str, Any], durable: bool) -> int:
+        self._usable()
         started = time.perf_counter()
         try:
             con = self._con()
@@ -207,10 +266,12 @@ class AuditLog:
             **{k: _bounded(v) for k, v in fields.items()},
         }
         entry = canonical(record)
-        con.execute(
+        cur = con.execute(
             "INSERT INTO audit_log (seq, entry, link) VALUES (?, ?, ?)",
             (seq, entry, link(previous, seq, entry.encode())),
         )
+        if cur.rowcount != 1:  # something (a trigger added behind our back) dropped it
+            raise sqlite3.IntegrityError("the audit entry was not stored")
         return seq
 
     # -- reading ---------------------------------------------------------------------------

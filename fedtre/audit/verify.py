@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedtre.audit.checkpoint import Checkpoint, CheckpointError
 from fedtre.audit.events import Event
-from fedtre.audit.log import genesis
+from fedtre.audit.log import genesis, schema_problem
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ def verify(
         return _verify(con, path, checkpoints, pinned_key)
     except sqlite3.Error as exc:
         return _broken(path, f"cannot read the log: {exc}")
+    except Exception as exc:  # a malformed file is reported, never a crash
+        return _broken(path, f"the log is malformed ({type(exc).__name__})")
     finally:
         con.close()
 
@@ -78,9 +80,12 @@ def _verify(
 ) -> Verification:
     problems: list[Problem] = []
     row = con.execute("SELECT value FROM audit_meta WHERE key = 'log_id'").fetchone()
-    if row is None:
+    if row is None or not isinstance(row[0], str):
         return _broken(path, "the log has no id (not a fedtre audit log, or its header was lost)")
-    log_id = str(row[0])
+    log_id = row[0]
+    altered = schema_problem(con)
+    if altered:
+        problems.append(Problem(None, altered))
     wanted = {c.size for c in checkpoints}
     at: dict[int, bytes] = {}
     previous = start = genesis(log_id)
@@ -90,6 +95,11 @@ def _verify(
     first: dict[str, object] | None = None
     sha256 = hashlib.sha256
     for seq, entry, stored in con.execute("SELECT seq, entry, link FROM audit_log ORDER BY seq"):
+        if type(seq) is not int or not isinstance(entry, str) or not isinstance(stored, bytes):
+            problems.append(
+                Problem(expected, f"entry {expected} is not stored as an entry (wrong types)")
+            )
+            break
         if seq != expected:
             problems.append(
                 Problem(
@@ -109,7 +119,11 @@ def _verify(
                 )
             )
         if seq == 1:
-            first = json.loads(entry)
+            try:
+                parsed = json.loads(entry)
+            except ValueError:
+                parsed = None
+            first = parsed if isinstance(parsed, dict) else {}
         if seq in wanted:
             at[seq] = computed
         previous = computed
@@ -125,6 +139,11 @@ def _verify(
     else:
         actor = str(first.get("node") or first.get("coordinator") or first.get("registry") or "")
         log_key = str(first.get("public_key") or "")
+    if pinned_key is not None and (not log_key or log_key.lower() != pinned_key.lower()):
+        problems.append(
+            Problem(1, "the log names another checkpoint key than the one pinned: replaced")
+        )
+    problems += _releases_without_entries(con)
     matched = 0
     for cp in sorted(checkpoints, key=lambda c: c.size):
         problem = _match(cp, log_id, log_key, size, at.get(cp.size), pinned_key)
@@ -162,7 +181,7 @@ def _match(
             f"{name} is of log {cp.log_id}, this log is {log_id}: the log was replaced or "
             "rewritten from the start",
         )
-    if log_key and cp.public_key.lower() != log_key.lower():
+    if cp.public_key.lower() != log_key.lower():
         return Problem(1, f"{name} was signed with another key than this log names: rewritten")
     if cp.size > size:
         return Problem(
@@ -176,6 +195,33 @@ def _match(
             f"{cp.size} were changed since (rewritten with a new chain, or edited)",
         )
     return None
+
+
+def _releases_without_entries(con: sqlite3.Connection) -> list[Problem]:
+    """A trust's log shares its database with the ledger: every release committed since the
+    log began must have its ``query.released`` entry (they commit in one transaction)."""
+    has_ledger = con.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queries'"
+    ).fetchone()
+    if has_ledger is None:
+        return []
+    missing = con.execute(
+        "SELECT count(*), min(p || '/' || q) FROM ("
+        "SELECT project_id AS p, query_id AS q FROM queries WHERE state = 'committed' "
+        "AND substr(decided_at, 1, 19) >= (SELECT substr(json_extract(entry, '$.ts'), 1, 19) "
+        "FROM audit_log WHERE seq = 1) EXCEPT "
+        "SELECT json_extract(entry, '$.project'), json_extract(entry, '$.query_id') "
+        'FROM audit_log WHERE entry LIKE \'%"event":"query.released"%\' '
+        "AND json_extract(entry, '$.event') = 'query.released')"
+    ).fetchone()
+    if not missing or not missing[0]:
+        return []
+    return [
+        Problem(
+            None,
+            f"{missing[0]} release(s) in the ledger have no audit entry (first: {missing[1]})",
+        )
+    ]
 
 
 def _broken(path: Path, what: str) -> Verification:

@@ -5,6 +5,8 @@ Kept by the committee's secretariat and read by the coordinator (``[governance] 
     <registry>/<project_id>/application.json            the application's exact bytes
     <registry>/<project_id>/statements/<n>-<kind>.json   one signed statement each
     <registry>/<project_id>/superseded/<digest>/...      earlier versions, kept for the record
+    <registry>/audit.sqlite                              every submission and statement, logged
+                                                         (hash-chained) before it is stored
 
 Nothing here is trusted because it is in the directory: every reader verifies signatures
 against its own pinned keys (``fedtre.governance.verify``).
@@ -18,15 +20,25 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtre.audit.events import Event
+from fedtre.audit.log import AuditLog
 from fedtre.errors import ConfigError
 from fedtre.governance.bundle import Bundle
-from fedtre.governance.documents import Application, DocumentError, Kind, Signed, digest
+from fedtre.governance.documents import (
+    Application,
+    DocumentError,
+    Kind,
+    Signed,
+    digest,
+    timestamp,
+)
 from fedtre.pki import write_file
 from fedtre.request import PROJECT_ID
 
 APPLICATION = "application.json"
 STATEMENTS = "statements"
 SUPERSEDED = "superseded"
+AUDIT = "audit.sqlite"  # the registry's audit log
 
 
 class RegistryError(ConfigError):
@@ -51,6 +63,18 @@ class Registry:
         directory = self._dir(application.project_id)
         data = application.to_bytes()
         current = directory / APPLICATION
+        if current.exists() and not replace:
+            raise RegistryError(
+                f"project {application.project_id} has an application already "
+                "(--replace submits a new version; earlier signatures do not carry over)"
+            )
+        self._audit(
+            Event.PROJECT_SUBMITTED,
+            project=application.project_id,
+            application=digest(data),
+            purpose=application.purpose.value,
+            replaces=digest(current.read_bytes()) if current.exists() else None,
+        )
         if current.exists():
             if not replace:
                 raise RegistryError(
@@ -77,8 +101,33 @@ class Registry:
 
     def add(self, project_id: str, signed: Signed) -> Path:
         directory = self._dir(project_id) / STATEMENTS
+        statement = signed.statement()
+        event, extra = {
+            Kind.DECISION: (
+                Event.PROJECT_REVIEWED,
+                {"verdict": statement.verdict.value if statement.verdict else None},
+            ),
+            Kind.REVOCATION: (Event.PROJECT_REVOKED, {}),
+            Kind.PARTICIPATION: (
+                Event.PROJECT_PARTICIPATION,
+                {
+                    "trust": statement.trust,
+                    "participation": (
+                        statement.participation.value if statement.participation else None
+                    ),
+                },
+            ),
+        }.get(statement.kind, (Event.PROJECT_REVIEWED, {}))
+        self._audit(
+            event,
+            project=project_id,
+            application=statement.application,
+            signer_key=signed.key_id,
+            signed_at=timestamp(statement.signed_at),
+            **extra,
+        )
         directory.mkdir(parents=True, exist_ok=True)
-        kind = signed.statement().kind.value.split(".")[1].split("/")[0]
+        kind = statement.kind.value.split(".")[1].split("/")[0]
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         path = directory / f"{stamp}-{kind}-{signed.key_id}.json"
         write_file(path, json.dumps(signed.to_json()).encode(), private=False, overwrite=False)
@@ -122,6 +171,15 @@ class Registry:
                 latest[key] = (statement.signed_at, signed)
         kept = [signed for _, signed in sorted(latest.values(), key=lambda v: v[0])]
         return Bundle(app, tuple(revocations[-8:] + kept))
+
+    def _audit(self, event: Event, **fields: object) -> None:
+        """The registry's own tamper-evident log (``audit.sqlite`` in it), written before the
+        registry changes."""
+        log = AuditLog(self.root / AUDIT, self.root.name or "registry", role="registry")
+        try:
+            log.write(event, **fields)
+        finally:
+            log.close()
 
     def _dir(self, project_id: str) -> Path:
         if not isinstance(project_id, str) or not PROJECT_ID.match(project_id):

@@ -25,6 +25,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedtre.audit.verify import verify
 from fedtre.errors import Refusal
 from fedtre.governance import statements
 from fedtre.governance.bundle import Bundle
@@ -495,6 +496,19 @@ def test_opt_outs_take_effect_from_the_next_query_of_a_running_node(
     )
     assert counts == {"national": 0, "commercial": len(ids), "mental_health": 0}
     _fedtre("node", "optout", "remove", "--config", config, "--kind", "commercial", str(listing))
+    # each change is in the trust's audit log, written before it acted: kind and file digest,
+    # never a person id or how many there were
+    changes = [e for e in fed.audit("trust-a") if e["event"] == "optouts.changed"]
+    assert [(e["kind"], e["action"]) for e in changes] == [
+        ("national", "add"),
+        ("national", "remove"),
+        ("commercial", "add"),
+        ("commercial", "remove"),
+    ]
+    text = json.dumps(changes)
+    assert len({e["file_sha256"] for e in changes}) == 1
+    assert not any(str(i) in text for i in ids) and str(len(ids)) not in text
+    assert verify(fed.audit_path("trust-a")).ok
 
 
 def test_revoked_certificates_are_refused_by_every_node(fed: Federation, tmp_path: Path) -> None:

@@ -100,3 +100,57 @@ def test_a_new_log_names_the_json_lines_log_it_follows(tmp_path: Path) -> None:
     AuditLog(tmp_path / "a.sqlite", "trust-a", follows=old).close()
     first = read_audit(tmp_path / "a.sqlite")[0]
     assert first["follows"]["lines"] == 2 and len(first["follows"]["sha256"]) == 64
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails as a failed fsync does (SQLITE_IOERR_FSYNC)."""
+
+    def __init__(self, con: sqlite3.Connection) -> None:
+        self.con = con
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            exc = sqlite3.OperationalError("disk I/O error")
+            exc.sqlite_errorcode = 1034  # type: ignore[attr-defined]
+            raise exc
+        return self.con.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.con, name)
+
+
+def test_an_io_error_is_final_for_the_log_and_the_ledger(tmp_path: Path) -> None:
+    """The kernel reports a lost write to one fsync only: after an I/O error neither the
+    audit log nor the ledger writes again until the service restarts."""
+    from node.ledger import Ledger, LedgerUnavailable
+
+    log = AuditLog(tmp_path / "ledger.sqlite", "trust-a")
+    real = log._con()
+    log._local.con = _FailingCommit(real)
+    with pytest.raises(AuditUnavailable):
+        log.write(Event.QUERY_RECEIVED)
+    log._local.con = real
+    with pytest.raises(AuditUnavailable, match="restart"):
+        log.write(Event.QUERY_RECEIVED)  # the disk is fine again, but this proves nothing
+    assert log.lost_writes is not None
+    log.close()
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    real = ledger._con()
+    ledger._local.con = _FailingCommit(real)
+    limits = {"node": 10**9}
+    with pytest.raises(LedgerUnavailable):
+        ledger.reserve("p", "q1", "fp", 1, "2026-12-02T00:00:00", limits, 60)
+    ledger._local.con = real
+    with pytest.raises(LedgerUnavailable, match="restart"):
+        ledger.reserve("p", "q2", "fp", 1, "2026-12-02T00:00:00", limits, 60)
+    assert Ledger(tmp_path / "ledger.sqlite").entry("p", "q2") is None  # a restart: fine
+
+
+def test_every_event_kind_is_documented_for_auditors() -> None:
+    from fedtre.audit.events import MEANING
+    from fedtre.audit_cli import events_markdown
+
+    assert set(MEANING) == set(Event)
+    doc = (Path(__file__).parents[2] / "docs" / "AUDIT.md").read_text(encoding="utf-8")
+    assert events_markdown() in doc, "docs/AUDIT.md is stale: regenerate with fedtre audit events"

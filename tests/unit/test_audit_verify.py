@@ -20,6 +20,7 @@ from fedtre.audit.checkpoint import Checkpoint, CheckpointError, public_hex, sig
 from fedtre.audit.events import Event
 from fedtre.audit.log import AuditLog, canonical, genesis, link
 from fedtre.audit.verify import verify
+from fedtre.errors import AuditUnavailable
 
 SIZE = 10_000
 
@@ -58,8 +59,11 @@ def _tamper(path: Path, change: Callable[[sqlite3.Connection], None], relink: bo
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA synchronous=OFF")
     con.execute("BEGIN")
-    con.execute("DROP TRIGGER audit_log_no_update")
-    con.execute("DROP TRIGGER audit_log_no_delete")
+    guards = con.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_log'"
+    ).fetchall()
+    for name, _ in guards:
+        con.execute(f"DROP TRIGGER {name}")
     change(con)
     if relink:
         log_id = con.execute("SELECT value FROM audit_meta WHERE key = 'log_id'").fetchone()[0]
@@ -68,6 +72,8 @@ def _tamper(path: Path, change: Callable[[sqlite3.Connection], None], relink: bo
         for seq, entry in rows:
             previous = link(previous, seq, entry.encode())
             con.execute("UPDATE audit_log SET link = ? WHERE seq = ?", (previous, seq))
+    for _, sql in guards:  # a careful attacker puts the guards back
+        con.execute(sql)
     con.execute("COMMIT")
     con.close()
 
@@ -206,3 +212,71 @@ def test_without_a_checkpoint_an_edit_is_still_found_by_its_link(
     _tamper(path, _modify, relink=False)
     found = verify(path)
     assert [p.seq for p in found.problems][:1] == [5000]
+
+
+def test_a_trigger_that_drops_entries_is_refused_and_found(
+    log_copy: tuple[Path, Checkpoint],
+) -> None:
+    """An attacker adds a trigger that silently skips every release entry (and keeps the
+    guards): the log refuses to be written to, and verify names the change."""
+    path, checkpoint = log_copy
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TRIGGER audit_log_index BEFORE INSERT ON audit_log "
+        "WHEN json_extract(NEW.entry, '$.event') = 'query.released' "
+        "BEGIN SELECT RAISE(IGNORE); END"
+    )
+    con.commit()
+    con.close()
+    found = verify(path, [checkpoint])
+    assert not found.ok and "schema was changed" in found.problems[0].what
+    with pytest.raises(AuditUnavailable, match="schema was changed"):
+        AuditLog(path, "trust-a")
+
+
+def test_insert_or_replace_cannot_rewrite_an_entry(log_copy: tuple[Path, Checkpoint]) -> None:
+    path, _ = log_copy
+    con = sqlite3.connect(path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        con.execute(
+            "INSERT OR REPLACE INTO audit_log (seq, entry, link) VALUES (5000, '{}', x'00')"
+        )
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):  # only the next seq
+        con.execute("INSERT INTO audit_log (seq, entry, link) VALUES (99999, '{}', x'00')")
+    con.close()
+
+
+def test_a_pinned_key_is_checked_without_a_checkpoint(
+    log_copy: tuple[Path, Checkpoint], tmp_path: Path
+) -> None:
+    path, checkpoint = log_copy
+    assert verify(path, pinned_key=checkpoint.public_key).ok
+    assert not verify(path, pinned_key="00").ok
+    other = AuditLog(tmp_path / "other.sqlite", "trust-a", public_key="ab" * 32)
+    other.close()
+    assert not verify(tmp_path / "other.sqlite", pinned_key=checkpoint.public_key).ok
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE audit_log SET entry = 'not json' WHERE seq = 1",
+        "UPDATE audit_log SET entry = '[1, 2]' WHERE seq = 1",
+        "UPDATE audit_log SET entry = CAST(entry AS BLOB) WHERE seq = 3",
+        "UPDATE audit_log SET seq = -5 WHERE seq = 4",
+        "UPDATE audit_log SET seq = seq + 20000 WHERE seq = 7",
+        "UPDATE audit_log SET link = 'text' WHERE seq = 8",
+    ],
+)
+def test_malformed_logs_are_reported_not_crashed_on(
+    log_copy: tuple[Path, Checkpoint], change: str
+) -> None:
+    path, checkpoint = log_copy
+    con = sqlite3.connect(path)
+    for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        con.execute(f"DROP TRIGGER {name}")
+    con.execute(change)
+    con.commit()
+    con.close()
+    found = verify(path, [checkpoint])
+    assert not found.ok and found.problems

@@ -1,0 +1,46 @@
+"""The node's audit log: in the ledger's database, with the node's checkpoint key. The server
+and the command-line tools (opt-outs, disputes, imported approvals) append to the same log."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex
+from fedtre.audit.events import Event
+from fedtre.audit.log import AuditLog
+from node.config import NodeConfig
+
+
+def open_audit(config: NodeConfig) -> tuple[AuditLog, Ed25519PrivateKey]:
+    key = load_or_create_key(config.state_dir / KEY_FILE)
+    log = AuditLog(
+        config.audit_path,
+        config.node_id,
+        public_key=public_hex(key),
+        follows=config.state_dir / "audit.jsonl",
+    )
+    return log, key
+
+
+def record(config: NodeConfig, event: Event, **fields: Any) -> None:
+    """One durable entry from a command-line tool, written before it acts (it raises, and the
+    tool does nothing, if the log cannot be written)."""
+    log, _ = open_audit(config)
+    try:
+        log.write(event, operator=f"local:{getpass.getuser()}", **fields)
+    finally:
+        log.close()
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file: names an imported list without saying anything it holds."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
