@@ -22,6 +22,7 @@ from fedtre.serde.common import MAX_REQUEST_BYTES, MAX_RESULT_BYTES
 from fedtre.serde.node import (
     budget_request_to_proto,
     decision_to_proto,
+    describe_request_to_proto,
     description_from_proto,
     node_outcome_from_proto,
     prepare_request_to_proto,
@@ -81,9 +82,9 @@ class DialInLink:
         message = budget_request_to_proto(project_id)
         return self._reply(lambda: self._stub.Budget(message, timeout=timeout), "")
 
-    def describe(self, timeout: float) -> NodeDescription:
+    def describe(self, timeout: float, checkpoints: tuple[str, ...] = ()) -> NodeDescription:
         try:
-            reply = self._stub.Describe(npb.DescribeRequest(), timeout=timeout)
+            reply = self._stub.Describe(describe_request_to_proto(checkpoints), timeout=timeout)
             return description_from_proto(reply)
         except grpc.RpcError as exc:
             raise LinkDown(failure_from(exc).message) from None

@@ -270,11 +270,13 @@ class DialOutLink:
             lambda i: LinkRequest(i, Call.BUDGET, timeout, project_id=project_id), timeout, ""
         )
 
-    def describe(self, timeout: float) -> NodeDescription:
+    def describe(self, timeout: float, checkpoints: tuple[str, ...] = ()) -> NodeDescription:
         session = self._hub.session(self.node_id)
         if session is None:
             raise LinkDown(NOT_CONNECTED)
-        reply = session.call(lambda i: LinkRequest(i, Call.DESCRIBE, timeout), timeout)
+        reply = session.call(
+            lambda i: LinkRequest(i, Call.DESCRIBE, timeout, checkpoints=checkpoints), timeout
+        )
         if isinstance(reply, str) or reply.description is None:
             raise LinkDown(reply if isinstance(reply, str) else "sent no description")
         return reply.description

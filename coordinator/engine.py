@@ -16,14 +16,12 @@ A retry with the same query id replays every committed answer: same numbers, no 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 from coordinator.combine import CombineError, combine
 from coordinator.config import CoordinatorConfig, Project
@@ -31,17 +29,11 @@ from coordinator.fanout import Trusts
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from coordinator.projects import ProjectBook
 from fedtre import logs
-from fedtre.audit.checkpoint import (
-    KEY_FILE,
-    Checkpoint,
-    CheckpointError,
-    load_or_create_key,
-    public_hex,
-    sign_checkpoint,
-)
+from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex, sign_checkpoint
 from fedtre.audit.events import Event
-from fedtre.audit.log import AuditLog, entries
+from fedtre.audit.log import AuditLog
 from fedtre.audit.records import coordinator_release
+from fedtre.audit.witness import Witness
 from fedtre.catalog import Catalog
 from fedtre.dp import epsilon_to_units, units_to_epsilon
 from fedtre.errors import QueryRefused, Refusal, UserError
@@ -85,7 +77,8 @@ class CoordinatorEngine:
             follows=config.state_dir / "audit.jsonl",
         )
         self.audit.write(Event.COORDINATOR_STARTED, catalog_version=config.catalog.version)
-        self._witnessed = _witnessed(config.audit_path)
+        self.witnessed = Witness(self.audit)
+        self._own_checkpoint: tuple[float, str] | None = None
         self.checkpoint()
 
     def on_close(self, hook: Callable[[], None]) -> None:
@@ -104,31 +97,20 @@ class CoordinatorEngine:
         return sign_checkpoint(self.audit, self.audit_key).to_json()
 
     def witness(self, trust: str, text: str) -> str:
-        """Keep a trust's signed audit checkpoint in this log, and compare it with the last
-        one kept: a trust whose log was replaced (another id or key), truncated, or rewritten
-        at the same size is reported (operators' log and this audit log). Returns the problem
-        ("" if none). Proving that a prefix was rewritten needs the log itself (``fedtre audit
-        verify`` with the checkpoints kept here)."""
-        problem = ""
-        try:
-            cp = Checkpoint.from_json(text)
-            cp.check()
-        except CheckpointError as exc:
-            problem = f"the trust's audit checkpoint does not verify: {exc}"
-        else:
-            before = self._witnessed.get(trust)
-            if cp.actor != trust:
-                problem = f"the checkpoint is of another actor's log ({cp.actor[:64]})"
-            elif before is not None:
-                problem = _regression(before, cp)
-            if not problem:
-                self._witnessed[trust] = cp
-        self.audit.note(
-            Event.CHECKPOINT_WITNESSED, trust=trust, checkpoint=text, problem=problem or None
-        )
-        if problem:
-            log.error("trust audit log regressed", extra={"node": trust, "problem": problem})
-        return problem
+        """Keep a trust's signed audit checkpoint in this log; returns the problem ("" if
+        none): a trust whose log was replaced, shrank, or was rewritten at the same size."""
+        seen = self.witnessed.see(text, expected_actor=trust)
+        if seen.problem:
+            log.error("trust audit log regressed", extra={"node": trust, "problem": seen.problem})
+        return seen.problem
+
+    def shared_checkpoints(self, trust: str = "") -> tuple[str, ...]:
+        """Sent with each Describe: this coordinator's checkpoint, signed now at most once a
+        minute, and the newest it holds of every trust (each trust keeps them all)."""
+        now = time.monotonic()
+        if self._own_checkpoint is None or now - self._own_checkpoint[0] >= 60.0:
+            self._own_checkpoint = (now, self.checkpoint())
+        return self.witnessed.shared(self._own_checkpoint[1], exclude=trust)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -376,27 +358,6 @@ class CoordinatorEngine:
             project.trusts, project.project_id, self.config.deadline_seconds
         )
         return project, [_trust(o) for o in replies]
-
-
-def _witnessed(path: Path) -> dict[str, Checkpoint]:
-    """The last good checkpoint kept of each trust (from this coordinator's own log)."""
-    kept: dict[str, Checkpoint] = {}
-    for e in entries(path, (Event.CHECKPOINT_WITNESSED,)):
-        if e.get("problem"):
-            continue
-        with contextlib.suppress(CheckpointError):
-            kept[str(e.get("trust", ""))] = Checkpoint.from_json(str(e.get("checkpoint", "")))
-    return kept
-
-
-def _regression(before: Checkpoint, now: Checkpoint) -> str:
-    if now.log_id != before.log_id or now.public_key != before.public_key:
-        return "the trust's audit log was replaced (another log id or key than before)"
-    if now.size < before.size:
-        return f"the trust's audit log shrank from {before.size} to {now.size} entries"
-    if now.size == before.size and now.head != before.head:
-        return "the trust's audit log was rewritten (same size, another head)"
-    return ""
 
 
 def _approval_digest(approval: bytes) -> str:

@@ -30,8 +30,9 @@ class TrustLink(Protocol):
 
     def budget(self, project_id: str, timeout: float) -> NodeOutcome: ...
 
-    def describe(self, timeout: float) -> NodeDescription:
-        """Raises ``LinkDown`` when the trust cannot be asked."""
+    def describe(self, timeout: float, checkpoints: tuple[str, ...] = ()) -> NodeDescription:
+        """Raises ``LinkDown`` when the trust cannot be asked. ``checkpoints``: signed audit
+        checkpoints for the trust to keep."""
         ...
 
     def reachable(self) -> bool:

@@ -43,7 +43,9 @@ LINK_SERVICE = "fedtre.v2.TrustLinkService"
 INSECURE_RESEARCHER = "dev"
 MONITOR_SECONDS = 2.0
 DESCRIBE_SECONDS = 3.0
-WITNESS_SECONDS = 60.0  # each trust is described (and its audit checkpoint kept) this often
+# Each trust is described this often: its audit checkpoint is kept here, and it keeps the
+# coordinator's and the other trusts' (an entry or two in each log per look).
+WITNESS_SECONDS = 300.0
 AUDITED_REQUEST_BYTES = 1024 * 1024
 
 
@@ -124,7 +126,13 @@ def create_server(
     address = bound_address(config.listen, port)
     engine.audit.write(Event.COORDINATOR_SERVING, address=address, tls=not insecure)
     monitor = TrustMonitor(
-        config, engine.trusts, links, health, engine.book, witness=engine.witness
+        config,
+        engine.trusts,
+        links,
+        health,
+        engine.book,
+        witness=engine.witness,
+        share=engine.shared_checkpoints,
     )
     monitors.append(monitor)
     running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
@@ -166,9 +174,11 @@ class TrustMonitor:
         health: Health,
         book: ProjectBook | None = None,
         witness: Callable[[str, str], object] = lambda trust, checkpoint: None,
+        share: Callable[[str], tuple[str, ...]] = lambda trust: (),
     ) -> None:
         self.config = config
         self.witness = witness  # keeps each trust's signed audit checkpoint
+        self.share = share  # checkpoints for each trust to keep
         self._described_at: dict[str, float] = {}
         self.book = book or ProjectBook(config)
         self.trusts = trusts
@@ -207,7 +217,7 @@ class TrustMonitor:
             due = last is None or time.monotonic() - last >= WITNESS_SECONDS
             if reachable and (not self.up.get(nid) or due):  # (re)appeared, or time to look
                 try:
-                    description = link.describe(DESCRIBE_SECONDS)
+                    description = link.describe(DESCRIBE_SECONDS, self.share(nid))
                     self._described_at[nid] = time.monotonic()
                     self.trusts.described[nid] = description
                     if description.audit_checkpoint:

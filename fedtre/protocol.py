@@ -134,6 +134,7 @@ class LinkRequest:
     decision: Decision | None = None  # commit and abort
     project_id: str = ""  # budget
     sequence: int = 0  # heartbeat
+    checkpoints: tuple[str, ...] = ()  # describe: audit checkpoints for the trust to keep
 
 
 @dataclass(frozen=True)

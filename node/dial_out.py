@@ -233,7 +233,8 @@ class DialOut:
             reply = LinkReply(request.call_id, outcome=h.budget(request.project_id, caller))
         elif request.call is Call.DESCRIBE:
             try:
-                reply = LinkReply(request.call_id, description=h.describe(caller))
+                described = h.describe(caller, request.checkpoints)
+                reply = LinkReply(request.call_id, description=described)
             except Exception:  # the audit log failed: the coordinator sees no description
                 return
         else:

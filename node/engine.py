@@ -48,6 +48,7 @@ from fedtre import logs
 from fedtre.audit.checkpoint import sign_checkpoint
 from fedtre.audit.events import Event
 from fedtre.audit.records import trust_release
+from fedtre.audit.witness import Witness
 from fedtre.dp import units_to_epsilon
 from fedtre.errors import AuditUnavailable, InternalError, QueryRefused, Refusal, UserError
 from fedtre.request import QueryRequest, check_ids
@@ -135,6 +136,8 @@ class NodeEngine:
         self.catalog = config.catalog
         self.serving = serving
         self.audit, self.audit_key = open_audit(config)
+        # other services' audit checkpoints: each checked, one per service an hour recorded
+        self.witnessed = Witness(self.audit, record_every=3600.0)
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
@@ -441,9 +444,21 @@ class NodeEngine:
             )
         time.sleep(max(0.0, received + slots * slot - time.monotonic()))
 
-    def describe(self, caller: str) -> Mapping[str, ProjectPolicy]:
-        """Audited: the projects this trust serves, by id."""
+    def describe(
+        self, caller: str, checkpoints: tuple[str, ...] = ()
+    ) -> Mapping[str, ProjectPolicy]:
+        """Audited: the projects this trust serves, by id. ``checkpoints`` (the coordinator's
+        audit checkpoint and those it holds of other trusts) are kept in this trust's log."""
         self.audit.write(Event.NODE_DESCRIBED, caller=caller)
+        for text in checkpoints:
+            seen = self.witnessed.see(text)
+            if seen.actor == self.config.node_id:
+                continue  # its own: kept, nothing to compare against here
+            if seen.problem:
+                log.error(
+                    "another service's audit log regressed",
+                    extra={"actor": seen.actor[:64], "problem": seen.problem},
+                )
         return self.projects.held()
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:

@@ -158,8 +158,8 @@ class NodeHandler:
             OutcomeKind.BUDGET, self.node_id, project_id, budget=self._budget(status)
         )
 
-    def describe(self, caller: str) -> NodeDescription:
-        projects = self.engine.describe(caller)
+    def describe(self, caller: str, checkpoints: tuple[str, ...] = ()) -> NodeDescription:
+        projects = self.engine.describe(caller, checkpoints)
         catalog = self.engine.catalog
         scopes = tuple(
             ProjectScope(

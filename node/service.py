@@ -16,6 +16,7 @@ import grpc
 from fedtre.serde.node import (
     budget_request_from_proto,
     decision_from_proto,
+    describe_request_from_proto,
     description_to_proto,
     node_outcome_to_proto,
     prepare_request_from_proto,
@@ -56,7 +57,9 @@ class NodeServicer(node_pb2_grpc.NodeServiceServicer):
         self, request: npb.DescribeRequest, context: grpc.ServicerContext
     ) -> npb.NodeDescription:
         try:
-            description = self.handler.describe(self._caller(context))
+            description = self.handler.describe(
+                self._caller(context), describe_request_from_proto(request)
+            )
         except Exception as exc:  # the audit log failed: nothing is described
             abort(context, exc)
         return description_to_proto(description)

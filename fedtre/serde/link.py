@@ -13,6 +13,8 @@ from fedtre.serde.node import (
     budget_request_to_proto,
     decision_from_proto,
     decision_to_proto,
+    describe_request_from_proto,
+    describe_request_to_proto,
     description_from_proto,
     description_to_proto,
     node_outcome_from_proto,
@@ -21,7 +23,6 @@ from fedtre.serde.node import (
     prepare_request_to_proto,
 )
 from fedtre.v2 import link_pb2 as lpb
-from fedtre.v2 import node_pb2 as npb
 
 
 def link_request_to_proto(r: LinkRequest) -> lpb.CoordinatorToNode:
@@ -36,7 +37,7 @@ def link_request_to_proto(r: LinkRequest) -> lpb.CoordinatorToNode:
     elif r.call is Call.BUDGET:
         msg.budget.CopyFrom(budget_request_to_proto(r.project_id))
     elif r.call is Call.DESCRIBE:
-        msg.describe.CopyFrom(npb.DescribeRequest())
+        msg.describe.CopyFrom(describe_request_to_proto(r.checkpoints))
     elif r.call is Call.CANCEL:
         msg.cancel.CopyFrom(lpb.Cancel())
     else:
@@ -59,7 +60,8 @@ def link_request_from_proto(msg: lpb.CoordinatorToNode) -> LinkRequest:
         project_id = budget_request_from_proto(msg.budget)
         return LinkRequest(call_id, Call.BUDGET, left, project_id=project_id)
     if which == "describe":
-        return LinkRequest(call_id, Call.DESCRIBE, left)
+        checkpoints = describe_request_from_proto(msg.describe)
+        return LinkRequest(call_id, Call.DESCRIBE, left, checkpoints=checkpoints)
     if which == "cancel":
         return LinkRequest(call_id, Call.CANCEL)
     if which == "heartbeat":

@@ -167,6 +167,15 @@ def node_outcome_from_proto(msg: npb.NodeReply) -> NodeOutcome:
 
 
 MAX_CHECKPOINT = 4096  # a signed audit checkpoint is about 600 characters
+MAX_SHARED_CHECKPOINTS = 64
+
+
+def describe_request_to_proto(checkpoints: tuple[str, ...]) -> npb.DescribeRequest:
+    return npb.DescribeRequest(audit_checkpoints=list(checkpoints[:MAX_SHARED_CHECKPOINTS]))
+
+
+def describe_request_from_proto(msg: npb.DescribeRequest) -> tuple[str, ...]:
+    return tuple(c[:MAX_CHECKPOINT] for c in msg.audit_checkpoints[:MAX_SHARED_CHECKPOINTS])
 
 
 def description_to_proto(description: NodeDescription) -> npb.NodeDescription:

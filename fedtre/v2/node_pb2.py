@@ -26,15 +26,15 @@ _sym_db = _symbol_database.Default()
 from fedtre.v2 import common_pb2 as fedtre_dot_v2_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66\x65\x64tre/v2/node.proto\x12\tfedtre.v2\x1a\x16\x66\x65\x64tre/v2/common.proto\"\xa8\x01\n\x0ePrepareRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x15\n\repsilon_units\x18\x04 \x01(\x04\x12\x12\n\nresearcher\x18\x05 \x01(\t\x12\x10\n\x08\x61pproval\x18\x06 \x01(\x0c\x12&\n\x06signed\x18\x07 \x01(\x0b\x32\x16.fedtre.v2.SignedQuery\"7\n\x0f\x44\x65\x63isionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"#\n\rBudgetRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"t\n\nNodeBudget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_units\x18\x03 \x01(\x04\x12\x13\n\x0bspent_units\x18\x04 \x01(\x04\x12\x17\n\x0fremaining_units\x18\x05 \x01(\x04\"\xa8\x02\n\tNodeReply\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.fedtre.v2.Outcome\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x10\n\x08query_id\x18\x04 \x01(\t\x12\x15\n\repsilon_units\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12%\n\x06result\x18\x07 \x01(\x0b\x32\x15.fedtre.v2.NodeResult\x12#\n\x07refusal\x18\x08 \x01(\x0e\x32\x12.fedtre.v2.Refusal\x12\x0e\n\x06reason\x18\t \x01(\t\x12%\n\x06\x62udget\x18\n \x01(\x0b\x32\x15.fedtre.v2.NodeBudget\x12\x13\n\x0bhandling_ms\x18\x0b \x01(\x01\"\xab\x01\n\x0fNodeDescription\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61talog_digest\x18\x03 \x01(\t\x12\x13\n\x0bproject_ids\x18\x04 \x03(\t\x12\'\n\x06scopes\x18\x05 \x03(\x0b\x32\x17.fedtre.v2.ProjectScope\x12\x18\n\x10\x61udit_checkpoint\x18\x06 \x01(\t\"u\n\x0cProjectScope\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05views\x18\x02 \x03(\t\x12\x10\n\x08max_tier\x18\x03 \x01(\t\x12\x13\n\x0btotal_units\x18\x04 \x01(\x04\x12\x1b\n\x13max_units_per_query\x18\x05 \x01(\x04*\xa1\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_PREPARED\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03\x12\x12\n\x0eOUTCOME_BUDGET\x10\x04\x12\x13\n\x0fOUTCOME_REFUSED\x10\x05\x12\x12\n\x0eOUTCOME_FAILED\x10\x06\x32\xbe\x02\n\x0bNodeService\x12:\n\x07Prepare\x12\x19.fedtre.v2.PrepareRequest\x1a\x14.fedtre.v2.NodeReply\x12:\n\x06\x43ommit\x12\x1a.fedtre.v2.DecisionRequest\x1a\x14.fedtre.v2.NodeReply\x12\x39\n\x05\x41\x62ort\x12\x1a.fedtre.v2.DecisionRequest\x1a\x14.fedtre.v2.NodeReply\x12\x38\n\x06\x42udget\x12\x18.fedtre.v2.BudgetRequest\x1a\x14.fedtre.v2.NodeReply\x12\x42\n\x08\x44\x65scribe\x12\x1a.fedtre.v2.DescribeRequest\x1a\x1a.fedtre.v2.NodeDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66\x65\x64tre/v2/node.proto\x12\tfedtre.v2\x1a\x16\x66\x65\x64tre/v2/common.proto\"\xa8\x01\n\x0ePrepareRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x0b\n\x03sql\x18\x03 \x01(\t\x12\x15\n\repsilon_units\x18\x04 \x01(\x04\x12\x12\n\nresearcher\x18\x05 \x01(\t\x12\x10\n\x08\x61pproval\x18\x06 \x01(\x0c\x12&\n\x06signed\x18\x07 \x01(\x0b\x32\x16.fedtre.v2.SignedQuery\"7\n\x0f\x44\x65\x63isionRequest\x12\x10\n\x08query_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\"#\n\rBudgetRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\",\n\x0f\x44\x65scribeRequest\x12\x19\n\x11\x61udit_checkpoints\x18\x01 \x03(\t\"t\n\nNodeBudget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x13\n\x0btotal_units\x18\x03 \x01(\x04\x12\x13\n\x0bspent_units\x18\x04 \x01(\x04\x12\x17\n\x0fremaining_units\x18\x05 \x01(\x04\"\xa8\x02\n\tNodeReply\x12#\n\x07outcome\x18\x01 \x01(\x0e\x32\x12.fedtre.v2.Outcome\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x12\n\nproject_id\x18\x03 \x01(\t\x12\x10\n\x08query_id\x18\x04 \x01(\t\x12\x15\n\repsilon_units\x18\x05 \x01(\x04\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12%\n\x06result\x18\x07 \x01(\x0b\x32\x15.fedtre.v2.NodeResult\x12#\n\x07refusal\x18\x08 \x01(\x0e\x32\x12.fedtre.v2.Refusal\x12\x0e\n\x06reason\x18\t \x01(\t\x12%\n\x06\x62udget\x18\n \x01(\x0b\x32\x15.fedtre.v2.NodeBudget\x12\x13\n\x0bhandling_ms\x18\x0b \x01(\x01\"\xab\x01\n\x0fNodeDescription\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x61talog_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63\x61talog_digest\x18\x03 \x01(\t\x12\x13\n\x0bproject_ids\x18\x04 \x03(\t\x12\'\n\x06scopes\x18\x05 \x03(\x0b\x32\x17.fedtre.v2.ProjectScope\x12\x18\n\x10\x61udit_checkpoint\x18\x06 \x01(\t\"u\n\x0cProjectScope\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\r\n\x05views\x18\x02 \x03(\t\x12\x10\n\x08max_tier\x18\x03 \x01(\t\x12\x13\n\x0btotal_units\x18\x04 \x01(\x04\x12\x1b\n\x13max_units_per_query\x18\x05 \x01(\x04*\xa1\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10OUTCOME_PREPARED\x10\x01\x12\x15\n\x11OUTCOME_COMMITTED\x10\x02\x12\x13\n\x0fOUTCOME_ABORTED\x10\x03\x12\x12\n\x0eOUTCOME_BUDGET\x10\x04\x12\x13\n\x0fOUTCOME_REFUSED\x10\x05\x12\x12\n\x0eOUTCOME_FAILED\x10\x06\x32\xbe\x02\n\x0bNodeService\x12:\n\x07Prepare\x12\x19.fedtre.v2.PrepareRequest\x1a\x14.fedtre.v2.NodeReply\x12:\n\x06\x43ommit\x12\x1a.fedtre.v2.DecisionRequest\x1a\x14.fedtre.v2.NodeReply\x12\x39\n\x05\x41\x62ort\x12\x1a.fedtre.v2.DecisionRequest\x1a\x14.fedtre.v2.NodeReply\x12\x38\n\x06\x42udget\x12\x18.fedtre.v2.BudgetRequest\x1a\x14.fedtre.v2.NodeReply\x12\x42\n\x08\x44\x65scribe\x12\x1a.fedtre.v2.DescribeRequest\x1a\x1a.fedtre.v2.NodeDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtre.v2.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1054
-  _globals['_OUTCOME']._serialized_end=1215
+  _globals['_OUTCOME']._serialized_start=1081
+  _globals['_OUTCOME']._serialized_end=1242
   _globals['_PREPAREREQUEST']._serialized_start=60
   _globals['_PREPAREREQUEST']._serialized_end=228
   _globals['_DECISIONREQUEST']._serialized_start=230
@@ -42,15 +42,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETREQUEST']._serialized_start=287
   _globals['_BUDGETREQUEST']._serialized_end=322
   _globals['_DESCRIBEREQUEST']._serialized_start=324
-  _globals['_DESCRIBEREQUEST']._serialized_end=341
-  _globals['_NODEBUDGET']._serialized_start=343
-  _globals['_NODEBUDGET']._serialized_end=459
-  _globals['_NODEREPLY']._serialized_start=462
-  _globals['_NODEREPLY']._serialized_end=758
-  _globals['_NODEDESCRIPTION']._serialized_start=761
-  _globals['_NODEDESCRIPTION']._serialized_end=932
-  _globals['_PROJECTSCOPE']._serialized_start=934
-  _globals['_PROJECTSCOPE']._serialized_end=1051
-  _globals['_NODESERVICE']._serialized_start=1218
-  _globals['_NODESERVICE']._serialized_end=1536
+  _globals['_DESCRIBEREQUEST']._serialized_end=368
+  _globals['_NODEBUDGET']._serialized_start=370
+  _globals['_NODEBUDGET']._serialized_end=486
+  _globals['_NODEREPLY']._serialized_start=489
+  _globals['_NODEREPLY']._serialized_end=785
+  _globals['_NODEDESCRIPTION']._serialized_start=788
+  _globals['_NODEDESCRIPTION']._serialized_end=959
+  _globals['_PROJECTSCOPE']._serialized_start=961
+  _globals['_PROJECTSCOPE']._serialized_end=1078
+  _globals['_NODESERVICE']._serialized_start=1245
+  _globals['_NODESERVICE']._serialized_end=1563
 # @@protoc_insertion_point(module_scope)

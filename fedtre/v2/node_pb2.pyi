@@ -59,8 +59,10 @@ class BudgetRequest(_message.Message):
     def __init__(self, project_id: _Optional[str] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("audit_checkpoints",)
+    AUDIT_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    audit_checkpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, audit_checkpoints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeBudget(_message.Message):
     __slots__ = ("node_id", "project_id", "total_units", "spent_units", "remaining_units")

@@ -128,6 +128,18 @@ def test_the_audit_logs_reconcile_verify_and_witness_each_other(fed: Federation)
         kept = [Checkpoint.from_json(e["checkpoint"]) for e in witnessed if e["trust"] == name]
         assert kept and not any(e.get("problem") for e in witnessed)
         assert verify(path, kept).ok
+    # ... and each trust keeps the coordinator's, and the other trusts' it was sent
+    held: dict[str, list[Checkpoint]] = {}
+    for path in trusts:
+        for e in entries(path, (Event.CHECKPOINT_WITNESSED,)):
+            assert not e.get("problem"), e
+            cp = Checkpoint.from_json(e["checkpoint"])
+            held.setdefault(cp.actor, []).append(cp)
+    hub_id = fed.audit("coordinator")[0]["coordinator"]
+    assert hub_id in held and set(held) - {hub_id}, held.keys()
+    logs = {hub_id: hub, **dict(zip(fed.nodes, trusts, strict=True))}
+    for actor, cps in held.items():
+        assert verify(logs[actor], cps).ok, actor
     cli = [sys.executable, "-m", "fedtre.cli", "audit"]
     rec = subprocess.run(
         [*cli, "reconcile", "--coordinator", str(hub), *[f"--trust={t}" for t in trusts]],

@@ -46,7 +46,7 @@ class FakeLink:
     def budget(self, project_id: str, timeout: float) -> NodeOutcome:
         raise AssertionError("not used")
 
-    def describe(self, timeout: float) -> NodeDescription:
+    def describe(self, timeout: float, checkpoints: tuple[str, ...] = ()) -> NodeDescription:
         self.asked.append("describe")
         if not self.up:
             raise LinkDown("down")
