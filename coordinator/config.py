@@ -7,6 +7,7 @@ may ask; every node still checks the project, scope and budget itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -22,7 +23,14 @@ from fedtre.dp import MAX_EPSILON, epsilon_to_units
 from fedtre.errors import QueryRefused
 from fedtre.governance.policy import Committee, load_committee
 from fedtre.request import PROJECT_ID
-from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
+from fedtre.settings import (
+    check_keys,
+    parse_listen,
+    parse_metrics,
+    read_toml,
+    resolve_path,
+    settings_digest,
+)
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 
@@ -75,6 +83,8 @@ class CoordinatorConfig:
     metrics_listen: str = ""  # /metrics and /healthz on a local port, no TLS ("" = off)
     governance: GovernanceSources | None = None  # None: hand-kept [projects] (development)
     crl: Path | None = None  # the federation's certificate revocation list (fedtre pki crl)
+    # SHA-256 of the settings as read (canonical JSON): the audit log records a change of it
+    config_digest: str = ""
 
     @property
     def audit_path(self) -> Path:
@@ -84,7 +94,8 @@ class CoordinatorConfig:
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
     path = Path(path)
     data = read_toml(path, "coordinator config")
-    return parse_coordinator_config(data, base_dir=path.parent, source=str(path))
+    config = parse_coordinator_config(data, base_dir=path.parent, source=str(path))
+    return dataclasses.replace(config, config_digest=settings_digest(data))
 
 
 def parse_coordinator_config(

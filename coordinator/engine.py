@@ -76,7 +76,11 @@ class CoordinatorEngine:
             public_key=public_hex(self.audit_key),
             follows=config.state_dir / "audit.jsonl",
         )
-        self.audit.write(Event.COORDINATOR_STARTED, catalog_version=config.catalog.version)
+        self.audit.started(
+            Event.COORDINATOR_STARTED,
+            catalog_version=config.catalog.version,
+            config_sha256=config.config_digest,
+        )
         self.witnessed = Witness(self.audit)
         self._own_checkpoint: tuple[float, str] | None = None
         self.checkpoint()

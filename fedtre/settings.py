@@ -6,6 +6,8 @@ relative paths are relative to the file that names them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -60,3 +62,9 @@ def parse_metrics(data: Mapping[str, Any], source: str) -> str:
         raise ConfigError(f"{source}: [metrics] must be a table")
     check_keys(spec, f"{source}: metrics", {"listen"}, {"listen"})
     return parse_listen(spec["listen"], f"{source}: metrics.listen")
+
+
+def settings_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 of settings as read (canonical JSON): names a configuration without showing it."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -7,6 +7,7 @@ here by the trust itself, and the node is authoritative for them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -24,7 +25,14 @@ from fedtre.governance.keys import PublicKey
 from fedtre.governance.policy import Committee, load_committee
 from fedtre.governance.verify import TrustPolicy
 from fedtre.request import PROJECT_ID
-from fedtre.settings import check_keys, parse_listen, parse_metrics, read_toml, resolve_path
+from fedtre.settings import (
+    check_keys,
+    parse_listen,
+    parse_metrics,
+    read_toml,
+    resolve_path,
+    settings_digest,
+)
 from node.memory import MEMORY_LIMIT_PATTERN
 
 NODE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
@@ -108,6 +116,8 @@ class NodeConfig:
     metrics_listen: str = ""
     # Signed approvals (governance); None: the hand-kept [projects.*] above (development only).
     governance: GovernanceSettings | None = None
+    # SHA-256 of the settings as read (canonical JSON): the audit log records a change of it
+    config_digest: str = ""
 
     @property
     def ledger_path(self) -> Path:
@@ -123,7 +133,8 @@ class NodeConfig:
 def load_node_config(path: Path | str) -> NodeConfig:
     path = Path(path)
     data = read_toml(path, "node config")
-    return parse_node_config(data, base_dir=path.parent, source=str(path))
+    config = parse_node_config(data, base_dir=path.parent, source=str(path))
+    return dataclasses.replace(config, config_digest=settings_digest(data))
 
 
 def parse_node_config(data: Mapping[str, Any], base_dir: Path, source: str) -> NodeConfig:

@@ -157,7 +157,11 @@ class NodeEngine:
         self._closing = threading.Event()
         self._sweeper: threading.Thread | None = None
         if serving:
-            self.audit.write(Event.NODE_STARTED, catalog_version=self.catalog.version)
+            self.audit.started(
+                Event.NODE_STARTED,
+                catalog_version=self.catalog.version,
+                config_sha256=config.config_digest,
+            )
             self.checkpoint()
         if config.answer_slot_ms == 0:
             log.warning(

@@ -25,6 +25,7 @@ class Event(StrEnum):
     COORDINATOR_STARTED = "coordinator.started"
     COORDINATOR_SERVING = "coordinator.serving"
     COORDINATOR_STOPPED = "coordinator.stopped"
+    CONFIG_CHANGED = "config.changed"
     DATABASE_RELOADED = "database.reloaded"
     DATABASE_RELOAD_REFUSED = "database.reload_refused"
     # calls refused before any handler ran (certificate policy, oversized, TLS handshakes)
@@ -68,12 +69,14 @@ MEANING: dict[Event, str] = {
     "here, so that its log cannot be rewritten unnoticed.",
     Event.AUDIT_RESUMED: "The log could be written again after a failure (disk full or "
     "unwritable); nothing was released in between.",
-    Event.NODE_STARTED: "A trust's node server started (catalog version).",
+    Event.NODE_STARTED: "A trust's node server started (catalog version, settings digest).",
     Event.NODE_SERVING: "A trust's node is serving (mode: dial-in or dial-out, address, TLS).",
     Event.NODE_STOPPED: "A trust's node server stopped.",
-    Event.COORDINATOR_STARTED: "The coordinator started (catalog version).",
+    Event.COORDINATOR_STARTED: "The coordinator started (catalog version, settings digest).",
     Event.COORDINATOR_SERVING: "The coordinator is listening (address, TLS on or off).",
     Event.COORDINATOR_STOPPED: "The coordinator stopped.",
+    Event.CONFIG_CHANGED: "The service started with other settings than at its last start "
+    "(digests of the settings before and after; the files themselves stay with the operator).",
     Event.DATABASE_RELOADED: "A newly loaded research database was switched to.",
     Event.DATABASE_RELOAD_REFUSED: "A newly loaded research database was refused (reason); the "
     "previous one is still served.",

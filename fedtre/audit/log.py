@@ -290,6 +290,23 @@ class AuditLog:
         except sqlite3.Error as exc:
             self.failed(exc)
 
+    def started(self, event: Event, **fields: Any) -> None:
+        """A server's start (durable): with ``config_sha256``, preceded by ``config.changed``
+        when the settings differ from those of the last start of the same kind."""
+        digest = fields.get("config_sha256") or ""
+        row = (
+            self._con()
+            .execute(
+                "SELECT entry FROM audit_log WHERE entry LIKE ? ORDER BY seq DESC LIMIT 1",
+                (f'%"event":"{event.value}"%',),
+            )
+            .fetchone()
+        )
+        before = json.loads(row[0]).get("config_sha256") if row else None
+        if digest and before and before != digest:
+            self.write(Event.CONFIG_CHANGED, before=before, after=digest)
+        self.write(event, **fields)
+
     def latest_checkpoint(self) -> str | None:
         """The newest signed checkpoint kept beside the log (JSON), if any."""
         return latest_checkpoint(self._con())
