@@ -177,10 +177,8 @@ class CoordinatorEngine:
             },
         )
         self.on_query(status, seconds)
-        spent = {
-            o.node_id: units
-            for o in outcome.trusts
-            if o.state is TrustState.ANSWERED and not o.replayed
+        spent = {  # before combining: a trust that answered spent, whatever combining made of it
+            o.node_id: units for o in outcomes if o.state is TrustState.ANSWERED and not o.replayed
         }
         replayed = sorted(o.node_id for o in outcome.trusts if o.replayed)
         fields: dict[str, object] = {

@@ -203,7 +203,10 @@ class TrustMonitor:
 
     def _run(self) -> None:
         while not self._stop.wait(MONITOR_SECONDS):
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # never stop watching the trusts
+                log.error("trust monitor check failed", extra={"error": type(exc).__name__})
 
     def check(self) -> None:
         with self._lock:
@@ -217,11 +220,17 @@ class TrustMonitor:
             due = last is None or time.monotonic() - last >= WITNESS_SECONDS
             if reachable and (not self.up.get(nid) or due):  # (re)appeared, or time to look
                 try:
-                    description = link.describe(DESCRIBE_SECONDS, self.share(nid))
+                    description = link.describe(DESCRIBE_SECONDS, self._shared(nid))
                     self._described_at[nid] = time.monotonic()
                     self.trusts.described[nid] = description
                     if description.audit_checkpoint:
-                        self.witness(nid, description.audit_checkpoint)
+                        try:
+                            self.witness(nid, description.audit_checkpoint)
+                        except InternalError as exc:  # not witnessed this time; carry on
+                            log.error(
+                                "trust checkpoint not kept",
+                                extra={"node": nid, "error": type(exc).__name__},
+                            )
                     if description.catalog_version != self.config.catalog.version:
                         why = f"serves catalog {description.catalog_version[:32]}"
                         self.trusts.mismatched.add(nid)
@@ -240,6 +249,14 @@ class TrustMonitor:
             self.ok[nid] = ok
             self.reason[nid] = "" if ok else why
         self.health.set(self.rules_met())
+
+    def _shared(self, nid: str) -> tuple[str, ...]:
+        """The checkpoints to send; none if this coordinator's log cannot be written now."""
+        try:
+            return self.share(nid)
+        except InternalError as exc:
+            log.error("own checkpoint not signed", extra={"error": type(exc).__name__})
+            return ()
 
     def state(self) -> dict[str, bool]:
         """Each trust: reachable and serving this catalog (for metrics)."""

@@ -52,8 +52,10 @@ def _build(args: argparse.Namespace) -> int:
         args.trust_log,
     )
     files = write_site(site, args.out)
+    for item in site.left_out:
+        print(f"warning: left out of the register: {item}", file=sys.stderr)
+    index = args.out / "index.html"
     print(
-        f"transparency register: {len(files)} files in {args.out} (open {args.out / 'index.html'})",
-        file=sys.stderr,
+        f"transparency register: {len(files)} files in {args.out} (open {index})", file=sys.stderr
     )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,16 @@ def record(config: NodeConfig, event: Event, **fields: Any) -> None:
         log.close()
 
 
+def new_import_id() -> str:
+    """A random id for one import of person-level data (opt-outs, disputes): the audit entry
+    and the operator's own records can name the import; nothing about who is in it can be
+    derived from it."""
+    return uuid.uuid4().hex
+
+
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file: names an imported list without saying anything it holds."""
+    """SHA-256 of a file (signed documents only: never of person-level lists, whose digest a
+    guess of their few ids would match)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -22,7 +22,7 @@ from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
 from node.approvals import Projects
-from node.audit import file_digest, record
+from node.audit import file_digest, new_import_id, record
 from node.check import check_node
 from node.config import load_node_config
 from node.engine import NodeEngine
@@ -170,18 +170,20 @@ def _optout_change(args: argparse.Namespace) -> int:
     ids = read_person_ids(args.file)
     optouts = OptOuts(config.state_dir)
     kind = OptOut(args.kind)
-    record(  # before acting; kind and file digest only: the ids are person-level data
-        config,
+    import_id = new_import_id()
+    record(  # before acting: kind and a random import id only (a digest of a one-person file
+        config,  # would give the person's id away to anyone who can try ids)
         Event.OPTOUTS_CHANGED,
         kind=kind.value,
         action="add" if args.add else "remove",
-        file_sha256=file_digest(args.file),
+        import_id=import_id,
     )
     change = optouts.add(kind, ids) if args.add else optouts.remove(kind, ids)
     verb = f"added {change.added:,}" if args.add else f"removed {change.removed:,}"
     print(
         f"{kind.value} opt-out: {verb} of {len(ids):,} person id(s) in {args.file}; it now "
-        f"holds {change.total:,}. A running node applies it from its next query."
+        f"holds {change.total:,}. A running node applies it from its next query. Audit "
+        f"import id: {import_id} (note it beside the request in your own records)."
     )
     for warning in _world_readable(args.file):
         print(f"warning: {warning}", file=sys.stderr)
@@ -203,12 +205,13 @@ def _dispute_change(args: argparse.Namespace) -> int:
     if args.view not in config.catalog.views:
         raise ConfigError(f"no view {args.view!r} in the catalog")
     ids = read_person_ids(args.file)
+    import_id = new_import_id()
     record(
         config,
         Event.DISPUTES_CHANGED,
         view=args.view,
         action="add" if args.add else "remove",
-        file_sha256=file_digest(args.file),
+        import_id=import_id,
     )
     changed, total = OptOuts(config.state_dir).dispute(args.view, ids, add=args.add)
     policy = config.catalog.disputed_records
@@ -220,7 +223,8 @@ def _dispute_change(args: argparse.Namespace) -> int:
     verb = "marked" if args.add else "cleared"
     print(
         f"{args.view}: {verb} {changed:,} of {len(ids):,} person(s); {total:,} hold disputed "
-        f"records there, {effect}. A running node applies it from its next query."
+        f"records there, {effect}. A running node applies it from its next query. Audit "
+        f"import id: {import_id}."
     )
     for warning in _world_readable(args.file):
         print(f"warning: {warning}", file=sys.stderr)

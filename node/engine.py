@@ -136,8 +136,9 @@ class NodeEngine:
         self.catalog = config.catalog
         self.serving = serving
         self.audit, self.audit_key = open_audit(config)
-        # other services' audit checkpoints: each checked, one per service an hour recorded
-        self.witnessed = Witness(self.audit, record_every=3600.0)
+        # other services' audit checkpoints: signed ones kept, one per service an hour recorded
+        self.witnessed = Witness(self.audit, record_every=3600.0, judge=False)
+        self._described: tuple[float, str] | None = None  # the checkpoint last published
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
@@ -454,16 +455,16 @@ class NodeEngine:
         """Audited: the projects this trust serves, by id. ``checkpoints`` (the coordinator's
         audit checkpoint and those it holds of other trusts) are kept in this trust's log."""
         self.audit.write(Event.NODE_DESCRIBED, caller=caller)
-        for text in checkpoints:
-            seen = self.witnessed.see(text)
-            if seen.actor == self.config.node_id:
-                continue  # its own: kept, nothing to compare against here
-            if seen.problem:
-                log.error(
-                    "another service's audit log regressed",
-                    extra={"actor": seen.actor[:64], "problem": seen.problem},
-                )
+        for text in checkpoints[:64]:
+            self.witnessed.see(text)
         return self.projects.held()
+
+    def published_checkpoint(self) -> str:
+        """The checkpoint sent with a description: signed now, at most once a minute."""
+        now = time.monotonic()
+        if self._described is None or now - self._described[0] >= 60.0:
+            self._described = (now, self.checkpoint())
+        return self._described[1]
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
         """A remote budget request: audited before it is answered, refusals included."""

@@ -178,7 +178,7 @@ class NodeHandler:
             catalog.digest,
             ids,
             scopes,
-            audit_checkpoint=self.engine.checkpoint(),  # published with every description
+            audit_checkpoint=self.engine.published_checkpoint(),
         )
 
     def _budget(self, status: BudgetStatus) -> BudgetReport:

@@ -110,9 +110,10 @@ MEANING: dict[Event, str] = {
     Event.PROJECT_REVOKED: "The committee revoked a project.",
     Event.PROJECT_PARTICIPATION: "A trust's data guardian signed (or declined) participation.",
     Event.APPROVAL_IMPORTED: "A trust imported a signed approval or revocation itself.",
-    Event.OPTOUTS_CHANGED: "A trust imported or removed opt-outs (kind and file digest only; "
-    "never identifiers or counts).",
-    Event.DISPUTES_CHANGED: "A trust marked or cleared disputed records (view only).",
+    Event.OPTOUTS_CHANGED: "A trust imported or removed opt-outs (kind and a random import id "
+    "only; never identifiers, a digest of them, or counts).",
+    Event.DISPUTES_CHANGED: "A trust marked or cleared disputed records (view and a random "
+    "import id only).",
 }
 
 

@@ -11,7 +11,9 @@ the ledger stores it. Filters run inside SQLite, so years of activity export in 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
@@ -34,6 +36,7 @@ COLUMNS = (
     "caller",
     "epsilon_units",
     "epsilon",
+    "epsilon_meaning",
     "refusal",
     "reason",
     "entry",
@@ -58,6 +61,8 @@ class Filters:
             where.append("json_extract(entry, '$.researcher') = ?")
             args.append(self.researcher)
         if self.trust is not None:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.trust):
+                raise ValueError(f"not a trust name: {self.trust[:64]!r}")
             where.append(
                 "(json_extract(entry, '$.node') = ? OR json_extract(entry, '$.trust') = ? "
                 "OR json_type(entry, '$.trusts.\"' || ? || '\"') IS NOT NULL)"
@@ -68,10 +73,10 @@ class Filters:
             args += [e.value for e in self.events]
         if self.since is not None:
             where.append("json_extract(entry, '$.ts') >= ?")
-            args.append(self.since)
+            args.append(_when(self.since))
         if self.until is not None:
             where.append("json_extract(entry, '$.ts') < ?")
-            args.append(self.until)
+            args.append(_when(self.until))
         return (" WHERE " + " AND ".join(where)) if where else "", args
 
 
@@ -83,19 +88,38 @@ def rows(logs: Sequence[Path], filters: Filters) -> Iterator[dict[str, Any]]:
             for seq, text in con.execute(
                 f"SELECT seq, entry FROM audit_log{where} ORDER BY seq", args
             ):
-                yield _row(path, seq, text)
+                yield _row(path, seq, text, filters.trust)
         finally:
             con.close()
 
 
-def _row(path: Path, seq: int, text: str) -> dict[str, Any]:
+# What the ε of an entry means (one column, so that sums are never mixed by accident).
+_MEANING = {
+    "query.received": "requested",
+    "query.reserved": "reserved (refunded unless released)",
+    "query.prepared": "reserved (refunded unless released)",
+    "query.released": "spent",
+    "query.replayed": "spent (0: an earlier answer again)",
+    "query.withheld": "spent",
+    "query.aborted": "refunded",
+    "query.expired": "refunded",
+}
+
+
+def _row(path: Path, seq: int, text: str, trust: str | None = None) -> dict[str, Any]:
     e = json.loads(text)
     role = next((r for r in ("node", "coordinator", "registry") if r in e), "")
     units = e.get("epsilon_units")
     if units is None and isinstance(e.get("spent_epsilon_units"), dict):
-        units = sum(int(u) for u in e["spent_epsilon_units"].values())
+        shares = e["spent_epsilon_units"]
+        if trust is not None:  # the coordinator's record, for the one trust asked about
+            units = int(shares.get(trust, 0))
+        else:
+            units = sum(int(u) for u in shares.values())
     if units is None:
         units = e.get("refunded_epsilon_units")
+    if isinstance(units, bool) or not isinstance(units, int):
+        units = None
     return {
         "log": str(path),
         "seq": seq,
@@ -107,8 +131,9 @@ def _row(path: Path, seq: int, text: str) -> dict[str, Any]:
         "query_id": e.get("query_id", ""),
         "researcher": e.get("researcher", ""),
         "caller": e.get("caller", ""),
-        "epsilon_units": int(units) if isinstance(units, int) else None,
-        "epsilon": int(units) / 1_000_000 if isinstance(units, int) else None,
+        "epsilon_units": units,
+        "epsilon": units / 1_000_000 if units is not None else None,
+        "epsilon_meaning": _MEANING.get(str(e.get("event")), "") if units is not None else "",
         "refusal": e.get("refusal", ""),
         "reason": e.get("reason", ""),
         "entry": text,
@@ -129,7 +154,7 @@ def export(logs: Sequence[Path], filters: Filters, fmt: str, out: Path | None) -
             writer = csv.DictWriter(stream, fieldnames=COLUMNS)
             writer.writeheader()
             for row in rows(logs, filters):
-                writer.writerow(row)
+                writer.writerow({k: _cell(v) for k, v in row.items()})
                 n += 1
         elif fmt == "json":
             for row in rows(logs, filters):
@@ -143,6 +168,25 @@ def export(logs: Sequence[Path], filters: Filters, fmt: str, out: Path | None) -
     finally:
         if out is not None:
             stream.close()
+
+
+def _cell(value: Any) -> Any:
+    """A spreadsheet never runs a cell as a formula: text starting =, +, -, @, tab or CR (a
+    query id a researcher chose, say) gets a leading apostrophe."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def _when(text: str) -> str:
+    """An ISO date or time, as the log writes times (UTC, 'T'), for comparing as text."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(f"not an ISO date or time: {text!r}") from exc
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 def _parquet(source: Iterator[dict[str, Any]], out: Path) -> int:

@@ -92,9 +92,16 @@ def ledger_committed(path: Path) -> dict[str, int]:
     """Units committed per project in a trust's ledger."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
-        rows = con.execute(
+        has_ledger = con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queries'"
+        ).fetchone()
+        if has_ledger is None:
+            return {}
+        rows = con.execute(  # releases since the log began (an upgraded trust's earlier ones
+            # were never in it)
             "SELECT project_id, SUM(units) FROM queries WHERE state = 'committed' "
-            "GROUP BY project_id"
+            "AND substr(decided_at, 1, 19) >= (SELECT substr(json_extract(entry, '$.ts'), 1, 19) "
+            "FROM audit_log WHERE seq = 1) GROUP BY project_id"
         ).fetchall()
     finally:
         con.close()
@@ -114,6 +121,8 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
 
     # the coordinators' side
     spent: dict[tuple[str, str, str], int] = {}  # (trust, project, query) -> units
+    replayed: set[tuple[str, str, str]] = set()  # a trust's earlier answer sent again
+    named: set[str] = set()  # every trust a coordinator's record names
     said_refused: set[tuple[str, str, str]] = set()
     received: set[Key] = set()
     for path in coordinators:
@@ -131,11 +140,14 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
                     spent[(trust, *key)] = spent.get((trust, *key), 0) + int(units)
                     out.coordinator_releases += 1
                 out.replays += len(e.get("replayed") or [])
+                replayed.update((str(t), *key) for t in e.get("replayed") or [])
+                named.update(str(t) for t in e.get("trusts") or {})
                 for trust, state in (e.get("trusts") or {}).items():
                     if state == "refused":
                         said_refused.add((trust, *key))
 
     # each trust's side
+    seen: set[str] = set()
     for path in trusts:
         actor = ""
         released: dict[Key, int] = {}
@@ -160,9 +172,12 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
             elif event == Event.QUERY_REFUSED.value and not local:
                 refused.add(key)
         trust = actor or str(path)
+        seen.add(trust)
         out.epsilon_units[trust] = sum(released_per_project.values())
         for key, units in sorted(released.items()):
             theirs = spent.get((trust, *key))
+            if theirs is None and (trust, *key) in replayed:
+                continue  # the reply to the commit was lost; the retry replayed it: one spend
             if theirs is None:
                 out.discrepancies.append(
                     Discrepancy(
@@ -233,4 +248,15 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
                         "direct call with a coordinator's certificate?)",
                     )
                 )
+    for trust in sorted(named - seen):
+        out.discrepancies.append(
+            Discrepancy(
+                "trust_log_missing",
+                trust,
+                "",
+                "",
+                "the coordinator's records name this trust; its log was not given, so its "
+                "releases were not checked",
+            )
+        )
     return out

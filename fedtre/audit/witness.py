@@ -30,11 +30,22 @@ class Seen:
 
 
 class Witness:
-    def __init__(self, log: AuditLog, record_every: float = 0.0) -> None:
-        """``record_every``: seconds between recorded checkpoints of one service (every
-        checkpoint is checked; one that shows a problem is always recorded)."""
+    def __init__(
+        self,
+        log: AuditLog,
+        record_every: float = 0.0,
+        judge: bool = True,
+        max_actors: int = 256,
+    ) -> None:
+        """``record_every``: seconds between recorded checkpoints of one service. ``judge``:
+        compare each checkpoint with the last kept of its service and report regressions (the
+        coordinator, which knows which trust sent each one). A trust cannot tell another
+        trust's key from one a coordinator made up, so it only keeps what it is sent (signed,
+        newer than what it holds, at most ``max_actors`` services): evidence for auditors."""
         self.log = log
         self.record_every = record_every
+        self.judge = judge
+        self.max_actors = max_actors
         self.kept: dict[str, Checkpoint] = _kept(log.path)
         self._recorded: dict[str, float] = {}
 
@@ -45,8 +56,12 @@ class Witness:
             cp = Checkpoint.from_json(text)
             cp.check()
         except CheckpointError as exc:
+            if not self.judge:
+                return Seen(actor, "")  # nothing to keep
             problem = f"the checkpoint does not verify: {exc}"
         else:
+            if not self.judge:
+                return self._keep(cp, text)
             actor = actor or cp.actor
             if cp.actor != actor:
                 problem = f"the checkpoint is of another actor's log ({cp.actor[:64]})"
@@ -66,6 +81,21 @@ class Witness:
             problem=problem or None,
         )
         return Seen(actor, problem)
+
+    def _keep(self, cp: Checkpoint, text: str) -> Seen:
+        """Keep (and, once per ``record_every``, record) a signed checkpoint, unjudged."""
+        before = self.kept.get(cp.actor)
+        if before is not None and (cp.time, cp.size) <= (before.time, before.size):
+            return Seen(cp.actor, "")  # not newer than what is held
+        if before is None and len(self.kept) >= self.max_actors:
+            return Seen(cp.actor, "")
+        self.kept[cp.actor] = cp
+        now = time.monotonic()
+        last = self._recorded.get(cp.actor)
+        if last is None or now - last >= self.record_every:
+            self._recorded[cp.actor] = now
+            self.log.note(Event.CHECKPOINT_WITNESSED, trust=cp.actor[:64], checkpoint=text[:4096])
+        return Seen(cp.actor, "")
 
     def shared(self, own: str, exclude: str = "") -> tuple[str, ...]:
         """What to send with a Describe: this service's own checkpoint and the newest kept of

@@ -175,6 +175,7 @@ class Registry:
     def _audit(self, event: Event, **fields: object) -> None:
         """The registry's own tamper-evident log (``audit.sqlite`` in it), written before the
         registry changes."""
+        self.root.mkdir(parents=True, exist_ok=True)  # as before: readable by the coordinator
         log = AuditLog(self.root / AUDIT, self.root.name or "registry", role="registry")
         try:
             log.write(event, **fields)

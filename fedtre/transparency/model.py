@@ -22,7 +22,10 @@ from typing import Any
 
 from fedtre.audit.events import Event
 from fedtre.audit.log import entries
+from fedtre.audit.verify import verify
+from fedtre.errors import ConfigError
 from fedtre.governance.documents import (
+    NAME,
     Application,
     DocumentError,
     Kind,
@@ -132,6 +135,7 @@ class Register:
     projects: tuple[ProjectEntry, ...]
     trusts: tuple[TrustEntry, ...]
     refusals: dict[str, int] = field(default_factory=dict)  # refusal kind -> requests
+    left_out: tuple[str, ...] = ()  # logs that did not verify, malformed projects
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,6 +155,7 @@ class Register:
                 {"reason": k, "in_plain_words": REFUSALS.get(k, k), "requests": n}
                 for k, n in sorted(self.refusals.items())
             ],
+            "left_out": list(self.left_out),
         }
 
 
@@ -192,16 +197,19 @@ def _project_json(p: ProjectEntry) -> dict[str, Any]:
 class _Activity:
     released: Counter[tuple[str, str]] = field(default_factory=Counter)  # (trust, project)
     units: Counter[tuple[str, str]] = field(default_factory=Counter)
-    results: Counter[str] = field(default_factory=Counter)  # project -> released results
+    results: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # query ids
     refusals: Counter[str] = field(default_factory=Counter)
 
 
 def _activity(coordinator_logs: Sequence[Path], trust_logs: Sequence[Path]) -> _Activity:
-    """Releases and ε per trust and project (the trusts' own logs), results released (the
-    coordinators'), and refused requests by reason: each request once, whether the
-    coordinator refused it or one or more trusts did."""
+    """Releases and ε per trust and project (the trusts' own logs), results released to
+    researchers (the coordinators': a query id whose result went out, first time or on a
+    retry), and refused requests by reason: each request once, whether the coordinator refused
+    it or one or more trusts did, and not if a retry of it was answered. A trust's own
+    operators' queries (``local:``) are not counted as refusals."""
     act = _Activity()
     refused: dict[tuple[str, str], str] = {}  # (project, query id) -> reason
+    answered: set[tuple[str, str]] = set()
     for path in trust_logs:
         trust = ""
         for e in entries(path, (Event.LOG_CREATED, Event.QUERY_RELEASED, Event.QUERY_REFUSED)):
@@ -210,18 +218,25 @@ def _activity(coordinator_logs: Sequence[Path], trust_logs: Sequence[Path]) -> _
                 trust = str(e.get("node", ""))
             elif e["event"] == Event.QUERY_RELEASED.value:
                 act.released[(trust, key[0])] += 1
-                act.units[(trust, key[0])] += int(e.get("epsilon_units", 0))
-            else:
+                act.units[(trust, key[0])] += _units(e.get("epsilon_units"))
+                answered.add(key)
+            elif not str(e.get("caller", "")).startswith("local:"):
                 refused.setdefault(key, str(e.get("refusal", "other")))
     for path in coordinator_logs:
-        for e in entries(path, (Event.QUERY_RELEASED, Event.QUERY_REFUSED)):
+        kinds = (Event.QUERY_RELEASED, Event.QUERY_REPLAYED, Event.QUERY_REFUSED)
+        for e in entries(path, kinds):
             key = (str(e.get("project", "")), str(e.get("query_id", "")))
-            if e["event"] == Event.QUERY_RELEASED.value:
-                act.results[key[0]] += 1
-            else:
+            if e["event"] == Event.QUERY_REFUSED.value:
                 refused[key] = str(e.get("refusal", "other"))
-    act.refusals.update(refused.values())
+            elif isinstance(e.get("release"), dict):  # a result went out
+                act.results[key[0]].add(key[1])
+                answered.add(key)
+    act.refusals.update(r for key, r in refused.items() if key not in answered)
     return act
+
+
+def _units(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def build(
@@ -231,25 +246,41 @@ def build(
     trust_logs: Sequence[Path] = (),
     now: dt.datetime | None = None,
 ) -> Register:
+    """The register's facts. Each log is verified first: one that does not verify is left
+    out (and named in ``left_out``), so that no figure comes from a log that was tampered
+    with; a malformed project in the registry is left out the same way."""
     now = now or dt.datetime.now(dt.UTC)
-    act = _activity(coordinator_logs, trust_logs)
+    left_out: list[str] = []
+    kept: list[list[Path]] = [[], []]
+    for side, logs in enumerate((coordinator_logs, trust_logs)):
+        for path in logs:
+            checked = verify(path)
+            if checked.ok:
+                kept[side].append(path)
+            else:
+                left_out.append(f"{path.name} of {checked.actor or 'unknown'}: does not verify")
+    act = _activity(kept[0], kept[1])
     projects = []
     for project_id in registry.projects():
         try:
             projects.append(_project(registry, committee, project_id, act, now))
-        except DocumentError:
-            continue  # malformed: the registry's keepers see it in `fedtre project list`
+        except ConfigError as exc:  # malformed registry entry (RegistryError, DocumentError)
+            left_out.append(f"project {project_id}: {str(exc)[:200]}")
     by_trust: dict[str, list[tuple[str, str, str, int, float]]] = defaultdict(list)
     for p in projects:
         for t in p.trusts:
             by_trust[t.trust].append((p.project_id, p.title, p.status, t.queries, t.epsilon_spent))
     for trust, _ in act.released:
         by_trust.setdefault(trust, [])
+    for trust in [t for t in by_trust if not NAME.match(t)]:  # names become file names
+        del by_trust[trust]
+        left_out.append(f"a trust named {trust[:40]!r} (not a valid trust name)")
     return Register(
         generated_at=now.replace(microsecond=0).isoformat(),
         projects=tuple(projects),
         trusts=tuple(TrustEntry(t, tuple(ps)) for t, ps in sorted(by_trust.items())),
         refusals=dict(act.refusals),
+        left_out=tuple(left_out),
     )
 
 
@@ -260,20 +291,24 @@ def _project(
     app = Application.from_bytes(raw)
     app_digest = digest(raw)
     approvals, participation, revoked_on = [], {}, ""
-    for signed in registry.statements(project_id):
+    # The bundle holds each signer's latest decision and each trust's latest word on this
+    # version, and every revocation; only signatures that verify against the committee's keys
+    # are shown (a guardian's key is pinned by the trust, not here: shown as declared).
+    for signed in registry.bundle(project_id).statements:
         try:
             statement = signed.statement()
         except DocumentError:
             continue
+        member = committee.by_key_id(signed.key_id)
+        verified = member is not None and member.key.verify(signed.signature, signed.body)
         if statement.kind is Kind.REVOCATION:
-            if committee.by_key_id(signed.key_id) is not None:
-                revoked_on = revoked_on or statement.signed_at.date().isoformat()
+            if verified and statement.project_id == project_id:
+                revoked_on = max(revoked_on, statement.signed_at.date().isoformat())
             continue
         if statement.application != app_digest:
             continue
-        if statement.kind is Kind.DECISION:
-            member = committee.by_key_id(signed.key_id)
-            if member is not None and statement.verdict is not None:
+        if statement.kind is Kind.DECISION and verified and member is not None:
+            if statement.verdict is not None:
                 approvals.append(
                     Approval(
                         member.role.value,
@@ -283,9 +318,9 @@ def _project(
                 )
         elif statement.kind is Kind.PARTICIPATION and statement.trust is not None:
             participation[statement.trust] = (
-                "taking part (signed by its data guardian)"
+                "taking part (declared by its data guardian)"
                 if statement.participation is Participation.ACCEPT
-                else "declined"
+                else "declined (declared by its data guardian)"
             )
     status, detail, approved_on = _status(registry, committee, app, approvals, revoked_on, now)
     parts = tuple(
@@ -318,14 +353,15 @@ def _project(
         expires_on=app.expires.isoformat(),
         revoked_on=revoked_on,
         approvals=tuple(approvals),
-        service_user_signoff=any(
+        service_user_signoff=status == "approved"
+        and any(
             a.role == MemberRole.SERVICE_USER.value and a.verdict == Verdict.APPROVE.value
             for a in approvals
         ),
         data_used=app.views,
         highest_tier=app.max_tier.value,
         trusts=parts,
-        queries_run=act.results[project_id],
+        queries_run=len(act.results[project_id]),
     )
 
 

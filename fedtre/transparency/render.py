@@ -48,7 +48,10 @@ def write_site(register: Register, out: Path) -> list[Path]:
     for p in register.projects:
         written.append(_write(out / "projects" / f"{p.project_id}.html", _project(p, register)))
     for t in register.trusts:
-        written.append(_write(out / "trusts" / f"{t.trust}.html", _trust(t, register)))
+        page = (out / "trusts" / f"{t.trust}.html").resolve()
+        if page.parent != (out / "trusts").resolve():  # names are checked; never outside
+            raise ValueError(f"not a trust name: {t.trust[:40]!r}")
+        written.append(_write(page, _trust(t, register)))
     return written
 
 
@@ -77,7 +80,8 @@ def _e(value: object) -> str:
 
 
 def _epsilon(value: float) -> str:
-    return f"{value:.3g}" if value else "0"
+    """ε as people read it: up to 4 decimals, no exponent (1,000; 2.9996; 0.25)."""
+    return f"{value:,.4f}".rstrip("0").rstrip(".") if value else "0"
 
 
 def _index(r: Register) -> str:
@@ -122,9 +126,19 @@ was approved. These are the refusals so far, by reason.</p>
 <p>ε ("epsilon") measures how much a result could reveal about any one person: smaller is
 safer. Each project has a fixed budget of ε at each trust; when it is spent, the trust
 answers no more questions for that project.</p>
-<p>Register built {_e(r.generated_at)} (UTC). The same facts for computers:
+{_left_out(r)}<p>Register built {_e(r.generated_at)} (UTC). The same facts for computers:
 <a href="register.json">register.json</a>.</p>"""
     return _page("How patient data is used", body)
+
+
+def _left_out(r: Register) -> str:
+    if not r.left_out:
+        return ""
+    items = "".join(f"<li>{_e(x)}</li>" for x in r.left_out)
+    return (
+        '<h2 id="left-out">Left out of this register</h2>\n<p>These could not be checked, so '
+        f"nothing from them is counted above:</p>\n<ul>{items}</ul>\n"
+    )
 
 
 def _project(p: ProjectEntry, r: Register) -> str:

@@ -83,3 +83,29 @@ def test_parquet_and_the_command_line(logs: list[Path], tmp_path: Path, capsys) 
     assert table.num_rows == 5 and "epsilon" in table.column_names  # 2 + 1 refusal, 2
     assert main(["audit", "export", *map(str, logs), "--format", "parquet"]) == 3  # needs --out
     assert "needs --out" in capsys.readouterr().err
+
+
+def test_epsilon_per_trust_meaning_formulas_and_times(tmp_path: Path) -> None:
+    hub = AuditLog(tmp_path / "hub.sqlite", "hub", role="coordinator")
+    hub.write(
+        Event.QUERY_RELEASED,
+        query_id="=HYPERLINK(1)",  # chosen by a researcher
+        project="study",
+        researcher="alice",
+        trusts={"trust-a": "answered", "trust-b": "answered"},
+        spent_epsilon_units={"trust-a": 100_000, "trust-b": 100_000},
+    )
+    hub.write(Event.QUERY_ABORTED, query_id="q2", project="study", refunded_epsilon_units=5)
+    hub.close()
+    out = tmp_path / "a.csv"
+    export([tmp_path / "hub.sqlite"], Filters(trust="trust-a"), "csv", out)
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["epsilon"] == "0.1" and row["epsilon_meaning"] == "spent"  # trust-a's share
+    assert row["query_id"] == "'=HYPERLINK(1)"  # never a formula in a spreadsheet
+    export([tmp_path / "hub.sqlite"], Filters(events=(Event.QUERY_ABORTED,)), "csv", out)
+    (row,) = list(csv.DictReader(out.open()))
+    assert row["epsilon_meaning"] == "refunded"
+    # a time with a space, or a date, compares as the log's own times do
+    assert export([tmp_path / "hub.sqlite"], Filters(since="2000-01-01 10:00"), "json", out) == 3
+    with pytest.raises(ValueError, match="trust name"):
+        export([tmp_path / "hub.sqlite"], Filters(trust='trust-a"'), "csv", out)

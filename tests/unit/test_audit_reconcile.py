@@ -181,3 +181,30 @@ def test_a_log_that_does_not_verify_is_reported(tmp_path: Path) -> None:
     con.commit()
     con.close()
     assert ("log_does_not_verify", "trust-a", "") in _kinds(hub, a, b)
+
+
+def test_a_retry_after_a_lost_commit_reply_is_one_spend_not_a_discrepancy(
+    tmp_path: Path,
+) -> None:
+    """trust-b committed q10 but its reply was lost: the coordinator withheld the result;
+    the researcher's retry replayed trust-b's answer. One spend at trust-b, matched."""
+    hub, a, b = _federation(tmp_path)
+    a.release("study", "q10")
+    b.release("study", "q10")
+    hub.query("study", "q10", {"trust-a": "answered", "trust-b": "failed"}, {"trust-a": UNITS})
+    b.replay("study", "q10")
+    a.replay("study", "q10")
+    hub.query(
+        "study",
+        "q10",
+        {"trust-a": "answered", "trust-b": "answered"},
+        {},
+        replayed=("trust-a", "trust-b"),
+    )
+    found = reconcile([hub.path], [a.path, b.path])
+    assert found.ok, found.discrepancies
+
+
+def test_a_trust_whose_log_was_not_given_is_named(tmp_path: Path) -> None:
+    hub, a, _ = _federation(tmp_path)
+    assert _kinds(hub, a) == [("trust_log_missing", "trust-b", "")]
