@@ -240,15 +240,24 @@ RELEASE_PATH = textwrap.dedent(
 )
 
 
-def release_path(root: Path, db: Path, rounds: int, strace: bool) -> dict[str, Any]:
-    code = RELEASE_PATH.replace("ROOT", repr(str(root))).replace("DB", repr(str(db)))
-    code = code.replace("ROUNDS", str(rounds))
-    cmd = [sys.executable, "-c", code]
-    out: dict[str, Any] = {}
-    if strace and shutil.which("strace"):
+def release_path(root: Path, db: Path, rounds: int) -> dict[str, Any]:
+    """Timing (no tracer), then the fsyncs per release counted under strace (a shorter run:
+    the tracer slows every system call)."""
+
+    def code(n: int) -> list[str]:
+        text = RELEASE_PATH.replace("ROOT", repr(str(root))).replace("DB", repr(str(db)))
+        return [sys.executable, "-c", text.replace("ROUNDS", str(n))]
+
+    done = subprocess.run(code(rounds), capture_output=True, text=True, check=True, cwd=root)
+    out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    ratios = out.pop("ratios")
+    out["ratio"] = out["node_ms"] / out["plain_ms"]
+    out["ratio_p10_p90"] = [ratios[len(ratios) // 10], ratios[(9 * len(ratios)) // 10]]
+    if shutil.which("strace"):
+        n = 50
         with tempfile.NamedTemporaryFile(suffix=".strace") as trace:
-            done = subprocess.run(
-                ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", trace.name, *cmd],
+            subprocess.run(
+                ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", trace.name, *code(n)],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -259,13 +268,7 @@ def release_path(root: Path, db: Path, rounds: int, strace: bool) -> dict[str, A
                 parts = line.split()
                 if parts and parts[-1] in ("fsync", "fdatasync"):
                     calls += int(parts[3])
-            out["fsyncs_per_release"] = calls / (rounds + 5)
-    else:
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
-    out.update(json.loads(done.stdout.strip().splitlines()[-1]))
-    ratios = out.pop("ratios")
-    out["ratio"] = out["node_ms"] / out["plain_ms"]
-    out["ratio_p10_p90"] = [ratios[len(ratios) // 10], ratios[(9 * len(ratios)) // 10]]
+        out["fsyncs_per_release"] = calls / (n + 5)  # (5 warm-up releases)
     return out
 
 
@@ -289,6 +292,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--persons", type=int, default=20_000)
     parser.add_argument("--against", help="another commit to measure the release path on")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per commit, alternating")
     parser.add_argument("--skip-log", action="store_true")
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -299,27 +303,41 @@ def main() -> None:
             (work / "rec").mkdir()
             results["reconcile"] = bench_reconcile(work / "rec", args.queries)
         db = trust_database(work, args.persons)
-        results["release_path"] = {"this": release_path(ROOT, db, args.rounds, strace=True)}
+        paths: dict[str, list[dict[str, Any]]] = {"this": []}
+        tree = work / "against"
         if args.against:
-            tree = work / "against"
+            paths[args.against] = []
             subprocess.run(
                 ["git", "worktree", "add", "--detach", str(tree), args.against],
                 cwd=ROOT,
                 check=True,
                 capture_output=True,
             )
-            try:
-                results["release_path"][args.against] = release_path(
-                    tree, db, args.rounds, strace=True
-                )
-                results["release_path"]["this_again"] = release_path(
-                    ROOT, db, args.rounds, strace=False
-                )
-            finally:
+        try:
+            for _ in range(args.repeats):  # alternating, so that load hits both alike
+                paths["this"].append(release_path(ROOT, db, args.rounds))
+                if args.against:
+                    paths[args.against].append(release_path(tree, db, args.rounds))
+        finally:
+            if args.against:
                 subprocess.run(
                     ["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False
                 )
-    (HERE / "audit_latest.json").write_text(json.dumps(results, indent=1) + "\n")
+        results["release_path"] = {
+            name: {
+                "node_ms": statistics.median(r["node_ms"] for r in runs),
+                "plain_ms": statistics.median(r["plain_ms"] for r in runs),
+                "ratio": statistics.median(r["ratio"] for r in runs),
+                "ratio_p10_p90": runs[len(runs) // 2]["ratio_p10_p90"],
+                "ratios_per_run": [round(r["ratio"], 3) for r in runs],
+                "fsyncs_per_release": runs[0].get("fsyncs_per_release"),
+            }
+            for name, runs in paths.items()
+        }
+    latest = HERE / "audit_latest.json"
+    if args.skip_log and latest.exists():  # keep the log figures of the last full run
+        results = {**json.loads(latest.read_text()), **results}
+    latest.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
 
 
@@ -347,7 +365,9 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"- release path ({name}): node {p['node_ms']:.2f} ms, plain DuckDB "
             f"{p['plain_ms']:.2f} ms, **{p['ratio']:.2f}×** (p10–p90 "
-            f"{p['ratio_p10_p90'][0]:.2f}–{p['ratio_p10_p90'][1]:.2f})"
+            f"{p['ratio_p10_p90'][0]:.2f}–{p['ratio_p10_p90'][1]:.2f}; per run "
+            + ", ".join(f"{x:.2f}" for x in p["ratios_per_run"])
+            + ")"
             + (f"; {fs:.2f} fsync/fdatasync calls per release" if fs is not None else "")
         )
     return "\n".join(lines)
