@@ -130,5 +130,6 @@ def call_failed(node_id: str, exc: grpc.RpcError, query_id: str = "") -> NodeOut
             query_id=query_id,
             refusal=Refusal.NOT_AUTHORISED,
             reason=failure.message,
+            before_handler=True,
         )
     return NodeOutcome(OutcomeKind.FAILED, node_id, query_id=query_id, reason=failure.message)

@@ -188,6 +188,8 @@ class CoordinatorEngine:
             "trusts": {o.node_id: o.state.value for o in outcome.trusts},
             "spent_epsilon_units": spent,  # per trust: newly spent by this request
             "replayed": replayed,  # per trust: an earlier answer again, nothing spent
+            # refused by a trust's call policy: its log has call.refused, naming no query
+            "refused_at_call": sorted(o.node_id for o in outcomes if o.before_handler),
         }
         if outcome.combined is None:
             event = Event.QUERY_WITHHELD
@@ -388,6 +390,7 @@ def _trust(o: NodeOutcome) -> TrustOutcome:
         reason=o.reason,
         remaining_units=o.remaining_units,
         handling_ms=o.handling_ms,
+        before_handler=o.before_handler,
     )
 
 

@@ -29,6 +29,7 @@ class TrustOutcome:
     reason: str = ""
     remaining_units: int | None = None
     handling_ms: float = 0.0  # the trust's own time, its answer slot included: operators only
+    before_handler: bool = False  # refused by the trust's call policy (no query entry there)
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,9 @@ class NodeOutcome:
     reason: str = ""  # plain words, data-free
     budget: BudgetReport | None = None  # the project's budget here after this call
     handling_ms: float = 0.0  # the trust's own time, slot included: operators only
+    # refused by the trust's call policy before any handler ran (its log has a call.refused
+    # entry, which names no query): set by the coordinator's link, never sent
+    before_handler: bool = False
 
     @property
     def remaining_units(self) -> int | None:

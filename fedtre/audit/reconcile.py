@@ -85,6 +85,7 @@ _WANTED = (
     Event.QUERY_REPLAYED,
     Event.QUERY_WITHHELD,
     Event.QUERY_REFUSED,
+    Event.CALL_REFUSED,
 )
 
 
@@ -124,6 +125,7 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
     replayed: set[tuple[str, str, str]] = set()  # a trust's earlier answer sent again
     named: set[str] = set()  # every trust a coordinator's record names
     said_refused: set[tuple[str, str, str]] = set()
+    at_call: dict[str, int] = defaultdict(int)  # trust -> refusals by its call policy
     received: set[Key] = set()
     for path in coordinators:
         for e in entries(path, _WANTED):
@@ -142,8 +144,11 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
                 out.replays += len(e.get("replayed") or [])
                 replayed.update((str(t), *key) for t in e.get("replayed") or [])
                 named.update(str(t) for t in e.get("trusts") or {})
+                by_policy = {str(t) for t in e.get("refused_at_call") or []}
                 for trust, state in (e.get("trusts") or {}).items():
-                    if state == "refused":
+                    if state == "refused" and trust in by_policy:
+                        at_call[trust] += 1
+                    elif state == "refused":
                         said_refused.add((trust, *key))
 
     # each trust's side
@@ -153,6 +158,7 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
         released: dict[Key, int] = {}
         released_per_project: dict[str, int] = defaultdict(int)
         refused: set[Key] = set()
+        calls_refused = 0
         for e in entries(path, _WANTED):
             event = e.get("event")
             if event == Event.LOG_CREATED.value:
@@ -171,6 +177,8 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
                     out.trust_releases += 1
             elif event == Event.QUERY_REFUSED.value and not local:
                 refused.add(key)
+            elif event == Event.CALL_REFUSED.value and caller.startswith("coordinator:"):
+                calls_refused += 1
         trust = actor or str(path)
         seen.add(trust)
         out.epsilon_units[trust] = sum(released_per_project.values())
@@ -236,6 +244,17 @@ def reconcile(coordinators: Sequence[Path], trusts: Sequence[Path]) -> Reconcili
                         "has none",
                     )
                 )
+        if calls_refused < at_call.get(trust, 0):
+            out.discrepancies.append(
+                Discrepancy(
+                    "call_refusal_missing_at_trust",
+                    trust,
+                    "",
+                    "",
+                    f"the coordinator recorded {at_call[trust]} call(s) refused by this trust's "
+                    f"certificate policy; the trust's log has {calls_refused}",
+                )
+            )
         for project, query_id in sorted(refused):
             if coordinators and (project, query_id) not in received:
                 out.discrepancies.append(

@@ -78,6 +78,7 @@ class Hub:
         trusts: dict[str, str],
         spent: dict[str, int],
         replayed: tuple[str, ...] = (),
+        at_call: tuple[str, ...] = (),
     ) -> None:
         self.audit.note(
             Event.QUERY_RECEIVED, query_id=query_id, project=project, researcher="alice"
@@ -93,6 +94,7 @@ class Hub:
             trusts=trusts,
             spent_epsilon_units=spent,
             replayed=list(replayed),
+            refused_at_call=list(at_call),
         )
 
 
@@ -208,3 +210,22 @@ def test_a_retry_after_a_lost_commit_reply_is_one_spend_not_a_discrepancy(
 def test_a_trust_whose_log_was_not_given_is_named(tmp_path: Path) -> None:
     hub, a, _ = _federation(tmp_path)
     assert _kinds(hub, a) == [("trust_log_missing", "trust-b", "")]
+
+
+def test_a_refusal_by_a_trusts_call_policy_is_matched_by_its_call_refused_entry(
+    tmp_path: Path,
+) -> None:
+    """Refused before any handler ran (e.g. a revoked coordinator certificate): the trust's
+    log has call.refused, which names no query; reconcile matches the counts."""
+    hub, a, b = _federation(tmp_path)
+    hub.query(
+        "study", "q11", {"trust-a": "refused", "trust-b": "withdrawn"}, {}, at_call=("trust-a",)
+    )
+    assert _kinds(hub, a, b) == [("call_refusal_missing_at_trust", "trust-a", "")]
+    a.audit.write(
+        Event.CALL_REFUSED,
+        method="/fedtre.v2.NodeService/Prepare",
+        caller="coordinator:hub",
+        reason="revoked certificate",
+    )
+    assert _kinds(hub, a, b) == []
