@@ -45,11 +45,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from fedtre.errors import QueryRefused, Refusal
-from fedtre.sqlite_wal import enable_wal
+from fedtre.sqlite_store import enable_wal, lost_write, write_transaction
 from node.errors import LedgerUnavailable
 
 NODE_SCOPE = "node"
-_SQLITE_IOERR = 10
 T = TypeVar("T")
 # Told every change of a query id's state inside the transaction that makes it (the audit log
 # lives in the same database: a release's entry commits with its final debit).
@@ -494,18 +493,9 @@ class Ledger:
         con = self._con()
         started = time.perf_counter()
         try:
-            con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                out = work(con)
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
+            out = write_transaction(con, work, durable)
         except sqlite3.Error as exc:
-            code = getattr(exc, "sqlite_errorcode", None)
-            if isinstance(code, int) and code & 0xFF == _SQLITE_IOERR:
+            if lost_write(exc):
                 self.lost_writes = str(exc)
             raise LedgerUnavailable(f"budget ledger write failed: {exc}") from exc
         with contextlib.suppress(Exception):

@@ -42,10 +42,9 @@ from typing import Any
 
 from fedtre.audit.events import Event
 from fedtre.errors import AuditUnavailable
-from fedtre.sqlite_wal import enable_wal
+from fedtre.sqlite_store import enable_wal, lost_write, write_transaction
 
 MAX_FIELD_CHARS = 10_000
-_SQLITE_IOERR = 10
 FORMAT = "fedtre-audit-v1"
 
 _SCHEMA = """
@@ -223,16 +222,7 @@ class AuditLog:
         self._usable()
         started = time.perf_counter()
         try:
-            con = self._con()
-            con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                seq = self._append(con, event, fields)
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
+            seq = write_transaction(self._con(), lambda c: self._append(c, event, fields), durable)
         except sqlite3.Error as exc:
             self.failed(exc)
         self.failed_since = None
@@ -248,8 +238,7 @@ class AuditLog:
         fsync only, so a later commit that succeeds proves nothing about the ones before."""
         if self.failed_since is None:
             self.failed_since = _now()
-        code = getattr(exc, "sqlite_errorcode", None)
-        if isinstance(code, int) and code & 0xFF == _SQLITE_IOERR:
+        if lost_write(exc):
             self._final = str(exc)
         raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
 
