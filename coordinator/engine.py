@@ -29,9 +29,8 @@ from coordinator.fanout import Trusts
 from coordinator.outcome import Outcome, TrustOutcome, TrustState
 from coordinator.projects import ProjectBook
 from fedtre import logs
-from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex, sign_checkpoint
+from fedtre.audit.checkpoint import Publisher, open_signed_log
 from fedtre.audit.events import Event
-from fedtre.audit.log import AuditLog
 from fedtre.audit.records import coordinator_release
 from fedtre.audit.witness import Witness
 from fedtre.catalog import Catalog
@@ -68,21 +67,16 @@ class CoordinatorEngine:
         # Parsed plans by SQL text (the catalog is fixed): a question asked again is not
         # parsed again. Refusals raise, so they are never cached.
         self._parse = functools.lru_cache(maxsize=512)(self._parse_sql)
-        self.audit_key = load_or_create_key(config.state_dir / KEY_FILE)
-        self.audit = AuditLog(
-            config.audit_path,
-            config.coordinator_id,
-            role="coordinator",
-            public_key=public_hex(self.audit_key),
-            follows=config.state_dir / "audit.jsonl",
+        self.audit, self.audit_key = open_signed_log(
+            config.audit_path, config.state_dir, config.coordinator_id, role="coordinator"
         )
+        self.checkpoints = Publisher(self.audit, self.audit_key)
         self.audit.started(
             Event.COORDINATOR_STARTED,
             catalog_version=config.catalog.version,
             config_sha256=config.config_digest,
         )
         self.witnessed = Witness(self.audit)
-        self._own_checkpoint: tuple[float, str] | None = None
         self.checkpoint()
 
     def on_close(self, hook: Callable[[], None]) -> None:
@@ -98,7 +92,7 @@ class CoordinatorEngine:
 
     def checkpoint(self) -> str:
         """Sign the audit log's head now; returns the checkpoint (JSON) to publish."""
-        return sign_checkpoint(self.audit, self.audit_key).to_json()
+        return self.checkpoints.sign()
 
     def witness(self, trust: str, text: str) -> str:
         """Keep a trust's signed audit checkpoint in this log; returns the problem ("" if
@@ -111,10 +105,7 @@ class CoordinatorEngine:
     def shared_checkpoints(self, trust: str = "") -> tuple[str, ...]:
         """Sent with each Describe: this coordinator's checkpoint, signed now at most once a
         minute, and the newest it holds of every trust (each trust keeps them all)."""
-        now = time.monotonic()
-        if self._own_checkpoint is None or now - self._own_checkpoint[0] >= 60.0:
-            self._own_checkpoint = (now, self.checkpoint())
-        return self.witnessed.shared(self._own_checkpoint[1], exclude=trust)
+        return self.witnessed.shared(self.checkpoints.recent(), exclude=trust)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -364,6 +355,7 @@ class CoordinatorEngine:
         return project, [_trust(o) for o in replies]
 
 
+@functools.lru_cache(maxsize=64)
 def _approval_digest(approval: bytes) -> str:
     """The signed application's digest, as every trust records it ("" when hand-kept)."""
     return Bundle.from_bytes(approval).digest if approval else ""

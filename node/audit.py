@@ -4,28 +4,20 @@ and the command-line tools (opt-outs, disputes, imported approvals) append to th
 from __future__ import annotations
 
 import getpass
-import hashlib
 import uuid
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedtre.audit.checkpoint import KEY_FILE, load_or_create_key, public_hex
+from fedtre.audit.checkpoint import open_signed_log
 from fedtre.audit.events import Event
-from fedtre.audit.log import AuditLog
+from fedtre.audit.log import AuditLog, file_sha256
 from node.config import NodeConfig
 
 
 def open_audit(config: NodeConfig) -> tuple[AuditLog, Ed25519PrivateKey]:
-    key = load_or_create_key(config.state_dir / KEY_FILE)
-    log = AuditLog(
-        config.audit_path,
-        config.node_id,
-        public_key=public_hex(key),
-        follows=config.state_dir / "audit.jsonl",
-    )
-    return log, key
+    return open_signed_log(config.audit_path, config.state_dir, config.node_id)
 
 
 def record(config: NodeConfig, event: Event, **fields: Any) -> None:
@@ -48,8 +40,4 @@ def new_import_id() -> str:
 def file_digest(path: Path) -> str:
     """SHA-256 of a file (signed documents only: never of person-level lists, whose digest a
     guess of their few ids would match)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)[0]

@@ -45,7 +45,7 @@ import duckdb
 import pyarrow as pa
 
 from fedtre import logs
-from fedtre.audit.checkpoint import sign_checkpoint
+from fedtre.audit.checkpoint import Publisher
 from fedtre.audit.events import Event
 from fedtre.audit.records import trust_release
 from fedtre.audit.witness import Witness
@@ -138,7 +138,7 @@ class NodeEngine:
         self.audit, self.audit_key = open_audit(config)
         # other services' audit checkpoints: signed ones kept, one per service an hour recorded
         self.witnessed = Witness(self.audit, record_every=3600.0, judge=False)
-        self._described: tuple[float, str] | None = None  # the checkpoint last published
+        self.checkpoints = Publisher(self.audit, self.audit_key)
         self.ledger = Ledger(config.ledger_path)
         self.generation = Generation(config, self.ledger)  # refuses a lost or older ledger
         try:
@@ -210,7 +210,7 @@ class NodeEngine:
 
     def checkpoint(self) -> str:
         """Sign the audit log's head now; returns the checkpoint (JSON) to publish."""
-        return sign_checkpoint(self.audit, self.audit_key).to_json()
+        return self.checkpoints.sign()
 
     def budget(self, project_id: str) -> BudgetStatus:
         project = self.projects.known(project_id).policy
@@ -461,10 +461,7 @@ class NodeEngine:
 
     def published_checkpoint(self) -> str:
         """The checkpoint sent with a description: signed now, at most once a minute."""
-        now = time.monotonic()
-        if self._described is None or now - self._described[0] >= 60.0:
-            self._described = (now, self.checkpoint())
-        return self._described[1]
+        return self.checkpoints.recent()
 
     def budget_request(self, project_id: str, caller: str) -> BudgetStatus:
         """A remote budget request: audited before it is answered, refusals included."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -113,6 +114,40 @@ def load_key(path: Path) -> Ed25519PrivateKey:
 def public_hex(key: Ed25519PrivateKey) -> str:
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return raw.hex()
+
+
+def open_signed_log(
+    path: Path, state_dir: Path, actor: str, role: str = "node"
+) -> tuple[AuditLog, Ed25519PrivateKey]:
+    """A service's audit log and its checkpoint key (``state_dir/audit.key``), each made on
+    first use; a new log names the key, and the JSON-lines log it follows if there is one."""
+    key = load_or_create_key(state_dir / KEY_FILE)
+    log = AuditLog(
+        path, actor, role=role, public_key=public_hex(key), follows=state_dir / "audit.jsonl"
+    )
+    return log, key
+
+
+class Publisher:
+    """Signs a service's checkpoints: ``sign`` now; ``recent`` for what is sent to others,
+    signed afresh at most once every ``every`` seconds (a caller cannot make the log grow by
+    asking often)."""
+
+    def __init__(self, log: AuditLog, key: Ed25519PrivateKey, every: float = 60.0) -> None:
+        self.log = log
+        self.key = key
+        self.every = every
+        self._last: tuple[float, str] | None = None
+
+    def sign(self) -> str:
+        text = sign_checkpoint(self.log, self.key).to_json()
+        self._last = (time.monotonic(), text)
+        return text
+
+    def recent(self) -> str:
+        if self._last is None or time.monotonic() - self._last[0] >= self.every:
+            return self.sign()
+        return self._last[1]
 
 
 def sign_checkpoint(log: AuditLog, key: Ed25519PrivateKey) -> Checkpoint:

@@ -389,13 +389,19 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
 def _digest(path: Path | None) -> dict[str, Any] | None:
     if path is None or not path.exists():
         return None
+    sha256, lines = file_sha256(path)
+    return {"file": path.name, "sha256": sha256, "lines": lines}
+
+
+def file_sha256(path: Path) -> tuple[str, int]:
+    """(SHA-256 hex, number of lines) of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()
     lines = 0
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
             lines += chunk.count(b"\n")
-    return {"file": path.name, "sha256": h.hexdigest(), "lines": lines}
+    return h.hexdigest(), lines
 
 
 def _now() -> str:

@@ -46,8 +46,16 @@ class Witness:
         self.record_every = record_every
         self.judge = judge
         self.max_actors = max_actors
-        self.kept: dict[str, Checkpoint] = _kept(log.path)
+        self._kept: dict[str, Checkpoint] | None = None  # read from the log when first needed
         self._recorded: dict[str, float] = {}
+
+    @property
+    def kept(self) -> dict[str, Checkpoint]:
+        """The last good checkpoint of each service (a command-line tool's engine, which is
+        never described, never reads the log for them)."""
+        if self._kept is None:
+            self._kept = _kept(self.log.path)
+        return self._kept
 
     def see(self, text: str, expected_actor: str | None = None) -> Seen:
         """Check one checkpoint, keep it, and record it (``checkpoint.witnessed``)."""
