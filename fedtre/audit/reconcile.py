@@ -28,7 +28,7 @@ from typing import Any
 
 from fedtre.audit.events import Event
 from fedtre.audit.log import entries
-from fedtre.audit.verify import verify
+from fedtre.audit.verify import COMMITTED_SINCE_LOG, has_ledger, verify
 
 Key = tuple[str, str]  # (project, query id)
 
@@ -93,16 +93,11 @@ def ledger_committed(path: Path) -> dict[str, int]:
     """Units committed per project in a trust's ledger."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
-        has_ledger = con.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queries'"
-        ).fetchone()
-        if has_ledger is None:
+        if not has_ledger(con):
             return {}
-        rows = con.execute(  # releases since the log began (an upgraded trust's earlier ones
-            # were never in it)
-            "SELECT project_id, SUM(units) FROM queries WHERE state = 'committed' "
-            "AND substr(decided_at, 1, 19) >= (SELECT substr(json_extract(entry, '$.ts'), 1, 19) "
-            "FROM audit_log WHERE seq = 1) GROUP BY project_id"
+        rows = con.execute(
+            f"SELECT project_id, SUM(units) FROM queries WHERE {COMMITTED_SINCE_LOG} "
+            "GROUP BY project_id"
         ).fetchall()
     finally:
         con.close()

@@ -197,19 +197,33 @@ def _match(
     return None
 
 
+# A ledger's releases since its audit log began (an upgraded trust's earlier ones were never
+# in it): the rows every check of a ledger against its log reads.
+COMMITTED_SINCE_LOG = (
+    "state = 'committed' AND substr(decided_at, 1, 19) >= "
+    "(SELECT substr(json_extract(entry, '$.ts'), 1, 19) FROM audit_log WHERE seq = 1)"
+)
+
+
+def has_ledger(con: sqlite3.Connection) -> bool:
+    """The database holds a trust's ledger beside its log (a coordinator's does not)."""
+    return (
+        con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queries'"
+        ).fetchone()
+        is not None
+    )
+
+
 def _releases_without_entries(con: sqlite3.Connection) -> list[Problem]:
     """A trust's log shares its database with the ledger: every release committed since the
     log began must have its ``query.released`` entry (they commit in one transaction)."""
-    has_ledger = con.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queries'"
-    ).fetchone()
-    if has_ledger is None:
+    if not has_ledger(con):
         return []
     missing = con.execute(
         "SELECT count(*), min(p || '/' || q) FROM ("
-        "SELECT project_id AS p, query_id AS q FROM queries WHERE state = 'committed' "
-        "AND substr(decided_at, 1, 19) >= (SELECT substr(json_extract(entry, '$.ts'), 1, 19) "
-        "FROM audit_log WHERE seq = 1) EXCEPT "
+        f"SELECT project_id AS p, query_id AS q FROM queries WHERE {COMMITTED_SINCE_LOG} "
+        "EXCEPT "
         "SELECT json_extract(entry, '$.project'), json_extract(entry, '$.query_id') "
         'FROM audit_log WHERE entry LIKE \'%"event":"query.released"%\' '
         "AND json_extract(entry, '$.event') = 'query.released')"

@@ -40,6 +40,13 @@ def _app(project: str):  # type: ignore[no-untyped-def]
     )
 
 
+def _decision(gov: LocalGovernance, data: bytes, verdict: Verdict) -> Signed:
+    """Ann's (a service user's) decision on the application ``data``, signed now."""
+    return statements.decision(
+        gov.key("ann"), data, verdict, "decided", dt.datetime.now(dt.UTC), dt.timedelta(days=30)
+    )
+
+
 def _project(gov: LocalGovernance, **kw):  # type: ignore[no-untyped-def]
     site = build(gov.registry, load_committee(gov.committee_path), **kw)
     return site, {p.project_id: p for p in site.projects}
@@ -47,9 +54,7 @@ def _project(gov: LocalGovernance, **kw):  # type: ignore[no-untyped-def]
 
 def test_a_forged_decision_is_not_shown(gov: LocalGovernance) -> None:
     data = gov.registry.submit(_app("p1"))
-    real = statements.decision(
-        gov.key("ann"), data, Verdict.APPROVE, "ok", dt.datetime.now(dt.UTC), dt.timedelta(days=30)
-    )
+    real = _decision(gov, data, Verdict.APPROVE)
     forged = Signed(real.body, real.key_id, b"\0" * 64)  # ann's key id, no valid signature
     gov.registry.add("p1", forged)
     _, projects = _project(gov)
@@ -64,31 +69,11 @@ def test_sign_off_is_shown_only_for_an_approved_project_and_each_member_once(
     gov.approve(_app("p2"))
     data = gov.registry.application("p2")
     for _ in range(3):  # renewals: the latest of each member counts
-        gov.registry.add(
-            "p2",
-            statements.decision(
-                gov.key("ann"),
-                data,
-                Verdict.APPROVE,
-                "renewed",
-                dt.datetime.now(dt.UTC),
-                dt.timedelta(days=30),
-            ),
-        )
+        gov.registry.add("p2", _decision(gov, data, Verdict.APPROVE))
     _, projects = _project(gov)
     assert sorted(a.role for a in projects["p2"].approvals) == ["clinician", "service-user"]
     assert projects["p2"].service_user_signoff and projects["p2"].status == "approved"
-    gov.registry.add(
-        "p2",
-        statements.decision(
-            gov.key("ann"),
-            data,
-            Verdict.REJECT,
-            "no",
-            dt.datetime.now(dt.UTC),
-            dt.timedelta(days=30),
-        ),
-    )
+    gov.registry.add("p2", _decision(gov, data, Verdict.REJECT))
     _, projects = _project(gov)
     assert projects["p2"].status != "approved" and projects["p2"].service_user_signoff is False
 
