@@ -29,11 +29,28 @@ ROLE_MODULES = (
     "fedtre.query_cli",
     "fedtre.demo",
 )
+# The module that adds each top-level command. A command imports only its own module, so e.g.
+# `fedtre coordinator serve` never loads the node's engine, DuckDB or the demo's launcher
+# (half a second of every process start); help and unknown commands load them all.
+COMMAND_MODULES = {
+    "node": "node.cli",
+    "coordinator": "coordinator.cli",
+    "pki": "fedtre.pki_cli",
+    "committee": "fedtre.governance_cli",
+    "project": "fedtre.governance_cli",
+    "audit": "fedtre.audit_cli",
+    "register": "fedtre.register_cli",
+    "query": "fedtre.query_cli",
+    "projects": "fedtre.query_cli",
+    "budget": "fedtre.query_cli",
+    "demo": "fedtre.demo",
+}
 
 EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_CONFIG = 0, 1, 2, 3
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or (given ``argv``) just enough of it to parse ``argv``."""
     parser = argparse.ArgumentParser(
         prog="fedtre",
         description="fedtre: differentially private aggregate queries across NHS trusts.",
@@ -66,9 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--person-id-offset", type=int, default=0)
     synth.set_defaults(func=_synth)
 
-    for name in ROLE_MODULES:
+    for name in _role_modules(argv):
         importlib.import_module(name).register(sub)
     return parser
+
+
+def _role_modules(argv: Sequence[str] | None) -> Sequence[str]:
+    if not argv or argv[0].startswith("-"):  # no command, or top-level options: all of them
+        return ROLE_MODULES
+    if argv[0] in ("catalog", "synth"):  # added above
+        return ()
+    return (COMMAND_MODULES[argv[0]],) if argv[0] in COMMAND_MODULES else ROLE_MODULES
 
 
 def _catalog_check(args: argparse.Namespace) -> int:
@@ -128,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -14,22 +14,17 @@ from pathlib import Path
 
 from fedtre.audit.events import Event
 from fedtre.catalog import load_catalog
-from fedtre.dp import units_to_epsilon
 from fedtre.errors import ConfigError, UserError
 from fedtre.metrics_http import health_command
 from fedtre.render import render_json, render_table
 from fedtre.request import QueryRequest
 from fedtre.serving import add_serve_arguments, serve_command, write_ready_file
 from node import demo
-from node.approvals import Projects
 from node.audit import file_digest, new_import_id, record
 from node.check import check_node
 from node.config import load_node_config
-from node.engine import NodeEngine
-from node.ledger import NODE_SCOPE
 from node.load_progress import LoadProgress
-from node.loader import load_omop
-from node.optouts import OptOut, OptOuts, read_person_ids
+from node.optouts import OptOut
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +161,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _optout_change(args: argparse.Namespace) -> int:
+    from node.optouts import OptOuts, read_person_ids
+
     config = load_node_config(args.config)
     ids = read_person_ids(args.file)
     optouts = OptOuts(config.state_dir)
@@ -201,6 +198,8 @@ def _world_readable(path: Path) -> list[str]:
 
 
 def _dispute_change(args: argparse.Namespace) -> int:
+    from node.optouts import OptOuts, read_person_ids
+
     config = load_node_config(args.config)
     if args.view not in config.catalog.views:
         raise ConfigError(f"no view {args.view!r} in the catalog")
@@ -232,6 +231,8 @@ def _dispute_change(args: argparse.Namespace) -> int:
 
 
 def _dispute_list(args: argparse.Namespace) -> int:
+    from node.optouts import OptOuts
+
     config = load_node_config(args.config)
     counts = OptOuts(config.state_dir).disputes()
     print(f"policy (catalog disputed_records): {config.catalog.disputed_records}")
@@ -241,6 +242,8 @@ def _dispute_list(args: argparse.Namespace) -> int:
 
 
 def _optout_list(args: argparse.Namespace) -> int:
+    from node.optouts import OptOuts
+
     counts = OptOuts(load_node_config(args.config).state_dir).counts()
     if args.format == "json":
         print(json.dumps(counts, indent=2))
@@ -251,6 +254,8 @@ def _optout_list(args: argparse.Namespace) -> int:
 
 
 def _approvals_import(args: argparse.Namespace) -> int:
+    from node.approvals import Projects
+
     config = load_node_config(args.config)
     record(config, Event.APPROVAL_IMPORTED, file_sha256=file_digest(args.file))
     print(f"imported: {Projects(config).import_file(args.file)}")
@@ -258,6 +263,9 @@ def _approvals_import(args: argparse.Namespace) -> int:
 
 
 def _approvals_list(args: argparse.Namespace) -> int:
+    from fedtre.dp import units_to_epsilon
+    from node.approvals import Projects
+
     config = load_node_config(args.config)
     projects = Projects(config)
     if config.governance is None:
@@ -303,6 +311,8 @@ def _date(text: str) -> dt.date:
 
 
 def _load(args: argparse.Namespace) -> int:
+    from node.loader import load_omop
+
     # SIGTERM ends the load like Ctrl-C: its temporary files (person-level views) are removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.config is not None:
@@ -353,6 +363,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
+    from node.engine import NodeEngine
+
     engine = NodeEngine(load_node_config(args.config))
     try:
         request = QueryRequest(
@@ -405,6 +417,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
+    from fedtre.dp import units_to_epsilon
+    from node.engine import NodeEngine
+    from node.ledger import NODE_SCOPE
+
     engine = NodeEngine(load_node_config(args.config))
     try:
         rows = []

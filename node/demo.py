@@ -19,10 +19,7 @@ from fedtre.catalog import load_catalog
 from fedtre.errors import UserError
 from fedtre.render import render_table
 from fedtre.request import QueryRequest
-from fedtre.synthetic import generate
 from node.config import load_node_config
-from node.engine import NodeEngine
-from node.loader import load_omop
 
 QUERIES = [
     (
@@ -70,6 +67,10 @@ def _say(text: str = "") -> None:
 
 
 def _demo(work: Path, persons: int) -> int:
+    from fedtre.synthetic import generate
+    from node.engine import NodeEngine
+    from node.loader import load_omop
+
     _say(f"1. Generating a synthetic OMOP extract for one trust ({persons:,} persons)")
     generate(work / "omop", persons, seed=7)
     _say("2. Loading it into the node's research database")

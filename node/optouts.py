@@ -21,6 +21,7 @@ Counts per kind are shown to operators; the ids never leave this module except i
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 import sqlite3
@@ -36,7 +37,6 @@ import pyarrow as pa
 from fedtre.errors import ConfigError, InternalError
 
 FILE = "optouts.sqlite"
-_EMPTY = pa.table({"id": pa.array([], type=pa.int64())})
 MAX_IDS = 50_000_000
 
 
@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS disputed (
     PRIMARY KEY (person_id, view)
 ) WITHOUT ROWID
 """
+
+
+@functools.cache
+def _empty() -> pa.Table:  # made on first use: building a table imports pandas (0.2 s)
+    return pa.table({"id": pa.array([], type=pa.int64())})
 
 
 class OptOutsUnavailable(InternalError):
@@ -110,7 +115,7 @@ class OptOuts:
         One connection watches the file: SQLite's ``data_version`` on it changes whenever
         another connection (``fedtre node optout``) has committed a change."""
         if not kinds and not disputed:
-            return _EMPTY
+            return _empty()
         with self._lock:
             try:
                 watch = self._watch()  # reopened if the file was replaced; refused if gone

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedtre.catalog import Catalog, Tier
 from fedtre.errors import QueryRefused
 from fedtre.parse import parse_query
+from fedtre.plan import QueryPlan
 from node.compiler import run_exact
 from node.config import ProjectPolicy
 from node.database import open_research_db
@@ -46,10 +47,29 @@ class Exact:
         return tuple(s.sensitivity for s in self.prepared.release.statistics)
 
 
+# Parsed plans by (catalog, SQL text), as the node caches them (``node.prepare``): the same
+# query is planned at every tier and the targeted ones in every example; parsing is most of it.
+_PARSED: dict[tuple[str, str], QueryPlan | QueryRefused] = {}
+
+
+def _parse(sql: str, catalog: Catalog) -> QueryPlan:
+    key = (catalog.digest, sql)
+    if key not in _PARSED:
+        if len(_PARSED) > 4096:
+            _PARSED.clear()
+        try:
+            _PARSED[key] = parse_query(sql, catalog)
+        except QueryRefused as exc:
+            _PARSED[key] = exc
+    found = _PARSED[key]
+    if isinstance(found, QueryRefused):
+        raise found
+    return found
+
+
 def prepare(sql: str, catalog: Catalog, policy: ProjectPolicy) -> Exact:
     try:
-        plan = parse_query(sql, catalog)
-        return Exact(None, plan_query(plan, catalog, policy, UNITS))
+        return Exact(None, plan_query(_parse(sql, catalog), catalog, policy, UNITS))
     except QueryRefused as exc:
         return Exact(exc.refusal.value)
 
