@@ -29,6 +29,7 @@ from coordinator.projects import ProjectBook
 from coordinator.service import ResearcherServicer
 from fedtre import logs
 from fedtre.audit.events import Event
+from fedtre.audit.recovery import AuditRecovery
 from fedtre.errors import ConfigError, InternalError
 from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
@@ -135,7 +136,17 @@ def create_server(
         share=engine.shared_checkpoints,
     )
     monitors.append(monitor)
-    running = Running(server, port, address, health, engine, audit_refusal=audit_refusal)
+    recovery = AuditRecovery(engine.audit, [health], log)
+    engine.audit.on_failed = recovery.failed
+    running = Running(
+        server,
+        port,
+        address,
+        health,
+        engine,
+        audit_refusal=audit_refusal,
+        stoppers=[recovery.stop],
+    )
     if config.metrics_listen:
         metrics = CoordinatorMetrics(monitor.state)
         engine.on_query = metrics.observe

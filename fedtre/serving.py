@@ -33,18 +33,40 @@ UNVERIFIED_PEER = "unverified peer"
 
 
 class Health:
-    """The standard gRPC health service; ``""`` is the server as a whole."""
+    """The standard gRPC health service; ``""`` is the server as a whole.
+
+    ``set`` is the service's own view (e.g. whether every project's rule can be met); a
+    ``hold`` (e.g. the audit log cannot be written) keeps it NOT_SERVING whatever ``set`` says,
+    until ``release``."""
 
     def __init__(self, services: tuple[str, ...]) -> None:
         self.servicer = health.HealthServicer()
         self.services = ("", *services)
         self.serving = False
+        self._wanted = False
+        self._holds: set[str] = set()
+        self._lock = threading.Lock()
 
     def set(self, serving: bool) -> None:
-        self.serving = serving
+        with self._lock:
+            self._wanted = serving
+            self._publish()
+
+    def hold(self, reason: str) -> None:
+        with self._lock:
+            self._holds.add(reason)
+            self._publish()
+
+    def release(self, reason: str) -> None:
+        with self._lock:
+            self._holds.discard(reason)
+            self._publish()
+
+    def _publish(self) -> None:
+        self.serving = self._wanted and not self._holds
         status = (
             health_pb2.HealthCheckResponse.SERVING
-            if serving
+            if self.serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         for name in self.services:

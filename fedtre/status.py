@@ -17,6 +17,7 @@ from fedtre.errors import AuditUnavailable, Refusal, UserError
 from fedtre.serde.common import refusal_from_name
 
 REFUSAL_KEY = "fedtre-refusal"
+FAILED_CLOSED_KEY = "fedtre-failed-closed"  # the service is up but releasing nothing (audit)
 
 _CODES = {
     Refusal.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
@@ -48,6 +49,7 @@ def abort(context: grpc.ServicerContext, exc: BaseException, query_id: str = "")
         context.abort(code_for(exc.refusal), exc.message)
     suffix = f" (query id {query_id})" if query_id else ""
     if isinstance(exc, AuditUnavailable):
+        context.set_trailing_metadata(((FAILED_CLOSED_KEY, "audit"),))
         context.abort(
             grpc.StatusCode.UNAVAILABLE,
             f"This service cannot write its audit log, so it is releasing nothing{suffix}.",
@@ -79,11 +81,23 @@ def failure_from(error: grpc.RpcError) -> CallFailure:
     details = error.details() if isinstance(error, grpc.Call) else None
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         message = "did not answer within the deadline"
+    elif code is grpc.StatusCode.UNAVAILABLE and _failed_closed(error):
+        message = (
+            "is running but cannot write its audit log, so it releases nothing for now; try "
+            "again later with the same query id (a retry never spends twice)"
+        )
     elif code is grpc.StatusCode.UNAVAILABLE and refusal is None:
         message = "could not be reached (down, or the connection was refused)"
     else:
         message = _printable(details or code.name.lower())
     return CallFailure(code, refusal, message)
+
+
+def _failed_closed(error: grpc.RpcError) -> bool:
+    """The service itself said it is failing closed (not a transport failure)."""
+    if not isinstance(error, grpc.Call):
+        return False
+    return any(key == FAILED_CLOSED_KEY for key, _ in error.trailing_metadata() or ())
 
 
 def _printable(text: str, limit: int = 500) -> str:

@@ -10,14 +10,13 @@ holds a stream (``node.dial_out``). Both hand every call to the same ``NodeHandl
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import threading
 from collections.abc import Callable
 
 import grpc
 
 from fedtre import logs
 from fedtre.audit.events import Event
+from fedtre.audit.recovery import AuditRecovery
 from fedtre.errors import ConfigError, InternalError
 from fedtre.metrics_http import serve_metrics
 from fedtre.pki import Role
@@ -112,7 +111,7 @@ def _dial_in(
             return "unknown"
         return f"{peer.role.value}:{peer.name}"
 
-    recovery = AuditRecovery(engine, holder)
+    recovery = AuditRecovery(engine.audit, holder, log, lambda: engine.lost_writes)
     on_audit_failure = recovery.failed
 
     observe = metrics.observe if metrics is not None else _ignore
@@ -149,7 +148,7 @@ def _dial_out(
 ) -> Running[NodeEngine]:
     health = Health((SERVICE_NAME,))  # not served over gRPC: a dial-out node listens on nothing
     observe = metrics.observe if metrics is not None else _ignore
-    recovery = AuditRecovery(engine, [health])
+    recovery = AuditRecovery(engine.audit, [health], log, lambda: engine.lost_writes)
     links = DialOut(
         NodeHandler(engine, recovery.failed, observe),
         settings.connect,
@@ -162,54 +161,6 @@ def _dial_out(
     links.start()
     health.set(True)
     return Running(None, 0, "", health, engine, stoppers=[links.stop, recovery.stop])
-
-
-class AuditRecovery:
-    """After the audit log (or the ledger's database, where it lives) could not be written:
-    report NOT_SERVING, and try every second to write ``audit.resumed``; once that entry is
-    written (the disk has room again) the node serves again. An I/O error is final: the log
-    refuses until the node is restarted."""
-
-    def __init__(self, engine: NodeEngine, healths: list[Health], every: float = 1.0) -> None:
-        self.engine = engine
-        self.healths = healths
-        self.every = every
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._since = ""
-
-    def failed(self) -> None:
-        for h in self.healths:
-            h.set(False)
-        self._since = self._since or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._retry, name="audit-recovery", daemon=True
-                )
-                self._thread.start()
-
-    def _retry(self) -> None:
-        while not self._stop.wait(self.every):
-            if self.engine.lost_writes is not None:
-                continue  # final: only a restart serves again
-            since = self._since
-            try:
-                self.engine.audit.write(Event.AUDIT_RESUMED, failed_since=since)
-            except InternalError:
-                continue
-            log.info("audit log writable again: serving", extra={"failed_since": since})
-            self._since = ""
-            for h in self.healths:
-                h.set(True)
-            return
-
-    def stop(self) -> None:
-        self._stop.set()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout=5)
 
 
 def _ignore(call: str, outcome: str, seconds: float) -> None:

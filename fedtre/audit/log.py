@@ -145,6 +145,8 @@ class AuditLog:
         self._final: str | None = None  # an I/O error: later writes prove nothing (restart)
         # Told (durable, seconds) of every write of its own (metrics); must not raise.
         self.on_write: Callable[[bool, float], None] = lambda durable, seconds: None
+        # told of every failed write (a service reports NOT_SERVING until it can write again)
+        self.on_failed: Callable[[], None] = lambda: None
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fresh = not path.exists()
@@ -240,6 +242,8 @@ class AuditLog:
             self.failed_since = _now()
         if lost_write(exc):
             self._final = str(exc)
+        with contextlib.suppress(Exception):
+            self.on_failed()
         raise AuditUnavailable(f"cannot write audit log {self.path}: {exc}") from exc
 
     def _append(self, con: sqlite3.Connection, event: Event, fields: dict[str, Any]) -> int:

@@ -1,0 +1,75 @@
+"""Serving again after the audit log could not be written (node and coordinator).
+
+A service whose audit log (or the database it lives in) cannot be written fails closed: the
+request in hand is refused, the health service reports NOT_SERVING, and a thread tries every
+second to write ``audit.resumed``; once that entry is on disk (the disk has room again) the
+service serves again. An I/O error is final: the log refuses until the service restarts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+
+from fedtre.audit.events import Event
+from fedtre.audit.log import AuditLog
+from fedtre.errors import InternalError
+from fedtre.serving import Health
+
+HOLD = "audit log not writable"
+
+
+class AuditRecovery:
+    def __init__(
+        self,
+        audit: AuditLog,
+        healths: list[Health],
+        log: logging.Logger,
+        lost_writes: Callable[[], str | None] | None = None,
+        every: float = 1.0,
+    ) -> None:
+        self.audit = audit
+        self.healths = healths
+        self.log = log
+        # why writes are refused until restart (an I/O error), or None; default: the log's own
+        self.lost_writes = lost_writes or (lambda: audit.lost_writes)
+        self.every = every
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._since = ""
+
+    def failed(self) -> None:
+        for h in self.healths:
+            h.hold(HOLD)
+        with self._lock:
+            self._since = self._since or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._retry, name="audit-recovery", daemon=True
+                )
+                self._thread.start()
+
+    def _retry(self) -> None:
+        while not self._stop.wait(self.every):
+            if self.lost_writes() is not None:
+                continue  # final: only a restart serves again
+            since = self._since
+            try:
+                self.audit.write(Event.AUDIT_RESUMED, failed_since=since)
+            except InternalError:
+                continue
+            self.log.info("audit log writable again: serving", extra={"failed_since": since})
+            with self._lock:
+                self._since = ""
+            for h in self.healths:
+                h.release(HOLD)
+            return
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)
