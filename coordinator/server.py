@@ -74,6 +74,10 @@ def create_server(
         for nid, e in config.nodes.items()
     }
     engine = CoordinatorEngine(config, Trusts(links))
+    # wired before the server starts: a write that fails from the first call holds its health
+    healths: list[Health] = []
+    recovery = AuditRecovery(engine.audit, healths, log)
+    engine.audit.on_failed = recovery.failed
     try:
 
         def researcher(context: grpc.ServicerContext) -> str:
@@ -136,8 +140,9 @@ def create_server(
         share=engine.shared_checkpoints,
     )
     monitors.append(monitor)
-    recovery = AuditRecovery(engine.audit, [health], log)
-    engine.audit.on_failed = recovery.failed
+    healths.append(health)
+    if engine.audit.failed_since is not None:  # a write failed before the health existed
+        recovery.failed()
     running = Running(
         server,
         port,

@@ -55,7 +55,13 @@ __all__ = [
 
 
 class CoordinatorUnavailable(InternalError):
-    """The coordinator could not be reached (after retries)."""
+    """The coordinator could not be reached (after retries), or is up but answering nothing
+    (its audit log cannot be written). ``query_id``: the query asked, when it was one (asking
+    again with it never spends twice)."""
+
+    def __init__(self, message: str, query_id: str = "") -> None:
+        super().__init__(message)
+        self.query_id = query_id
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,17 @@ class Client:
             else sign_query(self._tls.key, self._tls.cert, project, query_id, sql, epsilon)
         )
         sub = Submission(query_id, project, sql, epsilon, signed)
-        result = query_result_from_proto(self._call(self._stub.Submit, submission_to_proto(sub)))
+        try:
+            reply = self._call(self._stub.Submit, submission_to_proto(sub))
+        except ConnectionTrust:  # a setting to fix: no query reached the coordinator
+            raise
+        except CoordinatorUnavailable as exc:  # the trusts may have answered: say how to ask again
+            raise CoordinatorUnavailable(
+                f"{exc}; this query's id is {query_id}: ask again with it (fedtre query "
+                "--query-id) and no trust spends twice",
+                query_id=query_id,
+            ) from None
+        result = query_result_from_proto(reply)
         if not result.released and raise_if_not_released:
             raise NotReleased(result)
         return result

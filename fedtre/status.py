@@ -83,8 +83,8 @@ def failure_from(error: grpc.RpcError) -> CallFailure:
         message = "did not answer within the deadline"
     elif code is grpc.StatusCode.UNAVAILABLE and _failed_closed(error):
         message = (
-            "is running but cannot write its audit log, so it releases nothing for now; try "
-            "again later with the same query id (a retry never spends twice)"
+            "is running but cannot write its audit log, so it answers nothing for now; try "
+            "again later"
         )
     elif code is grpc.StatusCode.UNAVAILABLE and refusal is None:
         message = "could not be reached (down, or the connection was refused)"

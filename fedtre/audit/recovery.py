@@ -40,12 +40,14 @@ class AuditRecovery:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._since = ""
+        self._failures = 0  # failed writes so far: the hold is lifted only if none came since
 
     def failed(self) -> None:
-        for h in self.healths:
-            h.hold(HOLD)
         with self._lock:
+            self._failures += 1
             self._since = self._since or dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            for h in self.healths:
+                h.hold(HOLD)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._retry, name="audit-recovery", daemon=True
@@ -56,16 +58,20 @@ class AuditRecovery:
         while not self._stop.wait(self.every):
             if self.lost_writes() is not None:
                 continue  # final: only a restart serves again
-            since = self._since
+            with self._lock:
+                since, failures = self._since, self._failures
             try:
                 self.audit.write(Event.AUDIT_RESUMED, failed_since=since)
             except InternalError:
                 continue
-            self.log.info("audit log writable again: serving", extra={"failed_since": since})
             with self._lock:
+                if self._failures != failures:
+                    continue  # another write failed meanwhile: not resumed yet, keep trying
                 self._since = ""
-            for h in self.healths:
-                h.release(HOLD)
+                for h in self.healths:
+                    h.release(HOLD)
+                self._thread = None
+            self.log.info("audit log writable again: serving", extra={"failed_since": since})
             return
 
     def stop(self) -> None:

@@ -68,6 +68,8 @@ def test_a_full_disk_at_the_coordinator_releases_nothing_spends_nothing_and_reco
                 client.query(PROJECT, BY_SEX, 0.1)
             # told apart from "down": it is up, and says why it answers nothing (no paths)
             assert "cannot write its audit log" in str(down.value)
+            # and how to ask again without spending twice: this query's own id
+            assert down.value.query_id and down.value.query_id in str(down.value)
             assert "could not be reached" not in str(down.value) and "/" not in str(down.value)
             assert {n: fed.spent_units(n) for n in fed.nodes} == spent  # no trust spent
             _until(lambda: not _serving(fed), "still SERVING while its log cannot be written")

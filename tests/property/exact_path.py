@@ -47,12 +47,13 @@ class Exact:
         return tuple(s.sensitivity for s in self.prepared.release.statistics)
 
 
-# Parsed plans by (catalog, SQL text), as the node caches them (``node.prepare``): the same
-# query is planned at every tier and the targeted ones in every example; parsing is most of it.
-_PARSED: dict[tuple[str, str], QueryPlan | QueryRefused] = {}
+# Parsed plans (or the refusal's name) by (catalog, SQL text), as the node caches plans
+# (``node.prepare``): the same query is planned at every tier and the targeted ones in every
+# example; parsing is most of it.
+_PARSED: dict[tuple[str, str], QueryPlan | str] = {}
 
 
-def _parse(sql: str, catalog: Catalog) -> QueryPlan:
+def _parsed(sql: str, catalog: Catalog) -> QueryPlan | str:
     key = (catalog.digest, sql)
     if key not in _PARSED:
         if len(_PARSED) > 4096:
@@ -60,16 +61,16 @@ def _parse(sql: str, catalog: Catalog) -> QueryPlan:
         try:
             _PARSED[key] = parse_query(sql, catalog)
         except QueryRefused as exc:
-            _PARSED[key] = exc
-    found = _PARSED[key]
-    if isinstance(found, QueryRefused):
-        raise found
-    return found
+            _PARSED[key] = exc.refusal.value
+    return _PARSED[key]
 
 
 def prepare(sql: str, catalog: Catalog, policy: ProjectPolicy) -> Exact:
+    plan = _parsed(sql, catalog)
+    if isinstance(plan, str):
+        return Exact(plan)
     try:
-        return Exact(None, plan_query(_parse(sql, catalog), catalog, policy, UNITS))
+        return Exact(None, plan_query(plan, catalog, policy, UNITS))
     except QueryRefused as exc:
         return Exact(exc.refusal.value)
 
