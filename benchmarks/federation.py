@@ -480,6 +480,55 @@ def probe_transport_floor(
     return summary(times)
 
 
+def probe_transport_floor_aio(
+    fed: LocalFederation, pki: Path, repeats: int = 200
+) -> dict[str, float] | None:
+    """The same floor as ``probe_transport_floor``, with gRPC's asyncio API and one event loop
+    instead of a thread pool: whether a coordinator built on it could fan out for less. Dial-in
+    trusts only; None if there are none."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedtre.tls import TlsFiles, channel_credentials, channel_options
+
+    dial_in = [t.name for t in fed.trusts if t.mode == DIAL_IN]
+    if not dial_in:
+        return None
+    files = TlsFiles.in_pki_dir(pki, Role.COORDINATOR, COORDINATOR)
+
+    async def run() -> list[float]:
+        creds = channel_credentials(files)
+        channels = [
+            grpc.aio.secure_channel(
+                fed.nodes[n].address, creds, options=channel_options(n, Role.NODE)
+            )
+            for n in dial_in
+        ]
+        stubs = [health_pb2_grpc.HealthStub(c) for c in channels]
+        request = health_pb2.HealthCheckRequest(service="")
+
+        async def phase() -> None:
+            await asyncio.gather(*(stub.Check(request, timeout=10) for stub in stubs))
+
+        times = []
+        try:
+            for _ in range(20):
+                await phase()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                await phase()
+                await phase()
+                times.append((time.perf_counter() - start) * 1000.0)
+        finally:
+            for c in channels:
+                await c.close()
+        return times
+
+    return summary(asyncio.run(run()))
+
+
 def probe_fsync(directory: Path, repeats: int = 200) -> dict[str, float]:
     """Append one audit-sized line and fsync it: the disk's floor under a durable audit write
     (``fedtre.audit.log.AuditLog.write`` commits to SQLite with ``synchronous=FULL``)."""
@@ -536,6 +585,7 @@ def run_setting(
             print(f"[{k} trusts] sequential done", file=sys.stderr)
             out["probe_list_projects_ms"] = probe_list_projects(clients[0], 50)
             out["probe_transport_floor_ms"] = probe_transport_floor(fed, pki)
+            out["probe_transport_floor_aio_ms"] = probe_transport_floor_aio(fed, pki)
             out["probe_fsync_ms"] = probe_fsync(work)
             if args.duration > 0 and args.concurrency > 0:
                 for c in clients:  # connect every researcher before the clock starts
@@ -696,6 +746,11 @@ def report_table(results: dict[str, Any]) -> str:
                 "two bare health-check fan-outs (the transport floor of two phases) "
                 f"{_pp(s['probe_transport_floor_ms'])}; "
                 if s.get("probe_transport_floor_ms")
+                else ""
+            )
+            + (
+                f"the same with gRPC's asyncio API {_pp(s['probe_transport_floor_aio_ms'])}; "
+                if s.get("probe_transport_floor_aio_ms")
                 else ""
             )
             + f"start-up {s['startup_s']:.1f} s"
