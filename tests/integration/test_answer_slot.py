@@ -47,7 +47,17 @@ def test_released_and_refused_answers_leave_on_the_slot(slotted):
     budget = _timed(lambda: slotted.answer(request(GOOD, 9.0, query_id="big")))
     replay = _timed(lambda: slotted.answer(request(GOOD, 0.1, query_id="light")))
     for took in (light, refused, budget, replay):
-        assert SLOT_MS <= took < 2 * SLOT_MS, (light, refused, budget, replay)
+        assert _on_a_slot(took), (light, refused, budget, replay)
+    # the work takes a few ms: all four leave on the first slot unless the machine stalls (a
+    # refusal's durable audit write waits for the disk: 400 ms once on a CI machine that had
+    # just installed packages, and it then left on the second slot, as it should)
+    assert sum(took >= 2 * SLOT_MS for took in (light, refused, budget, replay)) <= 1
+
+
+def _on_a_slot(took: float) -> bool:
+    """Left on a multiple of the slot after receipt (at least one), not between two."""
+    slots = int(took // SLOT_MS)
+    return slots >= 1 and took - slots * SLOT_MS < SLOT_MS / 2
 
 
 def test_a_slow_query_and_a_fast_one_take_the_same_time(node_config_factory):
