@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS disputed (
 
 
 @functools.cache
-def _empty() -> pa.Table:  # made on first use: building a table imports pandas (0.2 s)
+def _empty() -> pa.Table:  # not at import: building a table imports pandas (0.2 s)
     return pa.table({"id": pa.array([], type=pa.int64())})
 
 
@@ -88,6 +88,7 @@ class OptOuts:
         self._watcher: sqlite3.Connection | None = None
         self._watched: tuple[int, int] = (-1, -1)
         self._cache: dict[tuple[frozenset[OptOut], frozenset[str]], pa.Table] = {}
+        _empty()  # made now, not inside the first query's time (it imports pandas: 0.2 s)
         try:
             fresh = not self.path.exists()
             con = self._con()
