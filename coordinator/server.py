@@ -75,8 +75,7 @@ def create_server(
     }
     engine = CoordinatorEngine(config, Trusts(links))
     # wired before the server starts: a write that fails from the first call holds its health
-    healths: list[Health] = []
-    recovery = AuditRecovery(engine.audit, healths, log)
+    recovery = AuditRecovery(engine.audit, log)
     engine.audit.on_failed = recovery.failed
     try:
 
@@ -140,9 +139,7 @@ def create_server(
         share=engine.shared_checkpoints,
     )
     monitors.append(monitor)
-    healths.append(health)
-    if engine.audit.failed_since is not None:  # a write failed before the health existed
-        recovery.failed()
+    recovery.watch(health)
     running = Running(
         server,
         port,

@@ -19,16 +19,6 @@ from fedtre import __version__
 from fedtre.catalog import load_catalog
 from fedtre.errors import ConfigError, FedtreError, InternalError, UserError
 
-ROLE_MODULES = (
-    "node.cli",
-    "coordinator.cli",
-    "fedtre.pki_cli",
-    "fedtre.governance_cli",
-    "fedtre.audit_cli",
-    "fedtre.register_cli",
-    "fedtre.query_cli",
-    "fedtre.demo",
-)
 # The module that adds each top-level command. A command imports only its own module, so e.g.
 # `fedtre coordinator serve` never loads the node's engine, DuckDB or the demo's launcher
 # (half a second of every process start); help and unknown commands load them all.
@@ -45,6 +35,7 @@ COMMAND_MODULES = {
     "budget": "fedtre.query_cli",
     "demo": "fedtre.demo",
 }
+ROLE_MODULES = tuple(dict.fromkeys(COMMAND_MODULES.values()))  # each once, in this order
 
 EXIT_OK, EXIT_INTERNAL, EXIT_REFUSED, EXIT_CONFIG = 0, 1, 2, 3
 

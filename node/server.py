@@ -101,7 +101,6 @@ def _dial_in(
             revoked=engine.projects.crl.problem if engine.projects.crl is not None else None,
         )
     )
-    holder: list[Health] = []
 
     def caller(context: grpc.ServicerContext) -> str:
         if insecure:
@@ -111,11 +110,9 @@ def _dial_in(
             return "unknown"
         return f"{peer.role.value}:{peer.name}"
 
-    recovery = AuditRecovery(engine.audit, holder, log, lambda: engine.lost_writes)
-    on_audit_failure = recovery.failed
-
+    recovery = AuditRecovery(engine.audit, log, lambda: engine.lost_writes)
     observe = metrics.observe if metrics is not None else _ignore
-    servicer = NodeServicer(NodeHandler(engine, on_audit_failure, observe), caller)
+    servicer = NodeServicer(NodeHandler(engine, recovery.failed, observe), caller)
     server, port, health = build_server(
         address=settings.listen,
         tls=tls,
@@ -127,7 +124,7 @@ def _dial_in(
         service_names=(SERVICE_NAME,),
         add_services=lambda s: node_pb2_grpc.add_NodeServiceServicer_to_server(servicer, s),
     )
-    holder.append(health)
+    recovery.watch(health)
     return Running(
         server,
         port,
@@ -148,7 +145,8 @@ def _dial_out(
 ) -> Running[NodeEngine]:
     health = Health((SERVICE_NAME,))  # not served over gRPC: a dial-out node listens on nothing
     observe = metrics.observe if metrics is not None else _ignore
-    recovery = AuditRecovery(engine.audit, [health], log, lambda: engine.lost_writes)
+    recovery = AuditRecovery(engine.audit, log, lambda: engine.lost_writes)
+    recovery.watch(health)
     links = DialOut(
         NodeHandler(engine, recovery.failed, observe),
         settings.connect,

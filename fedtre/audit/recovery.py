@@ -25,13 +25,12 @@ class AuditRecovery:
     def __init__(
         self,
         audit: AuditLog,
-        healths: list[Health],
         log: logging.Logger,
         lost_writes: Callable[[], str | None] | None = None,
         every: float = 1.0,
     ) -> None:
         self.audit = audit
-        self.healths = healths
+        self.healths: list[Health] = []
         self.log = log
         # why writes are refused until restart (an I/O error), or None; default: the log's own
         self.lost_writes = lost_writes or (lambda: audit.lost_writes)
@@ -41,6 +40,13 @@ class AuditRecovery:
         self._stop = threading.Event()
         self._since = ""
         self._failures = 0  # failed writes so far: the hold is lifted only if none came since
+
+    def watch(self, health: Health) -> None:
+        """Hold ``health`` while writing fails, from now on (and now, if it is failing)."""
+        with self._lock:
+            self.healths.append(health)
+            if self._since:
+                health.hold(HOLD)
 
     def failed(self) -> None:
         with self._lock:

@@ -115,3 +115,19 @@ class Federation(LocalFederation):
 
     def spent_units(self, name: str, scope: str = f"project:{PROJECT}") -> int:
         return super().spent_units(name, scope)
+
+    def coordinator_serving(self) -> bool:
+        """What the coordinator's standard health check says, asked as a researcher."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from fedtre.tls import TlsFiles, channel_credentials, channel_options
+
+        files = TlsFiles.in_pki_dir(self.pki, Role.RESEARCHER, "alice")
+        with grpc.secure_channel(
+            self.coordinator.address, channel_credentials(files), options=channel_options("hub")
+        ) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

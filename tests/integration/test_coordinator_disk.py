@@ -8,30 +8,15 @@ import shutil
 import time
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedtre.audit.log import read_audit
 from fedtre.audit.verify import verify
 from fedtre.client import CoordinatorUnavailable
-from fedtre.pki import Role
-from fedtre.tls import TlsFiles, channel_credentials, channel_options
 from tests.integration.federation import PROJECT, Federation, make_databases, make_pki
 from tests.integration.full_disk import fill, settle, small_filesystem
 
 BY_SEX = "SELECT sex, COUNT(*) AS n FROM patients GROUP BY sex"
-
-
-def _serving(fed: Federation) -> bool:
-    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
-    with grpc.secure_channel(
-        fed.coordinator.address, channel_credentials(files), options=channel_options("hub")
-    ) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5
-        )
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _until(check, what: str, seconds: float = 15.0) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +43,7 @@ def test_a_full_disk_at_the_coordinator_releases_nothing_spends_nothing_and_reco
             for item in saved.iterdir():
                 shutil.copy2(item, state / item.name)
             fed.restart_coordinator()
-            _until(lambda: _serving(fed), "the coordinator did not start serving")
+            _until(fed.coordinator_serving, "the coordinator did not start serving")
             with fed.client() as client:
                 assert client.query(PROJECT, BY_SEX, 0.1).columns
             spent = {n: fed.spent_units(n) for n in fed.nodes}
@@ -72,9 +57,9 @@ def test_a_full_disk_at_the_coordinator_releases_nothing_spends_nothing_and_reco
             assert down.value.query_id and down.value.query_id in str(down.value)
             assert "could not be reached" not in str(down.value) and "/" not in str(down.value)
             assert {n: fed.spent_units(n) for n in fed.nodes} == spent  # no trust spent
-            _until(lambda: not _serving(fed), "still SERVING while its log cannot be written")
+            _until(lambda: not fed.coordinator_serving(), "SERVING while it cannot write its log")
             filler.unlink()  # space returns
-            _until(lambda: _serving(fed), "the coordinator did not resume")
+            _until(fed.coordinator_serving, "the coordinator did not resume")
             with fed.client() as client:
                 assert client.query(PROJECT, BY_SEX, 0.1).columns
             codes = fed.stop()

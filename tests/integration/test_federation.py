@@ -782,33 +782,20 @@ def test_operator_logs_are_json_lines_without_data(fed: Federation) -> None:
     assert all(set(e) <= allowed for e in requests), "no other field, so no value"
 
 
-def _coordinator_serving(fed: Federation) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    files = TlsFiles.in_pki_dir(fed.pki, Role.RESEARCHER, "alice")
-    with grpc.secure_channel(
-        fed.coordinator.address, channel_credentials(files), options=channel_options("hub")
-    ) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=5
-        )
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def test_the_coordinator_reports_not_serving_while_a_needed_trust_is_down(
     faulty: Federation,
 ) -> None:
     """Project 'study' needs every trust: with one down the coordinator cannot meet its rule,
     says so on its health service, and logs the trust going down and coming back."""
-    assert _coordinator_serving(faulty)
+    assert faulty.coordinator_serving()
     faulty.kill("trust-b")
     deadline = time.monotonic() + 15
-    while _coordinator_serving(faulty):
+    while faulty.coordinator_serving():
         assert time.monotonic() < deadline, "still SERVING with a needed trust down"
         time.sleep(0.2)
     faulty.restart_node("trust-b")
     deadline = time.monotonic() + 15
-    while not _coordinator_serving(faulty):
+    while not faulty.coordinator_serving():
         assert time.monotonic() < deadline, "not SERVING after the trust came back"
         time.sleep(0.2)
     events = [(e.get("event"), e.get("node")) for e in faulty.log_lines("coordinator")]

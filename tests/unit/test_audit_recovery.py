@@ -47,10 +47,10 @@ def _setup() -> tuple[FakeLog, Health, AuditRecovery]:
     health.set(True)
     recovery = AuditRecovery(
         audit,  # type: ignore[arg-type]
-        [health],
         logging.getLogger("test"),
         every=0.02,
     )
+    recovery.watch(health)
     return audit, health, recovery
 
 
