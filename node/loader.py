@@ -45,7 +45,7 @@ from typing import Any
 import duckdb
 
 from fedtre import __version__
-from fedtre.catalog import Catalog, ColumnType, View
+from fedtre.catalog import Catalog, Column, ColumnType, View
 from node.database import (
     META_TABLE,
     clamped_column,
@@ -748,6 +748,7 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
     )
     persons = _count(con, "stage_patients")
     opted = _count(con, "person_clean") - persons
+    _drop(con, "person_src", "person_clean")
     _store_view(con, catalog.views["patients"])
     say(f"patients: {persons:,} rows")
 
@@ -783,8 +784,13 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
         SELECT DISTINCT person_id, visit_id FROM cond_grouped
         WHERE person_id IS NOT NULL AND visit_id IS NOT NULL AND grp IN ({flag_groups})"""
     )
+    # The staged rows of a view are a view themselves: the per-person numbering reads them
+    # as it goes (materialised, they would be written and read once more).
+    visits, visits_over_cap = _staged_persons(
+        con, "visits", "visit_src WHERE s IS NOT NULL", catalog.views["visits"]
+    )
     con.execute(
-        f"""CREATE TEMP TABLE stage_visits AS
+        f"""CREATE TEMP VIEW stage_visits AS
         SELECT v.person_id, {_case("v.concept_id", VISIT_TYPE, "other")} AS visit_type,
                EXISTS (SELECT 1 FROM visit_flag f
                        WHERE f.person_id = v.person_id AND f.visit_id = v.visit_id)
@@ -793,41 +799,46 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
                     AS INTEGER) AS length_of_stay,
                year(v.s) AS year,
                {_content_key("v.person_id", "v.visit_id", "v.concept_id", "v.s", "v.e")} AS _key
-        FROM visit_src v SEMI JOIN stage_patients p ON p.person_id = v.person_id
-        WHERE v.s IS NOT NULL"""
+        FROM visit_src v
+        WHERE v.s IS NOT NULL AND v.person_id IS NOT NULL
+          AND v.person_id NOT IN (SELECT person_id FROM visits_excluded)"""
     )
-    visits = _count(con, "stage_visits")
     say(f"visits staged: {visits:,} rows; numbering each person's rows and storing")
     _store_view(con, catalog.views["visits"])
+    con.execute("DROP VIEW stage_visits")
+    _drop(con, "visit_flag", "visits_excluded")
     say(f"visits: {visits:,} rows")
 
     say("building conditions")
     # The setting of a diagnosis is the type of the same person's visit with that id; a link to
-    # another person's visit is not used (and is reported).
+    # another person's visit is not used (and is reported). Held as an ENUM of the catalog's
+    # settings while the conditions are numbered (a byte per visit in the join, not a string).
+    settings = _enum(catalog.views["conditions"].columns["setting"])
     con.execute(
         f"""CREATE TEMP TABLE visit_setting AS
-        SELECT person_id, visit_id, min({_case("concept_id", VISIT_TYPE, "other")}) AS visit_type
-        FROM visit_src WHERE person_id IS NOT NULL AND visit_id IS NOT NULL
-        GROUP BY person_id, visit_id"""
+        SELECT person_id, visit_id,
+               TRY_CAST(CASE WHEN visit_type = 'other' THEN 'unknown' ELSE visit_type END
+                        AS {settings}) AS setting
+        FROM (SELECT person_id, visit_id,
+                     min({_case("concept_id", VISIT_TYPE, "other")}) AS visit_type
+              FROM visit_src WHERE person_id IS NOT NULL AND visit_id IS NOT NULL
+              GROUP BY person_id, visit_id)"""
     )
-    setting = (
-        "CASE WHEN v.visit_type = 'other' OR v.visit_type IS NULL THEN 'unknown' "
-        "ELSE v.visit_type END"
+    setting = f"COALESCE(v.setting, CAST('unknown' AS {settings}))"
+    conditions, conditions_over_cap = _staged_persons(
+        con, "conditions", "cond_grouped WHERE d IS NOT NULL", catalog.views["conditions"]
     )
     con.execute(
-        f"""CREATE TEMP TABLE stage_conditions AS
+        f"""CREATE TEMP VIEW stage_conditions AS
         SELECT c.person_id, c.grp AS condition_group, {setting} AS setting, year(c.d) AS year,
                {_content_key("c.person_id", "c.concept_id", "c.d", "c.visit_id", "c.occurrence_id")}
                    AS _key
         FROM cond_grouped c
-        SEMI JOIN stage_patients p ON p.person_id = c.person_id
         LEFT JOIN visit_setting v ON v.person_id = c.person_id AND v.visit_id = c.visit_id
-        WHERE c.d IS NOT NULL"""
+        WHERE c.d IS NOT NULL AND c.person_id IS NOT NULL
+          AND c.person_id NOT IN (SELECT person_id FROM conditions_excluded)"""
     )
-    conditions = _count(con, "stage_conditions")
-    say(f"conditions staged: {conditions:,} rows; numbering each person's rows and storing")
-    _store_view(con, catalog.views["conditions"])
-    say(f"conditions: {conditions:,} rows")
+    say(f"conditions staged: {conditions:,} rows")
     foreign = _scalar(
         con,
         """SELECT count(*) FROM cond_grouped c
@@ -858,27 +869,62 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
     unmapped = con.execute(
         "SELECT count(*), COALESCE(sum(condition_rows), 0) FROM unmapped_concepts"
     ).fetchone()
-    over_cap = {
-        name: _scalar(
-            con,
-            f"SELECT count(*) FROM (SELECT person_id FROM stage_{name} "
-            f"GROUP BY person_id HAVING count(*) > {catalog.views[name].max_rows_per_person})",
-        )
-        for name in ("conditions", "visits")
-    }
+    conditions_dropped = _count(con, "cond_grouped") - conditions
+    visits_dropped = _count(con, "visit_src") - visits
+    # The staging tables live in DuckDB's memory (spilling beyond its limit): each is dropped
+    # as soon as nothing needs it, so the per-person numbering of the largest view has the
+    # memory to itself.
+    _drop(con, "visit_src", "stage_patients")
+    say("conditions: numbering each person's rows and storing")
+    _store_view(con, catalog.views["conditions"])
+    con.execute("DROP VIEW stage_conditions")
+    _drop(con, "cond_grouped", "visit_setting", "conditions_excluded")
+    say(f"conditions: {conditions:,} rows")
     return {
         "persons": persons,
         "conditions": conditions,
         "visits": visits,
         "persons_dropped": source_persons - persons - opted,
         "opted_out": opted,
-        "conditions_dropped": _count(con, "cond_grouped") - conditions,
-        "visits_dropped": _count(con, "visit_src") - visits,
+        "conditions_dropped": conditions_dropped,
+        "visits_dropped": visits_dropped,
         "conditions_other_persons_visit": foreign,
         "unmapped_concepts": int(unmapped[0]),
         "unmapped_condition_rows": int(unmapped[1]),
-        "persons_over_cap": over_cap,
+        "persons_over_cap": {"conditions": conditions_over_cap, "visits": visits_over_cap},
     }
+
+
+def _enum(column: Column) -> str:
+    """The DuckDB ENUM type of a category column's catalog domain."""
+    return f"ENUM({', '.join(_sql_str(str(v)) for v in column.domain)})"
+
+
+def _drop(con, *tables: str) -> None:
+    for table in tables:
+        con.execute(f"DROP TABLE {table}")
+
+
+def _staged_persons(con, name: str, rows: str, view: View) -> tuple[int, int]:
+    """Which persons' ``rows`` (a table and the condition on a row) are staged in ``view``:
+    those of staged patients. Makes ``<name>_excluded``, the persons with such rows who are not
+    patients (dropped or opted out: usually few, so the staged view is filtered by a small
+    table, not joined with every patient while it is numbered). Returns how many rows are
+    staged and how many persons have more of them than the view's cap (for the load report)."""
+    con.execute(
+        f"CREATE TEMP TABLE {name}_persons AS SELECT person_id, count(*) AS n "
+        f"FROM {rows} AND person_id IS NOT NULL GROUP BY person_id"
+    )
+    total, over = con.execute(
+        f"SELECT COALESCE(sum(n), 0), count(*) FILTER (WHERE n > {view.max_rows_per_person}) "
+        f"FROM {name}_persons r SEMI JOIN stage_patients p ON p.person_id = r.person_id"
+    ).fetchone()
+    con.execute(
+        f"CREATE TEMP TABLE {name}_excluded AS SELECT person_id FROM {name}_persons r "
+        "ANTI JOIN stage_patients p ON p.person_id = r.person_id"
+    )
+    _drop(con, f"{name}_persons")
+    return int(total), int(over)
 
 
 def _flag_groups(catalog: Catalog) -> list[str]:
@@ -895,7 +941,6 @@ def _store_view(con, view: View) -> None:
     Rows beyond the cap at every level are not stored: no query could count them, and a person
     with a million rows then costs a query no more work than one with ``cap`` rows at each level
     (the time an answer takes cannot be stretched by one person's records)."""
-    columns = ", ".join(f'"{c}"' for c in view.columns)
     clamped = [
         f'LEAST(GREATEST("{c.name}", {int(c.lower or 0)}), {int(c.upper or 0)}) '
         f'AS "{clamped_column(c.name)}"'
@@ -918,7 +963,22 @@ def _store_view(con, view: View) -> None:
         + f' END AS "{rank_column(level)}"'
         for level in view.row_levels
     ]
-    select = ", ".join(["person_id", columns, *clamped, *ranks])
+    # Category columns go through the window as ENUMs of their catalog domain (one byte, not a
+    # string: the rows the window holds, and spills, are about half as wide) and come out as
+    # text again. A value outside the domain becomes NULL, which _validate refuses.
+    compact = [
+        f'TRY_CAST("{c.name}" AS {_enum(c)}) AS "{c.name}"'
+        if c.type is ColumnType.CATEGORY
+        else f'"{c.name}"'
+        for c in view.columns.values()
+    ]
+    restored = [
+        f'CAST("{c.name}" AS VARCHAR) AS "{c.name}"'
+        if c.type is ColumnType.CATEGORY
+        else f'"{c.name}"'
+        for c in view.columns.values()
+    ]
+    select = ", ".join(["person_id", *restored, *clamped, *ranks])
     cap = int(view.max_rows_per_person)
     kept = [
         f'COALESCE("{rank_column(level)}" <= {cap}, FALSE) AS "{kept_column(level)}"'
@@ -932,8 +992,9 @@ def _store_view(con, view: View) -> None:
     order_blocks = ", ".join(f'"{kept_column(level)}" DESC' for level in reversed(view.row_levels))
     con.execute(
         f'CREATE TABLE "{view.name}" AS SELECT * FROM (SELECT *, {", ".join(kept)} FROM ('
-        f"SELECT {select} FROM (SELECT *, {row_tier_sql(view)} AS _tier "
-        f"FROM stage_{view.name}) WINDOW w AS (PARTITION BY person_id ORDER BY {order} "
+        f"SELECT {select} FROM (SELECT person_id, {', '.join(compact)}, _key, "
+        f"{row_tier_sql(view)} AS _tier FROM stage_{view.name}) "
+        f"WINDOW w AS (PARTITION BY person_id ORDER BY {order} "
         "ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW))) "
         f"WHERE {within} ORDER BY {order_blocks}, person_id"
     )
