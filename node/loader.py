@@ -784,11 +784,11 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
         SELECT DISTINCT person_id, visit_id FROM cond_grouped
         WHERE person_id IS NOT NULL AND visit_id IS NOT NULL AND grp IN ({flag_groups})"""
     )
+    visits, visits_over_cap = _staged_persons(
+        con, catalog.views["visits"], "visit_src", "s IS NOT NULL"
+    )
     # The staged rows of a view are a view themselves: the per-person numbering reads them
     # as it goes (materialised, they would be written and read once more).
-    visits, visits_over_cap = _staged_persons(
-        con, "visits", "visit_src WHERE s IS NOT NULL", catalog.views["visits"]
-    )
     con.execute(
         f"""CREATE TEMP VIEW stage_visits AS
         SELECT v.person_id, {_case("v.concept_id", VISIT_TYPE, "other")} AS visit_type,
@@ -826,7 +826,7 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
     )
     setting = f"COALESCE(v.setting, CAST('unknown' AS {settings}))"
     conditions, conditions_over_cap = _staged_persons(
-        con, "conditions", "cond_grouped WHERE d IS NOT NULL", catalog.views["conditions"]
+        con, catalog.views["conditions"], "cond_grouped", "d IS NOT NULL"
     )
     con.execute(
         f"""CREATE TEMP VIEW stage_conditions AS
@@ -905,15 +905,16 @@ def _drop(con, *tables: str) -> None:
         con.execute(f"DROP TABLE {table}")
 
 
-def _staged_persons(con, name: str, rows: str, view: View) -> tuple[int, int]:
-    """Which persons' ``rows`` (a table and the condition on a row) are staged in ``view``:
-    those of staged patients. Makes ``<name>_excluded``, the persons with such rows who are not
-    patients (dropped or opted out: usually few, so the staged view is filtered by a small
-    table, not joined with every patient while it is numbered). Returns how many rows are
-    staged and how many persons have more of them than the view's cap (for the load report)."""
+def _staged_persons(con, view: View, table: str, where: str) -> tuple[int, int]:
+    """The rows of ``table`` meeting ``where`` are staged in ``view`` if their person is a
+    staged patient. Makes ``<view>_excluded``, the persons with such rows who are not patients
+    (dropped or opted out: usually few, so the staged view is filtered by a small table, not
+    joined with every patient while it is numbered). Returns how many rows are staged and how
+    many persons have more of them than the view's cap (for the load report)."""
+    name = view.name
     con.execute(
         f"CREATE TEMP TABLE {name}_persons AS SELECT person_id, count(*) AS n "
-        f"FROM {rows} AND person_id IS NOT NULL GROUP BY person_id"
+        f"FROM {table} WHERE {where} AND person_id IS NOT NULL GROUP BY person_id"
     )
     total, over = con.execute(
         f"SELECT COALESCE(sum(n), 0), count(*) FILTER (WHERE n > {view.max_rows_per_person}) "
