@@ -383,6 +383,21 @@ def _check_catalog(catalog: Catalog) -> None:
     missing = expected - set(catalog.views)
     if missing:
         raise LoadError(f"the catalog has no view(s) {', '.join(sorted(missing))} to build")
+    # Values the loader itself derives must be in their column's domain: a visit's setting is
+    # held as an ENUM of that domain while conditions are numbered, and a value missing from it
+    # would otherwise be read as "unknown" instead of stopping the load.
+    derived = {
+        ("conditions", "setting"): {*VISIT_TYPE.values(), "unknown"},
+        ("visits", "visit_type"): {*VISIT_TYPE.values(), "other"},
+    }
+    for (view, column), values in derived.items():
+        col = catalog.views[view].columns.get(column)
+        absent = values - {str(v) for v in col.domain} if col is not None else values
+        if absent:
+            raise LoadError(
+                f"the catalog's {view}.{column} must list {', '.join(sorted(absent))} "
+                "in its domain: the loader gives them"
+            )
 
 
 def _remove(path: Path) -> None:

@@ -248,6 +248,28 @@ def test_long_stages_show_duckdb_progress_as_a_bar_or_as_periodic_lines(tmp_path
     assert re.search(r"  \.\.\. .+: .*\d+ s so far\n", text), text[-2000:]
 
 
+@pytest.mark.parametrize(
+    ("view", "column", "value"),
+    [
+        ("conditions", "setting", "community"),
+        ("visits", "visit_type", "other"),
+    ],
+)
+def test_a_catalog_missing_a_value_the_loader_derives_is_refused_before_anything_is_written(
+    tmp_path, omop_dir, view, column, value
+):
+    import tomllib
+    from importlib import resources
+
+    data = tomllib.loads(resources.files("fedtre").joinpath("data/catalog.toml").read_text())
+    domain = data["views"][view]["columns"][column]["domain"]
+    domain.remove(value)
+    out = tmp_path / "never.duckdb"
+    with pytest.raises(LoadError, match=f"{view}.{column} must list {value} in its domain"):
+        load_omop(omop_dir, out, parse_catalog(data))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("limit", ["lots", "4 gigabytes", "-1GB", "1e9", "0MB", "1KB", "63MB"])
 def test_a_malformed_memory_limit_is_refused_before_anything_is_written(
     tmp_path, catalog, omop_dir, limit
