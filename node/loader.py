@@ -146,7 +146,8 @@ class LoadReport:
     warnings: tuple[str, ...] = ()
 
     @property
-    def stored_rows(self) -> int:
+    def accepted_rows(self) -> int:
+        """Rows taken into the views, before the per-person row cap drops any."""
         return self.persons + self.conditions + self.visits
 
     def lines(self) -> list[str]:
@@ -179,7 +180,7 @@ class LoadReport:
             "different tiers: each counts in its highest-tier group",
             f"over the row cap   {over} persons (their extra rows are not stored)",
             f"took               {self.seconds:.1f} s "
-            f"({self.stored_rows / max(self.seconds, 1e-9):,.0f} stored rows/s)",
+            f"({self.accepted_rows / max(self.seconds, 1e-9):,.0f} rows/s taken into the views)",
             *(f"WARNING            {w}" for w in self.warnings),
         ]
 

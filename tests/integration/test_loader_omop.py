@@ -227,7 +227,7 @@ def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, 
     captured = capsys.readouterr()
     assert "memory limit 64MB (DuckDB 42MiB)" in captured.err
     assert "s] building conditions" in captured.err  # progress lines carry elapsed time
-    assert "stored rows/s" in captured.out
+    assert "rows/s taken into the views" in captured.out
     open_research_db(out, load_catalog()).close()
     assert not list(tmp_path.glob("*.spill"))  # spilled work is cleaned up
 
