@@ -232,6 +232,33 @@ def test_load_within_a_memory_limit_with_progress_and_rows_per_second(tmp_path, 
     assert not list(tmp_path.glob("*.spill"))  # spilled work is cleaned up
 
 
+def test_staged_rows_live_in_an_owner_only_scratch_file_that_goes_with_the_load(
+    tmp_path, catalog, omop_dir, monkeypatch
+):
+    import node.loader as loader
+
+    seen: dict[str, tuple[int, int]] = {}
+    store = loader._store_view
+
+    def watching_store(con, view):
+        if view.name == "conditions":  # mid-load: every staging table exists
+            for spill in tmp_path.glob(".*.spill"):
+                scratch = spill / "stage.duckdb"
+                seen[spill.name] = (spill.stat().st_mode & 0o777, scratch.stat().st_mode & 0o777)
+        store(con, view)
+
+    monkeypatch.setattr(loader, "_store_view", watching_store)
+    out = tmp_path / "node.duckdb"
+    load_omop(omop_dir, out, catalog)
+    assert list(seen.values()) == [(0o700, 0o600)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "node.duckdb",
+        "node.unmapped-concepts.csv",
+    ]  # the spill directory and its scratch file are gone
+    tables = {r[0] for r in _rows(out, "SELECT table_name FROM information_schema.tables")}
+    assert tables == {"patients", "visits", "conditions", "_fedtre_meta"}
+
+
 def test_long_stages_show_duckdb_progress_as_a_bar_or_as_periodic_lines(tmp_path, catalog):
     src = tmp_path / "omop"
     generate(src, 20_000, seed=3)
