@@ -279,13 +279,13 @@ def _load_private(
         config["threads"] = threads
     con: duckdb.DuckDBPyConnection | None = None
     try:  # from the moment the file exists, any way out removes it (SIGTERM included)
+        _fresh_private_dir(spill)
         con = duckdb.connect(str(tmp), config=config)
         # The largest staging tables (every visit and diagnosis row, typed) are written to a
         # scratch database in the spill directory, not kept as temporary tables: stored there
         # they are compressed, and DuckDB can drop their pages from memory without writing
         # them out again, so the per-person numbering keeps its memory (10M persons under a
         # 4 GB limit: 140.7 s -> 124.8 s). Removed with the spill directory on every way out.
-        spill.mkdir(mode=0o700, exist_ok=True)
         con.execute(f"ATTACH {_sql_str(str(spill / 'stage.duckdb'))} AS {SCRATCH}")
         # DuckDB tracks each statement's progress; the load shows it (node.load_progress)
         # instead of DuckDB printing its own bar on stdout.
@@ -367,11 +367,23 @@ def unmapped_report_path(database: Path) -> Path:
     return database.with_name(database.stem + ".unmapped-concepts.csv")
 
 
+# DuckDB errors that are not about the extract's files, said plainly (no CSV advice).
+_PLAIN_ERRORS = {
+    "IOException": "a file could not be read or written: check the free disk space and the "
+    "permissions beside the output (the load stages its rows there) and of the source files",
+    "OutOfMemoryException": "DuckDB ran out of memory: give the load more with --memory-limit, "
+    "or free memory on this server",
+}
+
+
 def _described(exc: duckdb.Error) -> str:
     """DuckDB's error without the values it quotes (a row of the extract, a number): its kind,
     and the line of a CSV file when it names one. For trust IT, on the node's console."""
     text = str(exc)
-    kind = re.sub(r"(?<!^)(?=[A-Z])", " ", type(exc).__name__.removesuffix("Exception")).lower()
+    name = type(exc).__name__
+    if name in _PLAIN_ERRORS:
+        return _PLAIN_ERRORS[name]
+    kind = re.sub(r"(?<!^)(?=[A-Z])", " ", name.removesuffix("Exception")).lower()
     line = re.search(r"CSV Error on Line: (\d+)", text)
     path = re.search(r'(?:sniffing file "|\bfile = )([^"\n]+)', text)
     where = f" at line {line.group(1)}" if line else ""
@@ -410,6 +422,27 @@ def _check_catalog(catalog: Catalog) -> None:
                 f"the catalog's {view}.{column} must list {', '.join(sorted(absent))} "
                 "in its domain: the loader gives them"
             )
+
+
+def _fresh_private_dir(path: Path) -> None:
+    """Make ``path`` a new directory only this user can enter: whatever is there (left by an
+    earlier load that had this process id, or put there by someone else) is removed first, and
+    the new directory is checked to be a real directory, ours, mode 0700 (not a link elsewhere)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+        path.mkdir(mode=0o700)
+        info = path.lstat()
+    except OSError as exc:
+        raise LoadError(f"cannot make the private directory {path}: {exc.strerror}") from exc
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.geteuid()
+        or stat.S_IMODE(info.st_mode) & 0o077
+    ):
+        raise LoadError(f"{path} is not a private directory of this user: remove it and retry")
 
 
 def _remove(path: Path) -> None:
@@ -821,6 +854,11 @@ def _build_views(con, catalog: Catalog, say: Progress, names: bool) -> dict[str,
         FROM cond_src c LEFT JOIN concept_group g ON g.concept_id = c.concept_id
         LEFT JOIN visit_setting v ON v.person_id = c.person_id AND v.visit_id = c.visit_id"""
     )
+    # A diagnosis names another person's visit when the join found nothing but the visit id
+    # exists: that reads the setting's NULL as "no such visit of this person", which holds
+    # because every visit type casts into the settings (_check_catalog); checked here too.
+    if _scalar(con, "SELECT count(*) FROM visit_setting WHERE setting IS NULL"):
+        raise LoadError("a visit type has no setting in the catalog (internal error)")
     foreign = _scalar(
         con,
         f"""SELECT count(*) FROM {COND_GROUPED} c

@@ -14,7 +14,7 @@ import pytest
 from fedtre.catalog import load_catalog, parse_catalog
 from fedtre.cli import main
 from fedtre.synthetic import generate
-from node.database import open_research_db
+from node.database import kept_column, open_research_db
 from node.errors import DatabaseError, LoadError
 from node.load_progress import LoadProgress
 from node.loader import load_omop
@@ -257,6 +257,59 @@ def test_staged_rows_live_in_an_owner_only_scratch_file_that_goes_with_the_load(
     ]  # the spill directory and its scratch file are gone
     tables = {r[0] for r in _rows(out, "SELECT table_name FROM information_schema.tables")}
     assert tables == {"patients", "visits", "conditions", "_fedtre_meta"}
+
+
+@pytest.mark.parametrize("left", ["an earlier load's scratch file", "a link elsewhere"])
+def test_whatever_lies_at_the_spill_path_is_replaced_by_a_fresh_private_directory(
+    tmp_path, catalog, omop_dir, left
+):
+    import os
+
+    out = tmp_path / "node.duckdb"
+    spill = tmp_path / f".node.duckdb.tmp-{os.getpid()}.spill"  # this process's own id
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o777)
+    if left == "a link elsewhere":
+        spill.symlink_to(elsewhere, target_is_directory=True)
+    else:
+        spill.mkdir(mode=0o777)
+        stale = duckdb.connect(str(spill / "stage.duckdb"))
+        stale.execute("CREATE TABLE cond_grouped AS SELECT 1 AS person_id")
+        stale.close()
+    load_omop(omop_dir, out, catalog)
+    assert not spill.exists() and not spill.is_symlink()
+    assert list(elsewhere.iterdir()) == []  # nothing was staged through the link
+    open_research_db(out, catalog).close()
+
+
+def test_views_are_stored_in_blocks_of_cap_flags_with_persons_ascending(tmp_path, catalog):
+    """The order the query path's zone maps rely on (a speed property: answers do not depend
+    on it), with enough rows for several row groups written by two threads."""
+    source = tmp_path / "omop"
+    generate(source, 40_000, seed=5)
+    out = tmp_path / "node.duckdb"
+    load_omop(source, out, catalog, threads=2)
+    for view in catalog.views.values():
+        levels = [kept_column(level) for level in reversed(view.row_levels)]
+        flags = ", ".join(levels)
+        runs = _rows(
+            out,
+            f"""SELECT {flags}, count(*) AS n,
+                       count(*) FILTER (WHERE person_id < previous) AS descending
+                FROM (SELECT person_id, {flags}, run,
+                             lag(person_id) OVER (PARTITION BY run ORDER BY rowid) AS previous
+                      FROM (SELECT rowid, person_id, {flags},
+                                   sum(CASE WHEN ({flags}) IS DISTINCT FROM lag_flags
+                                       THEN 1 ELSE 0 END) OVER (ORDER BY rowid) AS run
+                            FROM (SELECT rowid, person_id, {flags},
+                                         lag(({flags})) OVER (ORDER BY rowid) AS lag_flags
+                                  FROM "{view.name}")))
+                GROUP BY run, {flags} ORDER BY run""",
+        )
+        blocks = [tuple(r[: len(levels)]) for r in runs]
+        assert blocks == sorted(set(blocks), reverse=True), view.name  # one run per block
+        assert all(r[-1] == 0 for r in runs), view.name  # persons ascend inside each
+        assert sum(r[-2] for r in runs) > 122_880 or view.name == "patients"
 
 
 def test_long_stages_show_duckdb_progress_as_a_bar_or_as_periodic_lines(tmp_path, catalog):
