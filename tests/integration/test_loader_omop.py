@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import re
 from pathlib import Path
 
@@ -263,8 +264,6 @@ def test_staged_rows_live_in_an_owner_only_scratch_file_that_goes_with_the_load(
 def test_whatever_lies_at_the_spill_path_is_replaced_by_a_fresh_private_directory(
     tmp_path, catalog, omop_dir, left
 ):
-    import os
-
     out = tmp_path / "node.duckdb"
     spill = tmp_path / f".node.duckdb.tmp-{os.getpid()}.spill"  # this process's own id
     elsewhere = tmp_path / "elsewhere"
